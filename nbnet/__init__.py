@@ -1,0 +1,19 @@
+"""nbnet: numpy-ml's neural-network layers, compiled with Numba.
+
+Layers keep numpy-ml's API (``forward``/``backward``/``update``, optimizers by name);
+their hot loops are ``@njit(parallel=True, cache=True)`` kernels picked by a registry
+for the layer's device. Nothing is compiled or loaded at import: the first use of a
+kernel loads it from numba's on-disk cache (or compiles it once).
+"""
+from .activations import Activation, parse_activation
+from .devices import available_devices, get_default_device, set_default_device
+from .layers import BatchNorm1D, LayerBase, LayerNorm1D
+from .optimizers import SGD, AdaGrad, Adam, RMSProp, get_optimizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Activation", "AdaGrad", "Adam", "BatchNorm1D", "LayerBase", "LayerNorm1D", "RMSProp", "SGD",
+    "available_devices", "get_default_device", "get_optimizer", "parse_activation",
+    "set_default_device", "__version__",
+]

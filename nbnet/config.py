@@ -1,0 +1,69 @@
+"""Every tunable of nbnet, in one place.
+
+Each value below can be overridden before ``import nbnet`` with the environment
+variable named beside it. Values that shape compiled code (the fastmath flag set)
+are read once, when the kernels are first compiled; numba's on-disk cache is keyed by
+source and signature, not by these flags, so after changing ``NBNET_FASTMATH`` clear
+the cache (``nbnet info`` prints where it lives).
+"""
+import os
+
+
+def _env_int(name, default):
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be an integer, got {raw!r}") from None
+
+
+def _env_str(name, default):
+    raw = os.environ.get(name)
+    return default if raw is None or raw == "" else raw
+
+
+#: Default device for new layers ("cpu" or "cuda"); see :func:`nbnet.set_default_device`.
+DEFAULT_DEVICE = _env_str("NBNET_DEVICE", "cpu")
+
+#: Number of numba threads nbnet asks for (0: leave numba's default, the core count,
+#: or NUMBA_NUM_THREADS). Results never depend on it (see CHUNK_BYTES).
+NUM_THREADS = _env_int("NBNET_NUM_THREADS", 0)
+
+#: Target size in bytes of one row chunk of a column reduction. A chunk is read twice
+#: (sum, then squared deviations around the chunk mean), so it must stay in the
+#: per-core L2 cache (1 MiB on the reference machine); 256 KiB leaves room for the
+#: float64 partial rows. The chunk count depends only on the shape and dtype, never on
+#: the thread count, which is what makes results bit-identical for any thread count.
+CHUNK_BYTES = _env_int("NBNET_CHUNK_BYTES", 256 * 1024)
+
+#: Bounds on the rows per chunk: at least MIN_CHUNK_ROWS so that very wide inputs still
+#: amortise the per-chunk merge, at most MAX_CHUNK_ROWS so that tall narrow inputs
+#: still split into enough chunks to keep every core busy.
+MIN_CHUNK_ROWS = _env_int("NBNET_MIN_CHUNK_ROWS", 4)
+MAX_CHUNK_ROWS = _env_int("NBNET_MAX_CHUNK_ROWS", 1024)
+
+#: Below this many elements a kernel's serial twin runs instead of the parallel one:
+#: starting a parallel region costs a few microseconds, more than the work itself.
+SERIAL_CUTOFF = _env_int("NBNET_SERIAL_CUTOFF", 1 << 15)
+
+#: LLVM fast-math flags for the kernels. "nnan"/"ninf" are deliberately absent: they
+#: let LLVM assume NaN never occurs, which breaks isnan and NaN containment.
+#: "reassoc" lets float64 row sums vectorise; "contract" allows FMA.
+FASTMATH = frozenset(
+    f.strip() for f in _env_str("NBNET_FASTMATH", "reassoc,contract").split(",") if f.strip()
+)
+
+#: Threads per block for the CUDA kernels (a power of two).
+CUDA_BLOCK = _env_int("NBNET_CUDA_BLOCK", 256)
+
+
+def rows_per_chunk(n_cols, itemsize):
+    """Rows per chunk for a column reduction over a ``(rows, n_cols)`` array.
+
+    Depends only on the row width in bytes (never on the thread count), so the
+    summation order, and with it every bit of the result, is fixed by the shape.
+    """
+    rows = CHUNK_BYTES // max(1, n_cols * itemsize)
+    return int(min(MAX_CHUNK_ROWS, max(MIN_CHUNK_ROWS, rows)))

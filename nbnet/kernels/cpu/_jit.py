@@ -1,0 +1,60 @@
+"""The one decorator every CPU kernel uses: a parallel kernel and its serial twin.
+
+``kernel(fn)`` compiles the same Python source twice, once with
+``parallel=True`` (``prange`` splits the loop over threads) and once without (``prange``
+is a plain ``range``). Both are cached on disk (``cache=True``). The serial twin gets its
+own ``__qualname__`` so that the two never share a cache entry: numba keys its cache by
+qualified name and signature, and a shared key would hand the parallel code to the
+serial twin.
+
+Kernels must not read dynamic globals (``numba.get_num_threads()``, config values):
+that silently disables caching. Everything tunable is passed in as an argument.
+"""
+import types
+
+from numba import njit
+
+from ... import config
+
+_OPTIONS = dict(cache=True, nogil=True, fastmath=set(config.FASTMATH), error_model="numpy")
+
+
+def _renamed(fn, suffix):
+    clone = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + suffix,
+                               fn.__defaults__, fn.__closure__)
+    clone.__qualname__ = fn.__qualname__ + suffix
+    clone.__module__ = fn.__module__
+    clone.__doc__ = fn.__doc__
+    return clone
+
+
+class Kernel:
+    """A compiled kernel with a parallel body and a serial twin.
+
+    Call it with ``size`` (the element count that decides which twin runs) first, or
+    use ``.parallel`` / ``.serial`` directly.
+    """
+
+    def __init__(self, fn):
+        self.parallel = njit(parallel=True, **_OPTIONS)(fn)
+        self.serial = njit(parallel=False, **_OPTIONS)(_renamed(fn, "_serial"))
+        self.__name__ = fn.__name__
+        self.__doc__ = fn.__doc__
+
+    def __call__(self, size, *args):
+        if size < config.SERIAL_CUTOFF:
+            return self.serial(*args)
+        return self.parallel(*args)
+
+    def dispatchers(self):
+        return (self.parallel, self.serial)
+
+
+def kernel(fn):
+    """Decorate a kernel body: returns a :class:`Kernel` (parallel + serial twin)."""
+    return Kernel(fn)
+
+
+def helper(fn):
+    """Decorate a small device function inlined into kernels (no parallel loop)."""
+    return njit(inline="always", **_OPTIONS)(fn)

@@ -1,0 +1,196 @@
+"""Column statistics: one statistic per column, reduced over rows.
+
+Serves BatchNorm1D ``(N, C)`` and BatchNorm2D channels-last ``(N*H*W, C)``.
+
+Parallel layout (the rule of DESIGN.md): ``prange`` runs over *row chunks* of
+``rows_per_chunk`` rows; chunk ``k`` owns row ``k`` of every ``[n_chunks, C]`` partial
+buffer, so no two threads ever write the same element, and the inner loop runs along a
+contiguous row (vectorised). ``rows_per_chunk`` comes from the shape alone
+(:func:`nbnet.config.rows_per_chunk`), so the summation order, and every bit of the
+result, is the same for any thread count.
+
+Numerics: statistics accumulate in float64. Each chunk is reduced in two passes while
+it sits in L2 (sum -> chunk mean, then squared deviations around the chunk mean), and
+chunks are combined with Chan et al.'s pairwise update
+
+    n = n_a + n_b,  delta = mean_b - mean_a,
+    mean = mean_a + delta * n_b / n,
+    M2 = M2_a + M2_b + delta**2 * n_a * n_b / n,
+
+never with E[x^2] - E[x]^2, which loses every digit for float32 data with mean 1e4 and
+unit variance (the two terms agree to ~8 digits, float32 has ~7).
+"""
+import math
+
+import numpy as np
+from numba import prange
+
+from ._jit import kernel
+from .activations import act_row, act_slope
+
+# Columns per task in the merge kernels: merges run in parallel over column blocks, each
+# block walking the chunks in order, so the merge order is fixed too.
+_MERGE_BLOCK = 256
+
+
+@kernel
+def column_partial_stats(X, rows_per_chunk, partial_mean, partial_m2):
+    """Per-chunk mean and sum of squared deviations of each column.
+
+    X : (R, C) float32/float64, C-contiguous.
+    partial_mean, partial_m2 : (n_chunks, C) float64, written; ``n_chunks =
+    ceil(R / rows_per_chunk)``.
+    """
+    R, C = X.shape
+    n_chunks = partial_mean.shape[0]
+    for k in prange(n_chunks):
+        start = k * rows_per_chunk
+        stop = min(start + rows_per_chunk, R)
+        pm = partial_mean[k]
+        pm2 = partial_m2[k]
+        for j in range(C):
+            pm[j] = 0.0
+            pm2[j] = 0.0
+        for i in range(start, stop):
+            for j in range(C):
+                pm[j] += X[i, j]
+        inv_n = 1.0 / (stop - start)
+        for j in range(C):
+            pm[j] *= inv_n
+        for i in range(start, stop):
+            for j in range(C):
+                d = X[i, j] - pm[j]
+                pm2[j] += d * d
+
+
+@kernel
+def column_merge_stats(partial_mean, partial_m2, n_rows, rows_per_chunk, eps,
+                       momentum, unbiased, running_mean, running_var, mean, invstd):
+    """Chan-merge the chunk statistics; update the running statistics in place.
+
+    Writes ``mean`` and ``invstd = 1/sqrt(var + eps)`` (float64, biased variance) and sets
+    ``running = momentum * running + (1 - momentum) * batch``, where the batch variance is
+    the biased one, or the unbiased ``var * n / (n - 1)`` when ``unbiased`` is true.
+    Skips the running update when ``momentum`` is negative (used by callers that keep no
+    running statistics).
+    """
+    n_chunks, C = partial_mean.shape
+    n_blocks = (C + _MERGE_BLOCK - 1) // _MERGE_BLOCK
+    for b in prange(n_blocks):
+        j0 = b * _MERGE_BLOCK
+        j1 = min(j0 + _MERGE_BLOCK, C)
+        for j in range(j0, j1):
+            mean[j] = partial_mean[0, j]
+            invstd[j] = partial_m2[0, j]  # holds M2 until the end of the merge
+        n_a = float(min(rows_per_chunk, n_rows))
+        for k in range(1, n_chunks):
+            n_b = float(min(rows_per_chunk, n_rows - k * rows_per_chunk))
+            n = n_a + n_b
+            w = n_b / n
+            c = n_a * n_b / n
+            for j in range(j0, j1):
+                delta = partial_mean[k, j] - mean[j]
+                mean[j] += delta * w
+                invstd[j] += partial_m2[k, j] + delta * delta * c
+            n_a = n
+        for j in range(j0, j1):
+            var = invstd[j] / n_rows
+            invstd[j] = 1.0 / math.sqrt(var + eps)
+            if momentum >= 0.0:
+                batch_var = var * n_rows / (n_rows - 1) if unbiased else var
+                running_mean[j] = momentum * running_mean[j] + (1.0 - momentum) * mean[j]
+                running_var[j] = momentum * running_var[j] + (1.0 - momentum) * batch_var
+
+
+@kernel
+def column_normalize(X, mean, invstd, gamma, beta, code, alpha, rows_per_chunk, Y):
+    """Y = f((X - mean) * invstd * gamma + beta), per column; one pass, float64 math.
+
+    Training passes the batch ``mean``/``invstd``; inference passes the running ones.
+    The subtraction happens in float64: folding it into a float32 ``x * scale + shift``
+    would round ``shift = -mean * scale`` to float32 and cost ~5e-4 absolute error at
+    mean 1e4.
+    """
+    R, C = X.shape
+    n_chunks = (R + rows_per_chunk - 1) // rows_per_chunk
+    for k in prange(n_chunks):
+        start = k * rows_per_chunk
+        stop = min(start + rows_per_chunk, R)
+        tmp = np.empty(C, np.float64)
+        for i in range(start, stop):
+            for j in range(C):
+                tmp[j] = (X[i, j] - mean[j]) * (invstd[j] * gamma[j]) + beta[j]
+            act_row(code, alpha, tmp)
+            for j in range(C):
+                Y[i, j] = tmp[j]
+
+
+@kernel
+def column_backward_reduce(X, dY, mean, invstd, gamma, beta, code, alpha, rows_per_chunk,
+                           partial_sum_g, partial_sum_gx):
+    """Per-chunk sums of ``g`` and ``g * xhat`` per column, in one pass over X and dY.
+
+    ``xhat = (x - mean) * invstd``; ``g = dY * f'(xhat * gamma + beta)`` is the gradient
+    at the normalised-and-scaled value (``g = dY`` without an activation).
+    """
+    R, C = X.shape
+    n_chunks = partial_sum_g.shape[0]
+    for k in prange(n_chunks):
+        start = k * rows_per_chunk
+        stop = min(start + rows_per_chunk, R)
+        sg = partial_sum_g[k]
+        sgx = partial_sum_gx[k]
+        for j in range(C):
+            sg[j] = 0.0
+            sgx[j] = 0.0
+        if code == 0:
+            for i in range(start, stop):
+                for j in range(C):
+                    g = np.float64(dY[i, j])
+                    sg[j] += g
+                    sgx[j] += g * ((X[i, j] - mean[j]) * invstd[j])
+        else:
+            for i in range(start, stop):
+                for j in range(C):
+                    xhat = (X[i, j] - mean[j]) * invstd[j]
+                    g = dY[i, j] * act_slope(code, alpha, xhat * gamma[j] + beta[j])
+                    sg[j] += g
+                    sgx[j] += g * xhat
+
+
+@kernel
+def merge_partial_sums(partial, out):
+    """out[j] = sum over chunks k of partial[k, j], in chunk order (deterministic)."""
+    n_chunks, C = partial.shape
+    n_blocks = (C + _MERGE_BLOCK - 1) // _MERGE_BLOCK
+    for b in prange(n_blocks):
+        j0 = b * _MERGE_BLOCK
+        j1 = min(j0 + _MERGE_BLOCK, C)
+        for j in range(j0, j1):
+            out[j] = 0.0
+        for k in range(n_chunks):
+            for j in range(j0, j1):
+                out[j] += partial[k, j]
+
+
+@kernel
+def column_backward_dx(X, dY, mean, invstd, gamma, beta, code, alpha, sum_g, sum_gx,
+                       rows_per_chunk, dX):
+    """dX = gamma * invstd * (g - mean(g) - xhat * mean(g * xhat)), per column.
+
+    ``sum_g``/``sum_gx`` are the merged column sums of :func:`column_backward_reduce`
+    (float64). The means divide by the row count R of X.
+    """
+    R, C = X.shape
+    n_chunks = (R + rows_per_chunk - 1) // rows_per_chunk
+    inv_r = 1.0 / R
+    for k in prange(n_chunks):
+        start = k * rows_per_chunk
+        stop = min(start + rows_per_chunk, R)
+        for i in range(start, stop):
+            for j in range(C):
+                xhat = (X[i, j] - mean[j]) * invstd[j]
+                g = np.float64(dY[i, j])
+                if code != 0:
+                    g *= act_slope(code, alpha, xhat * gamma[j] + beta[j])
+                dX[i, j] = (gamma[j] * invstd[j]) * (g - sum_g[j] * inv_r - xhat * (sum_gx[j] * inv_r))

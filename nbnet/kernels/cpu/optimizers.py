@@ -1,0 +1,157 @@
+"""Optimizer kernels: elementwise parameter updates and the clip-norm reduction.
+
+Every kernel works on flat, C-contiguous 1-D views (``param.reshape(-1)``), so one
+compiled specialisation per dtype serves every parameter shape. The state arrays
+(``cache``, ``mean``, ``var``) have the parameter's dtype and length; the arithmetic
+for each element is float64 (the loads are widened, the stores rounded once), so a
+float32 parameter sees one rounding per stored value and no float32 intermediates.
+
+Parallel layout: ``prange`` over fixed-size blocks of ``block`` elements. The updates
+are elementwise (element ``i`` reads and writes only index ``i`` of each array), so any
+block size gives the same bits; the block only sets the scheduling granularity.
+
+Gradient clipping (numpy-ml's rule: ``grad *= clip_norm / ||grad||_2`` when
+``||grad||_2 > clip_norm``) needs one reduction, :func:`sum_of_squares`, and then a
+``scale`` scalar that every update kernel applies to the gradient as it loads it, so a
+clipped step still reads each array once and never writes a scaled copy of the gradient.
+``scale = 1.0`` means no clipping.
+
+Determinism of the reduction: :func:`sum_of_squares` splits the array into chunks of
+``chunk`` elements (chosen by the caller from the dtype alone, never from the thread
+count), writes one float64 partial per chunk, then adds the partials in chunk order.
+The summation order, and every bit of the result, is therefore fixed by the length, for
+any ``NUMBA_NUM_THREADS``.
+
+All scalars (learning rate, decays, eps, scale, block sizes) are arguments: the kernels
+read no globals, so ``cache=True`` holds.
+"""
+import math
+
+import numpy as np
+from numba import prange
+
+from ._jit import kernel
+
+
+@kernel
+def sum_of_squares(x, chunk, partial, out):
+    """``out[0] = sum(x**2)`` in float64, deterministic for any thread count.
+
+    x : (n,) float32/float64, C-contiguous.
+    chunk : elements per chunk (> 0).
+    partial : (ceil(n / chunk),) float64, written: the sum of chunk ``k``.
+    out : (1,) float64, written: the partials added in chunk order (0.0 when n == 0).
+    """
+    n = x.shape[0]
+    n_chunks = partial.shape[0]
+    for k in prange(n_chunks):
+        start = k * chunk
+        stop = min(start + chunk, n)
+        s = 0.0
+        for i in range(start, stop):
+            v = np.float64(x[i])
+            s += v * v
+        partial[k] = s
+    total = 0.0
+    for k in range(n_chunks):
+        total += partial[k]
+    out[0] = total
+
+
+@kernel
+def sgd_update(param, grad, cache, lr, momentum, scale, block):
+    """numpy-ml's SGD step, in place.
+
+    ``update = momentum * cache + lr * (scale * grad)``; ``cache = update``;
+    ``param -= update``. With ``momentum = 0`` the cache still receives the update
+    (numpy-ml keeps it that way).
+
+    param, grad, cache : (n,) same dtype, C-contiguous; param and cache are updated.
+    """
+    n = param.shape[0]
+    n_blocks = (n + block - 1) // block
+    for b in prange(n_blocks):
+        start = b * block
+        stop = min(start + block, n)
+        for i in range(start, stop):
+            u = momentum * np.float64(cache[i]) + lr * (scale * np.float64(grad[i]))
+            cache[i] = u
+            param[i] = np.float64(param[i]) - u
+
+
+@kernel
+def adagrad_update(param, grad, cache, lr, eps, scale, block):
+    """numpy-ml's AdaGrad step, in place.
+
+    ``g = scale * grad``; ``cache += g**2``; ``param -= lr * g / (sqrt(cache) + eps)``.
+    """
+    n = param.shape[0]
+    n_blocks = (n + block - 1) // block
+    for b in prange(n_blocks):
+        start = b * block
+        stop = min(start + block, n)
+        for i in range(start, stop):
+            g = scale * np.float64(grad[i])
+            c = np.float64(cache[i]) + g * g
+            cache[i] = c
+            # use the stored (rounded) value, as numpy-ml reads the cache back
+            c = np.float64(cache[i])
+            param[i] = np.float64(param[i]) - lr * g / (math.sqrt(c) + eps)
+
+
+@kernel
+def rmsprop_update(param, grad, cache, lr, decay, eps, scale, block):
+    """numpy-ml's RMSProp step, in place.
+
+    ``g = scale * grad``; ``cache = decay * cache + (1 - decay) * g**2``;
+    ``param -= lr * g / (sqrt(cache) + eps)``.
+    """
+    n = param.shape[0]
+    n_blocks = (n + block - 1) // block
+    one_minus_decay = 1.0 - decay
+    for b in prange(n_blocks):
+        start = b * block
+        stop = min(start + block, n)
+        for i in range(start, stop):
+            g = scale * np.float64(grad[i])
+            c = decay * np.float64(cache[i]) + one_minus_decay * (g * g)
+            cache[i] = c
+            c = np.float64(cache[i])
+            param[i] = np.float64(param[i]) - lr * g / (math.sqrt(c) + eps)
+
+
+@kernel
+def adam_update(param, grad, mean, var, lr, decay1, decay2, eps, bias1, bias2, scale, block):
+    """numpy-ml's Adam step, in place, for one parameter at its step ``t``.
+
+    ``g = scale * grad``; ``mean = decay1 * mean + (1 - decay1) * g``;
+    ``var = decay2 * var + (1 - decay2) * g**2``; ``m_hat = mean / bias1``;
+    ``v_hat = var / bias2``; ``param -= lr * m_hat / (sqrt(v_hat) + eps)``, where the
+    caller passes the bias corrections ``bias1 = 1 - decay1**t``, ``bias2 = 1 - decay2**t``.
+    """
+    n = param.shape[0]
+    n_blocks = (n + block - 1) // block
+    one_minus_d1 = 1.0 - decay1
+    one_minus_d2 = 1.0 - decay2
+    for b in prange(n_blocks):
+        start = b * block
+        stop = min(start + block, n)
+        for i in range(start, stop):
+            g = scale * np.float64(grad[i])
+            m = decay1 * np.float64(mean[i]) + one_minus_d1 * g
+            v = decay2 * np.float64(var[i]) + one_minus_d2 * (g * g)
+            mean[i] = m
+            var[i] = v
+            m_hat = np.float64(mean[i]) / bias1
+            v_hat = np.float64(var[i]) / bias2
+            param[i] = np.float64(param[i]) - lr * m_hat / (math.sqrt(v_hat) + eps)
+
+
+#: Op name -> kernel; merged into :data:`nbnet.kernels.cpu.KERNELS` by the package.
+OPTIMIZER_KERNELS = {
+    "sum_of_squares": sum_of_squares,
+    "sgd_update": sgd_update,
+    "adagrad_update": adagrad_update,
+    "rmsprop_update": rmsprop_update,
+    "adam_update": adam_update,
+}
