@@ -1,20 +1,44 @@
 """CPU kernels (``@njit(parallel=True, cache=True)`` with serial twins).
 
-``KERNELS`` maps op names to :class:`~nbnet.kernels.cpu._jit.Kernel` objects; each is
-called as ``kernel(size, *arrays)`` where ``size`` picks the serial twin for small work.
-The CUDA package exposes the same names with the same argument lists.
-"""
-from .column_stats import (column_backward_dx, column_backward_reduce, column_merge_stats,
-                           column_normalize, column_partial_stats, merge_partial_sums)
-from .row_stats import row_backward, row_forward
+Each module groups kernels by access pattern and exports a ``KERNELS`` dict; this package
+merges them into one ``KERNELS`` table that :mod:`nbnet.registry` reads. A kernel is
+called as ``kernel(size, *arrays)``, where ``size`` (an element count) picks the serial
+twin for small work. ``nbnet.kernels.cuda`` exposes the same names with the same argument
+lists.
 
-KERNELS = {
-    "column_partial_stats": column_partial_stats,
-    "column_merge_stats": column_merge_stats,
-    "column_normalize": column_normalize,
-    "column_backward_reduce": column_backward_reduce,
-    "column_backward_dx": column_backward_dx,
-    "merge_partial_sums": merge_partial_sums,
-    "row_forward": row_forward,
-    "row_backward": row_backward,
-}
+==================  ==========================================================
+module              pattern
+==================  ==========================================================
+column_stats        statistics per column, reduced over row chunks (BatchNorm)
+row_stats           statistics per row (LayerNorm1D/2D, RMSNorm)
+group_stats         statistics per example and channel group (GroupNorm, InstanceNorm)
+optimizers          in-place parameter updates over flat arrays
+elementwise         activations, dense-layer epilogues, dropout, losses
+==================  ==========================================================
+"""
+import importlib
+
+_MODULES = ("column_stats", "row_stats", "group_stats", "optimizers", "elementwise")
+
+KERNELS = {}
+for _name in _MODULES:
+    try:
+        _module = importlib.import_module(f"{__name__}.{_name}")
+    except ModuleNotFoundError as exc:  # a module not written yet (during development)
+        if exc.name != f"{__name__}.{_name}":
+            raise
+        continue
+    KERNELS.update(_module.KERNELS)
+
+
+def all_dispatchers():
+    """Every numba dispatcher behind ``KERNELS`` (both twins of each Kernel)."""
+    from numba.core.registry import CPUDispatcher
+
+    found = []
+    for k in KERNELS.values():
+        if hasattr(k, "dispatchers"):
+            found.extend(k.dispatchers())
+        elif isinstance(k, CPUDispatcher):
+            found.append(k)
+    return found

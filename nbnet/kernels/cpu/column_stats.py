@@ -1,6 +1,8 @@
 """Column statistics: one statistic per column, reduced over rows.
 
-Serves BatchNorm1D ``(N, C)`` and BatchNorm2D channels-last ``(N*H*W, C)``.
+Serves BatchNorm1D ``(N, C)``, BatchNorm2D channels-last ``(N*H*W, C)``, and (through the
+``*_cf`` channels-first twins at the end of the module) BatchNorm2D NCHW ``(N, C, H*W)``
+and InstanceNorm2D's running-statistics inference.
 
 Parallel layout (the rule of DESIGN.md): ``prange`` runs over *row chunks* of
 ``rows_per_chunk`` rows; chunk ``k`` owns row ``k`` of every ``[n_chunks, C]`` partial
@@ -194,3 +196,157 @@ def column_backward_dx(X, dY, mean, invstd, gamma, beta, code, alpha, sum_g, sum
                 if code != 0:
                     g *= act_slope(code, alpha, xhat * gamma[j] + beta[j])
                 dX[i, j] = (gamma[j] * invstd[j]) * (g - sum_g[j] * inv_r - xhat * (sum_gx[j] * inv_r))
+
+
+# ------------------------------------------------------------- channels-first (N, C, L)
+#
+# BatchNorm2D NCHW views its input as ``(N, C, L)`` (``L = H*W``): channel ``c`` of
+# example ``n`` is the contiguous run ``X[n, c, :]``. Transposing to ``(N*L, C)`` would
+# cost a full copy per call, so these kernels reduce the runs in place. A *task* is one
+# channel of one chunk of ``n_per_chunk`` examples: task ``t = k * C + c`` reads
+# ``X[k*n_per_chunk : (k+1)*n_per_chunk, c, :]`` (``n_per_chunk`` contiguous runs),
+# twice while they sit in L1/L2, and owns element ``[k, c]`` of every partial buffer.
+# ``n_per_chunk`` is chosen from the shape alone, and the merge is the column pattern's
+# :func:`column_merge_stats` / :func:`merge_partial_sums` with ``rows = N * L`` and
+# ``rows_per_chunk = n_per_chunk * L``, so results are bit-identical for any thread
+# count. The innermost loop always runs along a contiguous run (vectorised).
+
+
+@kernel
+def column_partial_stats_cf(X, n_per_chunk, partial_mean, partial_m2):
+    """Channels-first twin of :func:`column_partial_stats`.
+
+    X : (N, C, L) float32/float64, C-contiguous.
+    partial_mean, partial_m2 : (n_chunks, C) float64, written; ``n_chunks =
+    ceil(N / n_per_chunk)``; entry ``[k, c]`` holds the mean and the sum of squared
+    deviations of channel ``c`` over the chunk's ``n_per_chunk * L`` values.
+    """
+    N, C, L = X.shape
+    n_chunks = partial_mean.shape[0]
+    for t in prange(n_chunks * C):
+        k = t // C
+        c = t - k * C
+        start = k * n_per_chunk
+        stop = min(start + n_per_chunk, N)
+        s = 0.0
+        for n in range(start, stop):
+            for j in range(L):
+                s += X[n, c, j]
+        m = s / ((stop - start) * L)
+        s2 = 0.0
+        for n in range(start, stop):
+            for j in range(L):
+                d = X[n, c, j] - m
+                s2 += d * d
+        partial_mean[k, c] = m
+        partial_m2[k, c] = s2
+
+
+@kernel
+def column_normalize_cf(X, mean, invstd, gamma, beta, code, alpha, n_per_chunk, Y):
+    """Channels-first twin of :func:`column_normalize`: Y = f((X - mean) * invstd * gamma + beta).
+
+    X, Y : (N, C, L); mean, invstd : (C,) float64; gamma, beta : (C,).
+    """
+    N, C, L = X.shape
+    n_chunks = (N + n_per_chunk - 1) // n_per_chunk
+    for t in prange(n_chunks * C):
+        k = t // C
+        c = t - k * C
+        start = k * n_per_chunk
+        stop = min(start + n_per_chunk, N)
+        m = mean[c]
+        scale = invstd[c] * gamma[c]
+        shift = np.float64(beta[c])
+        if code == 0:
+            for n in range(start, stop):
+                for j in range(L):
+                    Y[n, c, j] = (X[n, c, j] - m) * scale + shift
+        else:
+            tmp = np.empty(L, np.float64)
+            for n in range(start, stop):
+                for j in range(L):
+                    tmp[j] = (X[n, c, j] - m) * scale + shift
+                act_row(code, alpha, tmp)
+                for j in range(L):
+                    Y[n, c, j] = tmp[j]
+
+
+@kernel
+def column_backward_reduce_cf(X, dY, mean, invstd, gamma, beta, code, alpha, n_per_chunk,
+                              partial_sum_g, partial_sum_gx):
+    """Channels-first twin of :func:`column_backward_reduce` (X, dY : (N, C, L))."""
+    N, C, L = X.shape
+    n_chunks = partial_sum_g.shape[0]
+    for t in prange(n_chunks * C):
+        k = t // C
+        c = t - k * C
+        start = k * n_per_chunk
+        stop = min(start + n_per_chunk, N)
+        m = mean[c]
+        r = invstd[c]
+        sg = 0.0
+        sgx = 0.0
+        if code == 0:
+            for n in range(start, stop):
+                for j in range(L):
+                    g = np.float64(dY[n, c, j])
+                    sg += g
+                    sgx += g * ((X[n, c, j] - m) * r)
+        else:
+            gc = np.float64(gamma[c])
+            bc = np.float64(beta[c])
+            for n in range(start, stop):
+                for j in range(L):
+                    xhat = (X[n, c, j] - m) * r
+                    g = dY[n, c, j] * act_slope(code, alpha, xhat * gc + bc)
+                    sg += g
+                    sgx += g * xhat
+        partial_sum_g[k, c] = sg
+        partial_sum_gx[k, c] = sgx
+
+
+@kernel
+def column_backward_dx_cf(X, dY, mean, invstd, gamma, beta, code, alpha, sum_g, sum_gx,
+                          n_per_chunk, dX):
+    """Channels-first twin of :func:`column_backward_dx`; the means divide by N * L."""
+    N, C, L = X.shape
+    n_chunks = (N + n_per_chunk - 1) // n_per_chunk
+    inv_r = 1.0 / (N * L)
+    for t in prange(n_chunks * C):
+        k = t // C
+        c = t - k * C
+        start = k * n_per_chunk
+        stop = min(start + n_per_chunk, N)
+        m = mean[c]
+        r = invstd[c]
+        gc = np.float64(gamma[c])
+        bc = np.float64(beta[c])
+        scale = gc * r
+        mg = sum_g[c] * inv_r
+        mgx = sum_gx[c] * inv_r
+        if code == 0:
+            for n in range(start, stop):
+                for j in range(L):
+                    xhat = (X[n, c, j] - m) * r
+                    dX[n, c, j] = scale * (dY[n, c, j] - mg - xhat * mgx)
+        else:
+            for n in range(start, stop):
+                for j in range(L):
+                    xhat = (X[n, c, j] - m) * r
+                    g = dY[n, c, j] * act_slope(code, alpha, xhat * gc + bc)
+                    dX[n, c, j] = scale * (g - mg - xhat * mgx)
+
+
+KERNELS = {
+    "column_partial_stats": column_partial_stats,
+    "column_merge_stats": column_merge_stats,
+    "column_normalize": column_normalize,
+    "column_backward_reduce": column_backward_reduce,
+    "column_backward_dx": column_backward_dx,
+    "merge_partial_sums": merge_partial_sums,
+    "column_partial_stats_cf": column_partial_stats_cf,
+    "column_normalize_cf": column_normalize_cf,
+    "column_backward_reduce_cf": column_backward_reduce_cf,
+    "column_backward_dx_cf": column_backward_dx_cf,
+}

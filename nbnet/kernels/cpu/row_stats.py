@@ -106,3 +106,9 @@ def row_backward(X, dY, mean, invstd, gamma, beta, center, code, alpha, rows_per
             for j in range(D):
                 xhat = (X[i, j] - m) * r
                 dX[i, j] = r * (g[j] * gamma[j] - mh - xhat * mhx)
+
+
+KERNELS = {
+    "row_forward": row_forward,
+    "row_backward": row_backward,
+}

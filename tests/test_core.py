@@ -1,0 +1,469 @@
+"""Issue 2: BatchNorm1D and LayerNorm1D against float64 references, PyTorch, finite
+differences; stability, determinism, caching, bad input."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+import nbnet
+from conftest import TOL, rel_err
+from reference import layernorm_ref, norm_backward_ref, norm_forward_ref
+
+SHAPES = [(2, 1), (2, 5), (7, 1), (33, 1031), (1000, 3), (513, 70)]
+DTYPES = [np.float64, np.float32]
+
+
+def _bn_ref(X, dY, gamma, beta, eps):
+    Y, mean, var = norm_forward_ref(X, (0,), gamma, beta, eps)
+    dX, dg, db = norm_backward_ref(X, dY, (0,), gamma, beta, eps, param_axes=(0,))
+    return Y, dX, dg, db, mean.ravel(), var.ravel()
+
+
+def _ln_ref(X, dY, gamma, beta, eps):
+    Y, _, _ = layernorm_ref(X, gamma, beta, eps)
+    dX, dg, db = norm_backward_ref(X, dY, (1,), gamma, beta, eps, param_axes=(0,))
+    return Y, dX, dg, db
+
+
+def _random_params(layer, rng, dtype):
+    """Non-trivial scaler/intercept so the tests see them."""
+    C = layer.n_in
+    layer.set_params({"parameters": {"scaler": rng.uniform(0.5, 1.5, C).astype(dtype),
+                                     "intercept": rng.normal(size=C).astype(dtype)}})
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batchnorm1d_matches_reference(shape, dtype, rng):
+    X = rng.normal(2.0, 3.0, shape).astype(dtype)
+    dY = rng.normal(size=shape).astype(dtype)
+    layer = nbnet.BatchNorm1D(momentum=0.8, epsilon=1e-3)
+    layer.forward(X[:2])  # build, then set random parameters
+    layer.flush_gradients()
+    layer.reset_running_stats()
+    _random_params(layer, rng, dtype)
+    gamma = layer.parameters["scaler"].copy()
+    beta = layer.parameters["intercept"].copy()
+    Y = layer.forward(X)
+    dX = layer.backward(dY)
+    Yr, dXr, dgr, dbr, mean, var = _bn_ref(X, dY, gamma, beta, 1e-3)
+    tol = TOL[dtype]
+    assert Y.dtype == dtype and dX.dtype == dtype
+    assert rel_err(Y, Yr) < tol
+    assert rel_err(dX, dXr) < tol * 10
+    assert rel_err(layer.gradients["scaler"], dgr) < tol * 10
+    assert rel_err(layer.gradients["intercept"], dbr) < tol * 10
+    assert rel_err(layer.parameters["running_mean"], 0.2 * mean) < tol
+    assert rel_err(layer.parameters["running_var"], 0.8 + 0.2 * var) < tol
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layernorm1d_matches_reference(shape, dtype, rng):
+    X = rng.normal(-1.0, 2.0, shape).astype(dtype)
+    dY = rng.normal(size=shape).astype(dtype)
+    layer = nbnet.LayerNorm1D(epsilon=1e-4)
+    layer.forward(X[:1], retain_derived=False)
+    _random_params(layer, rng, dtype)
+    gamma = layer.parameters["scaler"].copy()
+    beta = layer.parameters["intercept"].copy()
+    Y = layer.forward(X)
+    dX = layer.backward(dY)
+    Yr, dXr, dgr, dbr = _ln_ref(X, dY, gamma, beta, 1e-4)
+    tol = TOL[dtype]
+    if shape[1] == 1:  # every row normalises to exactly 0: only the intercept remains
+        assert rel_err(Y, Yr) < tol
+    else:
+        assert rel_err(Y, Yr) < tol
+        assert rel_err(dX, dXr) < tol * 10
+    assert rel_err(layer.gradients["scaler"], dgr) < tol * 10 or np.abs(dgr).max() < 1e-12
+    assert rel_err(layer.gradients["intercept"], dbr) < tol * 10
+
+
+def test_unbiased_running_var_and_inference(rng):
+    X = rng.normal(1.0, 2.0, (50, 4))
+    layer = nbnet.BatchNorm1D(momentum=0.0, unbiased_running_var=True)
+    layer.forward(X)
+    np.testing.assert_allclose(layer.parameters["running_var"], X.var(0, ddof=1), rtol=1e-12)
+    np.testing.assert_allclose(layer.parameters["running_mean"], X.mean(0), rtol=1e-12)
+    # inference (retain_derived=False) uses the running statistics and changes nothing
+    before = {k: v.copy() for k, v in layer.parameters.items()}
+    X2 = rng.normal(size=(1, 4))  # N == 1 is fine in inference
+    Y = layer.forward(X2, retain_derived=False)
+    np.testing.assert_allclose(Y, (X2 - X.mean(0)) / np.sqrt(X.var(0, ddof=1) + 1e-5), rtol=1e-12)
+    for k in before:
+        np.testing.assert_array_equal(before[k], layer.parameters[k])
+    # a frozen layer and eval() mode also run inference
+    layer.freeze()
+    np.testing.assert_array_equal(layer.forward(X2), Y)
+    layer.unfreeze()
+    layer.eval()
+    np.testing.assert_array_equal(layer.forward(X2), Y)
+
+
+def test_default_parameters_and_momentum_convention(rng):
+    X = rng.normal(size=(20, 3))
+    layer = nbnet.BatchNorm1D()
+    layer.forward(X)
+    np.testing.assert_array_equal(layer.parameters["scaler"], np.ones(3))
+    np.testing.assert_array_equal(layer.parameters["intercept"], np.zeros(3))
+    # numpy-ml: running = 0.9 * running + 0.1 * batch, from mean 0 / var 1
+    np.testing.assert_allclose(layer.parameters["running_mean"], 0.1 * X.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(layer.parameters["running_var"], 0.9 + 0.1 * X.var(0), rtol=1e-12)
+
+
+# ----------------------------------------------------------------- torch agreement
+torch = pytest.importorskip("torch")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batchnorm1d_matches_torch(dtype, rng):
+    X = rng.normal(3.0, 2.0, (64, 17)).astype(dtype)
+    dY = rng.normal(size=X.shape).astype(dtype)
+    tdtype = torch.float64 if dtype == np.float64 else torch.float32
+    ours = nbnet.BatchNorm1D(momentum=0.9, unbiased_running_var=True)
+    theirs = torch.nn.BatchNorm1d(17, momentum=0.1, eps=1e-5).to(tdtype)
+    Y = ours.forward(X)
+    dX = ours.backward(dY)
+    tX = torch.tensor(X, requires_grad=True)
+    tY = theirs(tX)
+    tY.backward(torch.tensor(dY))
+    tol = TOL[dtype] * 100
+    assert rel_err(Y, tY.detach().numpy()) < tol
+    assert rel_err(dX, tX.grad.numpy()) < tol
+    assert rel_err(ours.gradients["scaler"], theirs.weight.grad.numpy()) < tol
+    assert rel_err(ours.gradients["intercept"], theirs.bias.grad.numpy()) < tol
+    assert rel_err(ours.parameters["running_mean"], theirs.running_mean.numpy()) < tol
+    assert rel_err(ours.parameters["running_var"], theirs.running_var.numpy()) < tol
+    theirs.eval()
+    X2 = rng.normal(size=(5, 17)).astype(dtype)
+    assert rel_err(ours.forward(X2, retain_derived=False), theirs(torch.tensor(X2)).detach().numpy()) < tol
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layernorm1d_matches_torch(dtype, rng):
+    X = rng.normal(3.0, 2.0, (31, 40)).astype(dtype)
+    dY = rng.normal(size=X.shape).astype(dtype)
+    tdtype = torch.float64 if dtype == np.float64 else torch.float32
+    ours = nbnet.LayerNorm1D()
+    theirs = torch.nn.LayerNorm(40, eps=1e-5).to(tdtype)
+    Y = ours.forward(X)
+    dX = ours.backward(dY)
+    tX = torch.tensor(X, requires_grad=True)
+    theirs(tX).backward(torch.tensor(dY))
+    tol = TOL[dtype] * 100
+    assert rel_err(Y, theirs(tX).detach().numpy()) < tol
+    assert rel_err(dX, tX.grad.numpy()) < tol
+    assert rel_err(ours.gradients["scaler"], theirs.weight.grad.numpy()) < tol
+    assert rel_err(ours.gradients["intercept"], theirs.bias.grad.numpy()) < tol
+
+
+# ----------------------------------------------------------------- finite differences
+def _fd_check(make_layer, X, rng, param_names):
+    """Central differences of L = sum(W * y) w.r.t. X and parameters (float64)."""
+    W = rng.normal(size=X.shape)  # random upstream gradient: all-ones zeroes BN's dX
+    layer = make_layer()
+    layer.forward(X[:2])
+    layer.flush_gradients()
+    C = layer.n_in
+    layer.set_params({"parameters": {"scaler": rng.uniform(0.5, 1.5, C), "intercept": rng.normal(size=C)}})
+    if hasattr(layer, "reset_running_stats"):
+        layer.reset_running_stats()
+
+    def loss(x):
+        return float(np.sum(W * layer.forward(x)))
+
+    layer.forward(X)
+    dX = layer.backward(W)
+    grads = {k: layer.gradients[k].copy() for k in param_names}
+    layer.flush_gradients()
+    h = 1e-6
+    num = np.zeros_like(X)
+    for idx in np.ndindex(X.shape):
+        xp, xm = X.copy(), X.copy()
+        xp[idx] += h
+        xm[idx] -= h
+        num[idx] = (loss(xp) - loss(xm)) / (2 * h)
+        layer.flush_gradients()
+    assert rel_err(dX, num) < 1e-6
+    for k in param_names:
+        p = layer.parameters[k]
+        numk = np.zeros_like(p)
+        for i in range(p.size):
+            old = p[i]
+            p[i] = old + h
+            lp = loss(X)
+            p[i] = old - h
+            lm = loss(X)
+            p[i] = old
+            numk[i] = (lp - lm) / (2 * h)
+            layer.flush_gradients()
+        assert rel_err(grads[k], numk) < 1e-6
+
+
+@pytest.mark.parametrize("act", [None, "tanh", "gelu"])
+def test_batchnorm1d_finite_differences(act, rng):
+    _fd_check(lambda: nbnet.BatchNorm1D(act_fn=act), rng.normal(1.0, 2.0, (9, 4)), rng, ["scaler", "intercept"])
+
+
+@pytest.mark.parametrize("act", [None, "sigmoid"])
+def test_layernorm1d_finite_differences(act, rng):
+    _fd_check(lambda: nbnet.LayerNorm1D(act_fn=act), rng.normal(1.0, 2.0, (5, 6)), rng, ["scaler", "intercept"])
+
+
+# ----------------------------------------------------------------- stability
+def test_stability_float32_mean_1e4(rng):
+    X = rng.normal(1e4, 1.0, (4096, 64)).astype(np.float32)
+    layer = nbnet.BatchNorm1D(momentum=0.0)
+    Y = layer.forward(X)
+    true_var = X.astype(np.float64).var(0)
+    assert np.max(np.abs(layer.parameters["running_var"] - true_var) / true_var) <= 1e-4
+    assert np.max(np.abs(Y.astype(np.float64).mean(0))) <= 1e-3
+    ln = nbnet.LayerNorm1D()
+    Yl = ln.forward(X)
+    assert np.max(np.abs(Yl.astype(np.float64).mean(1))) <= 1e-3
+    np.testing.assert_allclose(Yl.astype(np.float64).var(1), 1.0, rtol=1e-2)
+
+
+def test_stability_float64_mean_1e8(rng):
+    X = rng.normal(1e8, 1.0, (4096, 64))
+    layer = nbnet.BatchNorm1D(momentum=0.0)
+    layer.forward(X)
+    true_var = ((X - X.mean(0)) ** 2).mean(0)
+    assert np.max(np.abs(layer.parameters["running_var"] - true_var) / true_var) <= 1e-6
+
+
+# ----------------------------------------------------------------- layout, lists
+def test_noncontiguous_and_fortran_inputs_match_contiguous(rng):
+    X = rng.normal(size=(40, 30))
+    for make in (nbnet.BatchNorm1D, nbnet.LayerNorm1D):
+        a, b, c = make(), make(), make()
+        ya = a.forward(np.ascontiguousarray(X))
+        yb = b.forward(np.asfortranarray(X))
+        Xbig = np.zeros((80, 30))
+        Xbig[::2] = X
+        yc = c.forward(Xbig[::2])
+        np.testing.assert_array_equal(ya, yb)
+        np.testing.assert_array_equal(ya, yc)
+        dY = rng.normal(size=X.shape)
+        np.testing.assert_array_equal(a.backward(dY), b.backward(np.asfortranarray(dY)))
+
+
+def test_backward_list_of_gradients(rng):
+    X1, X2 = rng.normal(size=(10, 3)), rng.normal(size=(12, 3))
+    d1, d2 = rng.normal(size=(10, 3)), rng.normal(size=(12, 3))
+    multi = nbnet.BatchNorm1D()
+    multi.forward(X1)
+    multi.forward(X2)
+    dxs = multi.backward([d1, d2])
+    single = nbnet.BatchNorm1D()
+    single.forward(X1)
+    dx1 = single.backward(d1)
+    g1 = single.gradients["scaler"].copy()
+    single.flush_gradients()
+    single.forward(X2)
+    dx2 = single.backward(d2)
+    np.testing.assert_array_equal(dxs[0], dx1)
+    np.testing.assert_array_equal(dxs[1], dx2)
+    np.testing.assert_allclose(multi.gradients["scaler"], g1 + single.gradients["scaler"], rtol=1e-12)
+    with pytest.raises(ValueError, match="1 gradient"):
+        multi.backward(d1)
+
+
+def test_update_uses_optimizer_and_flushes(rng):
+    X = rng.normal(size=(16, 4))
+    dY = rng.normal(size=(16, 4))
+    layer = nbnet.BatchNorm1D(optimizer="sgd(lr=0.5)")
+    layer.forward(X)
+    layer.backward(dY)
+    g = layer.gradients["scaler"].copy()
+    before = layer.parameters["scaler"].copy()
+    rm = layer.parameters["running_mean"].copy()
+    layer.update()
+    np.testing.assert_allclose(layer.parameters["scaler"], before - 0.5 * g, rtol=1e-12)
+    np.testing.assert_array_equal(layer.parameters["running_mean"], rm)  # not a learnt parameter
+    assert layer.X == [] and not layer.gradients["scaler"].any()
+    layer.freeze()
+    with pytest.raises(RuntimeError, match="frozen"):
+        layer.update()
+
+
+def test_summary_set_params_round_trip(rng):
+    X = rng.normal(size=(16, 5))
+    a = nbnet.BatchNorm1D(momentum=0.7, epsilon=1e-3, optimizer="adam(lr=0.01)", act_fn="relu")
+    a.forward(X)
+    s = a.summary()
+    assert s["layer"] == "BatchNorm1D" and s["hyperparameters"]["momentum"] == 0.7
+    json.dumps(s["hyperparameters"])  # hyperparameters are plain JSON
+    b = nbnet.BatchNorm1D().set_params(s)
+    assert b.momentum == 0.7 and b.epsilon == 1e-3 and str(b.act_fn) == "ReLU"
+    for k in a.parameters:
+        np.testing.assert_array_equal(a.parameters[k], b.parameters[k])
+    np.testing.assert_array_equal(a.forward(X, retain_derived=False), b.forward(X, retain_derived=False))
+
+
+# ----------------------------------------------------------------- bad input
+def _snapshot(layer):
+    return {k: v.copy() for k, v in layer.parameters.items()}
+
+
+def _assert_unchanged(layer, snap):
+    assert set(snap) == set(layer.parameters)
+    for k, v in snap.items():
+        np.testing.assert_array_equal(v, layer.parameters[k])
+
+
+@pytest.mark.parametrize("make", [nbnet.BatchNorm1D, nbnet.LayerNorm1D])
+def test_bad_inputs_change_nothing(make, rng):
+    layer = make()
+    layer.forward(rng.normal(size=(8, 4)))
+    snap = _snapshot(layer)
+    n_retained = len(layer.X)
+    with pytest.raises(ValueError, match=r"2-D.*\(8,\)"):
+        layer.forward(np.zeros(8))
+    with pytest.raises(ValueError, match=r"built for 4 features.*\(8, 5\)"):
+        layer.forward(np.zeros((8, 5)))
+    for bad in (np.zeros((8, 4), np.int64), np.zeros((8, 4), bool), np.zeros((8, 4), np.float16),
+                np.zeros((8, 4), np.complex128), np.zeros((8, 4), object)):
+        with pytest.raises(TypeError, match=str(bad.dtype)):
+            layer.forward(bad)
+    with pytest.raises(TypeError, match="float64 parameters"):
+        layer.forward(np.zeros((8, 4), np.float32))
+    with pytest.raises(ValueError, match=r"shape \(4,\).*\(3,\)"):
+        layer.set_params({"parameters": {"scaler": np.ones(3), "intercept": np.zeros(4)}})
+    with pytest.raises(ValueError, match="shape of the layer's output"):
+        layer.backward(np.zeros((7, 4)))
+    assert len(layer.X) == n_retained
+    _assert_unchanged(layer, snap)
+
+
+def test_batchnorm_single_example_training_error(rng):
+    layer = nbnet.BatchNorm1D()
+    layer.forward(rng.normal(size=(4, 3)))
+    snap = _snapshot(layer)
+    with pytest.raises(ValueError, match="expected more than 1 value per feature when training"):
+        layer.forward(rng.normal(size=(1, 3)))
+    _assert_unchanged(layer, snap)
+    assert layer.forward(rng.normal(size=(1, 3)), retain_derived=False).shape == (1, 3)
+
+
+def test_empty_batch(rng):
+    for make in (nbnet.BatchNorm1D, nbnet.LayerNorm1D):
+        layer = make()
+        layer.forward(rng.normal(size=(4, 3)))
+        layer.flush_gradients()
+        snap = _snapshot(layer)
+        Y = layer.forward(np.zeros((0, 3)))
+        assert Y.shape == (0, 3)
+        _assert_unchanged(layer, snap)
+        assert layer.backward(np.zeros((0, 3))).shape == (0, 3)
+        assert not layer.gradients["scaler"].any()
+
+
+def test_nan_propagates_to_affected_features_only(rng):
+    X = rng.normal(size=(32, 5))
+    X[3, 2] = np.nan
+    X[7, 4] = np.inf
+    bn = nbnet.BatchNorm1D()
+    Y = bn.forward(X)
+    assert np.isnan(Y[:, 2]).all() and np.isfinite(Y[:, [0, 1, 3]]).all()
+    assert np.isfinite(bn.parameters["running_mean"][[0, 1, 3]]).all()
+    assert np.isnan(bn.parameters["running_mean"][2])
+    ln = nbnet.LayerNorm1D()
+    Yl = ln.forward(X)
+    bad_rows = {3, 7}
+    assert all(np.isfinite(Yl[i]).all() for i in range(32) if i not in bad_rows)
+    assert np.isnan(Yl[3]).all()
+
+
+def test_bad_hyperparameters():
+    with pytest.raises(ValueError, match="momentum"):
+        nbnet.BatchNorm1D(momentum=1.5)
+    with pytest.raises(ValueError, match="epsilon"):
+        nbnet.LayerNorm1D(epsilon=-1)
+    with pytest.raises(ValueError, match="unknown activation"):
+        nbnet.BatchNorm1D(act_fn="swishy")
+
+
+# ----------------------------------------------------------------- registry / devices
+def test_registry_errors():
+    from nbnet import registry
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        nbnet.BatchNorm1D(device="tpu")
+    with pytest.raises(NotImplementedError, match="no kernel for op 'nope'"):
+        registry.get_kernel("nope", "cpu")
+    assert "column_partial_stats" in registry.ops("cpu")
+
+
+def test_unavailable_cuda_error_names_reason(monkeypatch):
+    from nbnet import devices
+    monkeypatch.setattr(devices, "_cuda_status", (False, "no CUDA GPU or driver was found"))
+    with pytest.raises(RuntimeError, match=r"device 'cuda' is not available: no CUDA GPU.*Available devices: cpu"):
+        nbnet.BatchNorm1D(device="cuda")
+    with pytest.raises(RuntimeError, match="not available"):
+        nbnet.set_default_device("cuda")
+    assert nbnet.available_devices() == ["cpu"]
+
+
+def test_default_device_env(tmp_path):
+    code = "import nbnet; print(nbnet.get_default_device(), nbnet.BatchNorm1D().device)"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "NBNET_DEVICE": "cpu"},
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["cpu", "cpu"]
+
+
+# ----------------------------------------------------------------- determinism, caching
+_DETERMINISM_SCRIPT = textwrap.dedent("""
+    import sys, numpy as np, nbnet
+    rng = np.random.default_rng(7)
+    out = []
+    for make, shape in ((nbnet.BatchNorm1D, (3000, 97)), (nbnet.LayerNorm1D, (700, 301))):
+        for dtype in (np.float32, np.float64):
+            X = rng.normal(5, 3, shape).astype(dtype)
+            dY = rng.normal(size=shape).astype(dtype)
+            layer = make(act_fn="gelu")
+            Y = layer.forward(X)
+            dX = layer.backward(dY)
+            out += [Y, dX, layer.gradients["scaler"], layer.gradients["intercept"]]
+            out += [v for k, v in sorted(layer.parameters.items())]
+    sys.stdout.write(np.concatenate([a.ravel().astype(np.float64) for a in out]).tobytes().hex())
+""")
+
+
+def test_bit_identical_across_thread_counts():
+    results = []
+    for threads in ("1", "2"):
+        env = {**os.environ, "NUMBA_NUM_THREADS": threads}
+        r = subprocess.run([sys.executable, "-c", _DETERMINISM_SCRIPT], env=env,
+                           capture_output=True, text=True, check=True)
+        results.append(r.stdout)
+    assert len(results[0]) > 1000
+    assert results[0] == results[1]
+
+
+_CACHE_SCRIPT = textwrap.dedent("""
+    import json, numpy as np, nbnet
+    from nbnet.kernels.cpu import all_dispatchers
+    X = np.random.default_rng(0).normal(size=(256, 256)).astype(np.float32)
+    for make in (nbnet.BatchNorm1D, nbnet.LayerNorm1D):
+        layer = make()
+        layer.forward(X)
+        layer.backward(X)
+    hits = misses = 0
+    for d in all_dispatchers():
+        hits += sum(d.stats.cache_hits.values())
+        misses += sum(d.stats.cache_misses.values())
+    print(json.dumps({"hits": hits, "misses": misses}))
+""")
+
+
+def test_second_process_loads_kernels_from_cache(tmp_path):
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+    runs = [json.loads(subprocess.run([sys.executable, "-c", _CACHE_SCRIPT], env=env, capture_output=True,
+                                      text=True, check=True).stdout.strip().splitlines()[-1]) for _ in range(2)]
+    assert runs[0]["misses"] > 0 and runs[0]["hits"] == 0
+    assert runs[1]["misses"] == 0 and runs[1]["hits"] == runs[0]["misses"]
