@@ -155,3 +155,6 @@ OPTIMIZER_KERNELS = {
     "rmsprop_update": rmsprop_update,
     "adam_update": adam_update,
 }
+
+#: The name the package's ``__init__`` merges (same dict).
+KERNELS = OPTIMIZER_KERNELS
