@@ -34,7 +34,73 @@ def _bridge_numpy_for_numba_cuda():
 def import_cuda():
     """Import and return ``numba.cuda`` (bridged for NumPy >= 2.5)."""
     _bridge_numpy_for_numba_cuda()
-    return importlib.import_module("numba.cuda")
+    cuda = importlib.import_module("numba.cuda")
+    if is_simulator():
+        _bridge_simulator_shape()
+    elif os.environ.get("NBNET_CUDA_POOL", "").lower() == "cupy":
+        _use_cupy_pool(cuda)
+    return cuda
+
+
+_pool_installed = False
+
+
+def _use_cupy_pool(cuda):
+    """Opt-in (``NBNET_CUDA_POOL=cupy``): numba allocations come from CuPy's memory pool.
+
+    numba's default allocator calls cuMemAlloc/cuMemFree for every array; layers allocate
+    their outputs each step, so a caching pool (PyTorch and CuPy both use one) removes
+    that cost. Must be set before the first CUDA context is created. numba's documented
+    External Memory Management plugin interface.
+    """
+    global _pool_installed
+    if _pool_installed:
+        return
+    import ctypes
+
+    import cupy
+    from numba.cuda import GetIpcHandleMixin, HostOnlyCUDAMemoryManager, MemoryPointer
+
+    class _CupyPool(GetIpcHandleMixin, HostOnlyCUDAMemoryManager):
+        def initialize(self):
+            super().initialize()
+            self._pool = cupy.get_default_memory_pool()
+            self._live = {}
+
+        def memalloc(self, size):
+            mem = self._pool.malloc(size)
+            ptr = int(mem.ptr)
+            self._live[ptr] = mem
+            live = self._live
+            return MemoryPointer(cuda.current_context(), ctypes.c_void_p(ptr), size,
+                                 finalizer=lambda: live.pop(ptr, None))
+
+        def get_memory_info(self):
+            return self._pool.free_bytes(), self._pool.total_bytes()
+
+        @property
+        def interface_version(self):
+            return 1
+
+    cuda.set_memory_manager(_CupyPool)
+    _pool_installed = True
+
+
+def _bridge_simulator_shape():
+    """Give the simulator's host-side device arrays a plain tuple ``shape``.
+
+    numba's simulator returns a ``FakeShape`` that refuses negative indices on the host
+    too (``X.shape[-1]`` raises IndexError), while a real ``DeviceNDArray.shape`` is a
+    plain tuple. Layer code indexes shapes from the end, so under the simulator the host
+    side gets the real behaviour back (kernels never index shapes from the end).
+    """
+    try:
+        from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+    except ImportError:  # pragma: no cover - another simulator layout
+        return
+    if not getattr(FakeCUDAArray, "_nbnet_plain_shape", False):
+        FakeCUDAArray.shape = property(lambda self: tuple(self._ary.shape))
+        FakeCUDAArray._nbnet_plain_shape = True
 
 
 def cuda_status():
@@ -126,8 +192,9 @@ def device_info():
 # ---------------------------------------------------------------- array helpers
 
 def is_device_array(x):
-    """True for arrays living on a GPU (anything exposing ``__cuda_array_interface__``)."""
-    return hasattr(x, "__cuda_array_interface__")
+    """True for arrays living on a GPU (anything exposing ``__cuda_array_interface__``),
+    and for the simulator's device arrays (which do not expose it)."""
+    return hasattr(x, "__cuda_array_interface__") or type(x).__name__ == "FakeCUDAArray"
 
 
 def empty(shape, dtype, device="cpu"):
@@ -151,7 +218,9 @@ def to_device(x, device):
         return to_host(x)
     cuda = import_cuda()
     if is_device_array(x):
-        return cuda.as_cuda_array(x)
+        if hasattr(x, "copy_to_host"):
+            return x  # already a numba device array: no copy, no wrapper
+        return cuda.as_cuda_array(x)  # CuPy, PyTorch, ...: a zero-copy view
     return cuda.to_device(np.ascontiguousarray(x))
 
 

@@ -25,10 +25,24 @@ from ..registry import get_kernel
 
 
 class LayerBase:
-    """Base class of every nbnet layer (see the module docstring for the contract)."""
+    """Base class of every nbnet layer (see the module docstring for the contract).
+
+    Device rule (``device="cuda"``): parameters, running statistics, gradients and
+    optimizer state live on the GPU. ``forward``/``backward`` accept any array exposing
+    ``__cuda_array_interface__`` (numba device arrays, CuPy, PyTorch CUDA tensors) without
+    a copy and return numba device arrays; NumPy input is transferred to the GPU and the
+    result comes back as NumPy (see docs/cuda.md).
+    """
 
     #: every key of ``parameters`` this layer type holds (learnt and running)
     _param_keys = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for name in ("forward", "backward"):
+            fn = cls.__dict__.get(name)
+            if fn is not None and not getattr(fn, "_nbnet_host_io", False):
+                setattr(cls, name, _host_io(fn))
 
     def __init__(self, optimizer=None, device=None):
         from ..optimizers import get_optimizer
@@ -228,6 +242,28 @@ class LayerBase:
         keys = [k for k in hp if k not in ("layer", "optimizer", "n_out")]
         inner = ", ".join(f"{k}={hp[k]!r}" for k in keys)
         return f"{hp['layer']}({inner})"
+
+
+def _is_host_input(X):
+    first = X[0] if isinstance(X, (list, tuple)) and len(X) else X
+    return not devices.is_device_array(first)
+
+
+def _host_io(fn):
+    """Wrap forward/backward: on a GPU layer, NumPy in -> NumPy out (device in -> device out)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(self, X, *args, **kwargs):
+        if self.device == "cpu" or not _is_host_input(X):
+            return fn(self, X, *args, **kwargs)
+        out = fn(self, X, *args, **kwargs)
+        if isinstance(out, list):
+            return [devices.to_host(o) for o in out]
+        return devices.to_host(out)
+
+    wrapper._nbnet_host_io = True
+    return wrapper
 
 
 def _fill_zero(arr):

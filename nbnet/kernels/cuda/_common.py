@@ -1,0 +1,175 @@
+"""Shared pieces of the CUDA kernels: the launch geometry, block reductions, activations.
+
+Launch geometry is decided in Python (never inside a kernel) from ``config.CUDA_BLOCK``,
+read at every launch, so tests and benchmarks can change it at run time:
+
+* column kernels use 2-D blocks of ``(TX, TY)`` threads: ``TX`` adjacent columns (one
+  coalesced load per warp row) times ``TY`` row lanes; see :func:`column_tile`;
+* row, group and elementwise kernels use 1-D blocks of ``CUDA_BLOCK`` threads.
+
+Reductions are shared-memory trees with ``cuda.syncthreads()`` (no warp intrinsics, no
+atomics), so every kernel also runs under ``NUMBA_ENABLE_CUDASIM=1``, and the order of
+every floating-point addition is fixed by the shape and the block size: the same input
+gives the same bits on every run. Shared buffers are sized for the largest block CUDA
+allows (1024 threads); the block size itself is a launch parameter.
+"""
+import math
+
+import numpy as np
+
+from ... import config, devices
+
+cuda = devices.import_cuda()
+
+#: Shared buffers hold one float64 per thread of the largest legal block.
+MAX_THREADS = 1024
+
+
+def block_size():
+    """Threads per block (``config.CUDA_BLOCK``), checked: a power of two in [2, 1024]."""
+    b = int(config.CUDA_BLOCK)
+    if b < 2 or b > MAX_THREADS or b & (b - 1):
+        raise ValueError(f"config.CUDA_BLOCK (NBNET_CUDA_BLOCK) must be a power of two in "
+                         f"[2, {MAX_THREADS}], got {b}")
+    return b
+
+
+def column_tile(block=None):
+    """``(TX, TY)``: columns per block (at most a warp) and row lanes per block."""
+    b = block_size() if block is None else block
+    tx = max(1, min(32, b // 4))
+    return tx, b // tx
+
+
+def merge_tile():
+    """A taller tile for the merge kernels: more lanes walk the chunks in parallel."""
+    return column_tile(min(MAX_THREADS, 4 * block_size()))
+
+
+def n_blocks(n, per):
+    return max(1, -(-int(n) // int(per)))
+
+
+def warn_off():
+    """Silence numba's low-occupancy warning (tiny test grids trigger it)."""
+    try:
+        from numba.core import config as nb_config
+        nb_config.CUDA_LOW_OCCUPANCY_WARNINGS = 0
+    except Exception:  # pragma: no cover
+        pass
+
+
+warn_off()
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+@cuda.jit(device=True)
+def act_value(code, alpha, z):
+    """f(z) for one float64 value (codes of :mod:`nbnet.activations`; CPU twin in
+    ``kernels/cpu/activations.py``)."""
+    if code == 0:
+        return z
+    if code == 1:
+        return z if z > 0.0 else 0.0 * z
+    if code == 2:
+        return z if z > 0.0 else alpha * z
+    if code == 3:
+        return z if z > 0.0 else alpha * math.expm1(z)
+    if code == 4:
+        return 0.5 * z * (1.0 + math.erf(z * _INV_SQRT_2))
+    if code == 5:
+        return 0.5 * z * (1.0 + math.tanh(_SQRT_2_OVER_PI * (z + 0.044715 * z * z * z)))
+    if code == 6:
+        return math.tanh(z)
+    if z >= 0.0:
+        return 1.0 / (1.0 + math.exp(-z))
+    e = math.exp(z)
+    return e / (1.0 + e)
+
+
+@cuda.jit(device=True)
+def act_slope(code, alpha, z):
+    """f'(z) for one float64 value."""
+    if code == 0:
+        return 1.0
+    if code == 1:
+        return 1.0 if z > 0.0 else (z - z)
+    if code == 2:
+        return 1.0 if z > 0.0 else alpha + (z - z)
+    if code == 3:
+        return 1.0 if z > 0.0 else alpha * math.exp(z)
+    if code == 4:
+        return (0.5 * (1.0 + math.erf(z * _INV_SQRT_2))
+                + z * _INV_SQRT_2PI * math.exp(-0.5 * z * z))
+    if code == 5:
+        inner = _SQRT_2_OVER_PI * (z + 0.044715 * z * z * z)
+        t = math.tanh(inner)
+        dinner = _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * z * z)
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * dinner
+    if code == 6:
+        t = math.tanh(z)
+        return 1.0 - t * t
+    if z >= 0.0:
+        s = 1.0 / (1.0 + math.exp(-z))
+    else:
+        e = math.exp(z)
+        s = e / (1.0 + e)
+    return s * (1.0 - s)
+
+
+@cuda.jit(device=True)
+def block_sum(buf, v, t, nthreads):
+    """Sum of ``v`` over the ``nthreads`` (a power of two) threads of a 1-D block.
+
+    A fixed pairwise tree in shared memory: deterministic, no warp intrinsics. Every
+    thread must call it; every thread gets the total.
+    """
+    buf[t] = v
+    cuda.syncthreads()
+    step = nthreads // 2
+    while step > 0:
+        if t < step:
+            buf[t] += buf[t + step]
+        cuda.syncthreads()
+        step //= 2
+    total = buf[0]
+    cuda.syncthreads()
+    return total
+
+
+@cuda.jit(device=True)
+def block_sum_pair(buf_a, buf_b, a, b, t, nthreads):
+    """Two :func:`block_sum` trees in one set of barriers; returns ``(sum_a, sum_b)``."""
+    buf_a[t] = a
+    buf_b[t] = b
+    cuda.syncthreads()
+    step = nthreads // 2
+    while step > 0:
+        if t < step:
+            buf_a[t] += buf_a[t + step]
+            buf_b[t] += buf_b[t + step]
+        cuda.syncthreads()
+        step //= 2
+    total_a = buf_a[0]
+    total_b = buf_b[0]
+    cuda.syncthreads()
+    return total_a, total_b
+
+
+@cuda.jit(device=True)
+def lane_tree(buf, tx, ty, TX, TY):
+    """Sum ``buf[ty * TX + tx]`` over the ``TY`` lanes of each column ``tx`` (in place:
+    the column total lands in ``buf[tx]``). Fixed pairwise order."""
+    lane = ty * TX + tx
+    step = TY // 2
+    while step > 0:
+        if ty < step:
+            buf[lane] += buf[lane + step * TX]
+        cuda.syncthreads()
+        step //= 2
+
+
+F64 = np.float64

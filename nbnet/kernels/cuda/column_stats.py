@@ -1,0 +1,443 @@
+"""CUDA twins of :mod:`nbnet.kernels.cpu.column_stats` (BatchNorm1D/2D), same names and
+argument lists.
+
+Layout: the CPU chunking is kept exactly (chunk ``k`` of ``rows_per_chunk`` rows owns row
+``k`` of every ``[n_chunks, C]`` partial buffer), so the CPU merge arithmetic and the
+layer code are shared. A CUDA block is a tile of ``TX`` adjacent columns by ``TY`` row
+lanes; grid axis x walks the chunks, axis y the column tiles. Lane ``ty`` of a chunk reads
+rows ``start + ty, start + ty + TY, ...``, and the lanes are combined by a fixed pairwise
+tree in shared memory. Statistics are float64, two passes over the chunk (sum -> chunk
+mean, then squared deviations around it; the second pass hits L2), merged with Chan's
+update; never E[x^2] - E[x]^2.
+
+Merges: one block per column tile; lane ``ty`` Chan-merges chunks ``ty, ty + TY, ...`` in
+order, then the lanes merge pairwise in a fixed tree. No atomics anywhere, so results are
+bit-identical run to run (they depend on ``config.CUDA_BLOCK``, not on scheduling).
+
+CUDA-only op ``merge_partial_sums_pair``: both backward merges and the gradient
+accumulation in one launch (BatchNorm backward: reduce, merge, dx = 3 launches).
+"""
+import math
+
+from ._common import (MAX_THREADS, F64, act_slope, act_value, block_sum, block_sum_pair,
+                      column_tile, cuda, lane_tree, merge_tile, n_blocks, block_size)
+
+# ---------------------------------------------------------------- channels-last (R, C)
+
+
+@cuda.jit
+def _partial_stats(X, rows_per_chunk, partial_mean, partial_m2):
+    R, C = X.shape
+    tx = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    TX = cuda.blockDim.x
+    TY = cuda.blockDim.y
+    k = cuda.blockIdx.x
+    j = cuda.blockIdx.y * TX + tx
+    lane = ty * TX + tx
+    buf = cuda.shared.array(MAX_THREADS, F64)
+    start = k * rows_per_chunk
+    stop = min(start + rows_per_chunk, R)
+    s = 0.0
+    if j < C:
+        for i in range(start + ty, stop, TY):
+            s += X[i, j]
+    buf[lane] = s
+    cuda.syncthreads()
+    lane_tree(buf, tx, ty, TX, TY)
+    m = buf[tx] / (stop - start)
+    cuda.syncthreads()
+    s2 = 0.0
+    if j < C:
+        for i in range(start + ty, stop, TY):
+            d = X[i, j] - m
+            s2 += d * d
+    buf[lane] = s2
+    cuda.syncthreads()
+    lane_tree(buf, tx, ty, TX, TY)
+    if ty == 0 and j < C:
+        partial_mean[k, j] = m
+        partial_m2[k, j] = buf[tx]
+
+
+def column_partial_stats(size, X, rows_per_chunk, partial_mean, partial_m2):
+    n_chunks, C = partial_mean.shape
+    TX, TY = column_tile()
+    _partial_stats[(n_chunks, n_blocks(C, TX)), (TX, TY)](X, rows_per_chunk, partial_mean,
+                                                          partial_m2)
+
+
+@cuda.jit
+def _merge_stats(partial_mean, partial_m2, n_rows, rows_per_chunk, eps, momentum, unbiased,
+                 running_mean, running_var, mean, invstd):
+    n_chunks, C = partial_mean.shape
+    tx = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    TX = cuda.blockDim.x
+    TY = cuda.blockDim.y
+    j = cuda.blockIdx.x * TX + tx
+    lane = ty * TX + tx
+    cnt = cuda.shared.array(MAX_THREADS, F64)
+    mu = cuda.shared.array(MAX_THREADS, F64)
+    q = cuda.shared.array(MAX_THREADS, F64)
+    n_a = 0.0
+    m_a = 0.0
+    q_a = 0.0
+    if j < C:
+        for k in range(ty, n_chunks, TY):
+            n_b = min(rows_per_chunk, n_rows - k * rows_per_chunk) * 1.0
+            n = n_a + n_b
+            delta = partial_mean[k, j] - m_a
+            m_a += delta * (n_b / n)
+            q_a += partial_m2[k, j] + delta * delta * (n_a * n_b / n)
+            n_a = n
+    cnt[lane] = n_a
+    mu[lane] = m_a
+    q[lane] = q_a
+    cuda.syncthreads()
+    step = TY // 2
+    while step > 0:
+        if ty < step:
+            o = lane + step * TX
+            n_b = cnt[o]
+            if n_b > 0.0:
+                n_a = cnt[lane]
+                n = n_a + n_b
+                delta = mu[o] - mu[lane]
+                mu[lane] += delta * (n_b / n)
+                q[lane] += q[o] + delta * delta * (n_a * n_b / n)
+                cnt[lane] = n
+        cuda.syncthreads()
+        step //= 2
+    if ty == 0 and j < C:
+        m = mu[tx]
+        var = q[tx] / n_rows
+        mean[j] = m
+        invstd[j] = 1.0 / math.sqrt(var + eps)
+        if momentum >= 0.0:
+            batch_var = var * n_rows / (n_rows - 1) if unbiased else var
+            running_mean[j] = momentum * running_mean[j] + (1.0 - momentum) * m
+            running_var[j] = momentum * running_var[j] + (1.0 - momentum) * batch_var
+
+
+def column_merge_stats(size, partial_mean, partial_m2, n_rows, rows_per_chunk, eps, momentum,
+                       unbiased, running_mean, running_var, mean, invstd):
+    C = partial_mean.shape[1]
+    TX, TY = merge_tile()
+    _merge_stats[n_blocks(C, TX), (TX, TY)](partial_mean, partial_m2, int(n_rows),
+                                            int(rows_per_chunk), float(eps), float(momentum),
+                                            bool(unbiased), running_mean, running_var, mean,
+                                            invstd)
+
+
+@cuda.jit
+def _normalize(X, mean, invstd, gamma, beta, code, alpha, rows_per_chunk, Y):
+    R, C = X.shape
+    tx = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    TY = cuda.blockDim.y
+    j = cuda.blockIdx.y * cuda.blockDim.x + tx
+    if j >= C:
+        return
+    start = cuda.blockIdx.x * rows_per_chunk
+    stop = min(start + rows_per_chunk, R)
+    m = mean[j]
+    scale = invstd[j] * gamma[j]
+    shift = F64(beta[j])
+    if code == 0:
+        for i in range(start + ty, stop, TY):
+            Y[i, j] = (X[i, j] - m) * scale + shift
+    else:
+        for i in range(start + ty, stop, TY):
+            Y[i, j] = act_value(code, alpha, (X[i, j] - m) * scale + shift)
+
+
+def column_normalize(size, X, mean, invstd, gamma, beta, code, alpha, rows_per_chunk, Y):
+    R, C = X.shape
+    TX, TY = column_tile()
+    _normalize[(n_blocks(R, rows_per_chunk), n_blocks(C, TX)), (TX, TY)](
+        X, mean, invstd, gamma, beta, int(code), float(alpha), int(rows_per_chunk), Y)
+
+
+@cuda.jit
+def _backward_reduce(X, dY, mean, invstd, gamma, beta, code, alpha, rows_per_chunk,
+                     partial_sum_g, partial_sum_gx):
+    R, C = X.shape
+    tx = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    TX = cuda.blockDim.x
+    TY = cuda.blockDim.y
+    k = cuda.blockIdx.x
+    j = cuda.blockIdx.y * TX + tx
+    lane = ty * TX + tx
+    bg = cuda.shared.array(MAX_THREADS, F64)
+    bgx = cuda.shared.array(MAX_THREADS, F64)
+    start = k * rows_per_chunk
+    stop = min(start + rows_per_chunk, R)
+    sg = 0.0
+    sgx = 0.0
+    if j < C:
+        m = mean[j]
+        r = invstd[j]
+        gj = F64(gamma[j])
+        bj = F64(beta[j])
+        for i in range(start + ty, stop, TY):
+            xhat = (X[i, j] - m) * r
+            g = F64(dY[i, j])
+            if code != 0:
+                g *= act_slope(code, alpha, xhat * gj + bj)
+            sg += g
+            sgx += g * xhat
+    bg[lane] = sg
+    bgx[lane] = sgx
+    cuda.syncthreads()
+    lane_tree(bg, tx, ty, TX, TY)
+    lane_tree(bgx, tx, ty, TX, TY)
+    if ty == 0 and j < C:
+        partial_sum_g[k, j] = bg[tx]
+        partial_sum_gx[k, j] = bgx[tx]
+
+
+def column_backward_reduce(size, X, dY, mean, invstd, gamma, beta, code, alpha, rows_per_chunk,
+                           partial_sum_g, partial_sum_gx):
+    n_chunks, C = partial_sum_g.shape
+    TX, TY = column_tile()
+    _backward_reduce[(n_chunks, n_blocks(C, TX)), (TX, TY)](
+        X, dY, mean, invstd, gamma, beta, int(code), float(alpha), int(rows_per_chunk),
+        partial_sum_g, partial_sum_gx)
+
+
+@cuda.jit
+def _merge_sums(partial_a, partial_b, out_a, out_b, grad_a, grad_b, two, accumulate):
+    n_chunks, C = partial_a.shape
+    tx = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    TX = cuda.blockDim.x
+    TY = cuda.blockDim.y
+    j = cuda.blockIdx.x * TX + tx
+    lane = ty * TX + tx
+    ba = cuda.shared.array(MAX_THREADS, F64)
+    bb = cuda.shared.array(MAX_THREADS, F64)
+    sa = 0.0
+    sb = 0.0
+    if j < C:
+        for k in range(ty, n_chunks, TY):
+            sa += partial_a[k, j]
+            if two:
+                sb += partial_b[k, j]
+    ba[lane] = sa
+    bb[lane] = sb
+    cuda.syncthreads()
+    lane_tree(ba, tx, ty, TX, TY)
+    if two:
+        lane_tree(bb, tx, ty, TX, TY)
+    if ty == 0 and j < C:
+        out_a[j] = ba[tx]
+        if accumulate:
+            grad_a[j] = grad_a[j] + ba[tx]
+        if two:
+            out_b[j] = bb[tx]
+            if accumulate:
+                grad_b[j] = grad_b[j] + bb[tx]
+
+
+def merge_partial_sums(size, partial, out):
+    """out[j] = sum over chunks of partial[k, j] (fixed order: lanes, then a tree)."""
+    C = partial.shape[1]
+    TX, TY = merge_tile()
+    _merge_sums[n_blocks(C, TX), (TX, TY)](partial, partial, out, out, out, out, False, False)
+
+
+def merge_partial_sums_pair(size, partial_a, partial_b, out_a, out_b, grad_a, grad_b,
+                            accumulate):
+    """CUDA-only: ``out_a``/``out_b`` = merged partials (float64); when ``accumulate``,
+    also ``grad_a += out_a`` and ``grad_b += out_b`` (cast to the gradients' dtype).
+
+    One launch instead of two merges and two ``add_into`` calls.
+    """
+    C = partial_a.shape[1]
+    TX, TY = merge_tile()
+    _merge_sums[n_blocks(C, TX), (TX, TY)](partial_a, partial_b, out_a, out_b,
+                                           grad_a.reshape(-1), grad_b.reshape(-1), True,
+                                           bool(accumulate))
+
+
+@cuda.jit
+def _backward_dx(X, dY, mean, invstd, gamma, beta, code, alpha, sum_g, sum_gx, rows_per_chunk,
+                 dX):
+    R, C = X.shape
+    tx = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    TY = cuda.blockDim.y
+    j = cuda.blockIdx.y * cuda.blockDim.x + tx
+    if j >= C:
+        return
+    start = cuda.blockIdx.x * rows_per_chunk
+    stop = min(start + rows_per_chunk, R)
+    inv_r = 1.0 / R
+    m = mean[j]
+    r = invstd[j]
+    gj = F64(gamma[j])
+    bj = F64(beta[j])
+    scale = gj * r
+    mg = sum_g[j] * inv_r
+    mgx = sum_gx[j] * inv_r
+    for i in range(start + ty, stop, TY):
+        xhat = (X[i, j] - m) * r
+        g = F64(dY[i, j])
+        if code != 0:
+            g *= act_slope(code, alpha, xhat * gj + bj)
+        dX[i, j] = scale * (g - mg - xhat * mgx)
+
+
+def column_backward_dx(size, X, dY, mean, invstd, gamma, beta, code, alpha, sum_g, sum_gx,
+                       rows_per_chunk, dX):
+    R, C = X.shape
+    TX, TY = column_tile()
+    _backward_dx[(n_blocks(R, rows_per_chunk), n_blocks(C, TX)), (TX, TY)](
+        X, dY, mean, invstd, gamma, beta, int(code), float(alpha), sum_g, sum_gx,
+        int(rows_per_chunk), dX)
+
+
+# ------------------------------------------------------------- channels-first (N, C, L)
+# One block per (chunk, channel) task: its n_per_chunk runs of L contiguous values are
+# reduced by a 1-D block (threads stride along the flattened runs), two passes, tree sums.
+
+
+@cuda.jit
+def _partial_stats_cf(X, n_per_chunk, partial_mean, partial_m2):
+    N, C, L = X.shape
+    t = cuda.threadIdx.x
+    B = cuda.blockDim.x
+    task = cuda.blockIdx.x
+    k = task // C
+    c = task - k * C
+    buf = cuda.shared.array(MAX_THREADS, F64)
+    start = k * n_per_chunk
+    stop = min(start + n_per_chunk, N)
+    total = (stop - start) * L
+    s = 0.0
+    for idx in range(t, total, B):
+        n = start + idx // L
+        s += X[n, c, idx - (idx // L) * L]
+    m = block_sum(buf, s, t, B) / total
+    s2 = 0.0
+    for idx in range(t, total, B):
+        n = start + idx // L
+        d = X[n, c, idx - (idx // L) * L] - m
+        s2 += d * d
+    q = block_sum(buf, s2, t, B)
+    if t == 0:
+        partial_mean[k, c] = m
+        partial_m2[k, c] = q
+
+
+def column_partial_stats_cf(size, X, n_per_chunk, partial_mean, partial_m2):
+    n_chunks, C = partial_mean.shape
+    _partial_stats_cf[n_chunks * C, block_size()](X, int(n_per_chunk), partial_mean, partial_m2)
+
+
+@cuda.jit
+def _normalize_cf(X, mean, invstd, gamma, beta, code, alpha, Y):
+    N, C, L = X.shape
+    i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    if i >= N * C * L:
+        return
+    row = i // L
+    j = i - row * L
+    n = row // C
+    c = row - n * C
+    z = (X[n, c, j] - mean[c]) * (invstd[c] * gamma[c]) + F64(beta[c])
+    if code != 0:
+        z = act_value(code, alpha, z)
+    Y[n, c, j] = z
+
+
+def column_normalize_cf(size, X, mean, invstd, gamma, beta, code, alpha, n_per_chunk, Y):
+    B = block_size()
+    _normalize_cf[n_blocks(X.size, B), B](X, mean, invstd, gamma, beta, int(code), float(alpha), Y)
+
+
+@cuda.jit
+def _backward_reduce_cf(X, dY, mean, invstd, gamma, beta, code, alpha, n_per_chunk,
+                        partial_sum_g, partial_sum_gx):
+    N, C, L = X.shape
+    t = cuda.threadIdx.x
+    B = cuda.blockDim.x
+    task = cuda.blockIdx.x
+    k = task // C
+    c = task - k * C
+    ba = cuda.shared.array(MAX_THREADS, F64)
+    bb = cuda.shared.array(MAX_THREADS, F64)
+    start = k * n_per_chunk
+    stop = min(start + n_per_chunk, N)
+    total = (stop - start) * L
+    m = mean[c]
+    r = invstd[c]
+    gc = F64(gamma[c])
+    bc = F64(beta[c])
+    sg = 0.0
+    sgx = 0.0
+    for idx in range(t, total, B):
+        n = start + idx // L
+        jj = idx - (idx // L) * L
+        xhat = (X[n, c, jj] - m) * r
+        g = F64(dY[n, c, jj])
+        if code != 0:
+            g *= act_slope(code, alpha, xhat * gc + bc)
+        sg += g
+        sgx += g * xhat
+    tg, tgx = block_sum_pair(ba, bb, sg, sgx, t, B)
+    if t == 0:
+        partial_sum_g[k, c] = tg
+        partial_sum_gx[k, c] = tgx
+
+
+def column_backward_reduce_cf(size, X, dY, mean, invstd, gamma, beta, code, alpha, n_per_chunk,
+                              partial_sum_g, partial_sum_gx):
+    n_chunks, C = partial_sum_g.shape
+    _backward_reduce_cf[n_chunks * C, block_size()](
+        X, dY, mean, invstd, gamma, beta, int(code), float(alpha), int(n_per_chunk),
+        partial_sum_g, partial_sum_gx)
+
+
+@cuda.jit
+def _backward_dx_cf(X, dY, mean, invstd, gamma, beta, code, alpha, sum_g, sum_gx, dX):
+    N, C, L = X.shape
+    i = cuda.blockIdx.x * cuda.blockDim.x + cuda.threadIdx.x
+    if i >= N * C * L:
+        return
+    row = i // L
+    j = i - row * L
+    n = row // C
+    c = row - n * C
+    inv_r = 1.0 / (N * L)
+    r = invstd[c]
+    gc = F64(gamma[c])
+    xhat = (X[n, c, j] - mean[c]) * r
+    g = F64(dY[n, c, j])
+    if code != 0:
+        g *= act_slope(code, alpha, xhat * gc + F64(beta[c]))
+    dX[n, c, j] = (gc * r) * (g - sum_g[c] * inv_r - xhat * (sum_gx[c] * inv_r))
+
+
+def column_backward_dx_cf(size, X, dY, mean, invstd, gamma, beta, code, alpha, sum_g, sum_gx,
+                          n_per_chunk, dX):
+    B = block_size()
+    _backward_dx_cf[n_blocks(X.size, B), B](X, dY, mean, invstd, gamma, beta, int(code),
+                                            float(alpha), sum_g, sum_gx, dX)
+
+
+KERNELS = {
+    "column_partial_stats": column_partial_stats,
+    "column_merge_stats": column_merge_stats,
+    "column_normalize": column_normalize,
+    "column_backward_reduce": column_backward_reduce,
+    "column_backward_dx": column_backward_dx,
+    "merge_partial_sums": merge_partial_sums,
+    "merge_partial_sums_pair": merge_partial_sums_pair,
+    "column_partial_stats_cf": column_partial_stats_cf,
+    "column_normalize_cf": column_normalize_cf,
+    "column_backward_reduce_cf": column_backward_reduce_cf,
+    "column_backward_dx_cf": column_backward_dx_cf,
+}
