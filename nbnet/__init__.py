@@ -8,7 +8,14 @@ kernel loads it from numba's on-disk cache (or compiles it once).
 from .activations import Activation, parse_activation
 from .devices import available_devices, get_default_device, set_default_device
 from .layers import BatchNorm1D, LayerBase, LayerNorm1D
+from .layers import BatchNorm2D, GroupNorm, InstanceNorm2D, LayerNorm2D, RMSNorm
 from .optimizers import SGD, AdaGrad, Adam, RMSProp, get_optimizer
+from . import layers, losses
+from .layers import (ELU, GELU, Dropout, Flatten, FullyConnected, Identity, LeakyReLU, ReLU,
+                     Sigmoid, Softmax, Tanh)
+from .losses import CrossEntropy, SquaredError
+from .model import Callback, EarlyStopping, Model, Sequential
+from .io import CheckpointError, load
 
 __version__ = "0.1.0"
 
@@ -17,3 +24,7 @@ __all__ = [
     "available_devices", "get_default_device", "get_optimizer", "parse_activation",
     "set_default_device", "__version__",
 ]
+__all__ += ["BatchNorm2D", "GroupNorm", "InstanceNorm2D", "LayerNorm2D", "RMSNorm"]
+__all__ += ["CheckpointError", "Callback", "CrossEntropy", "Dropout", "EarlyStopping", "ELU", "Flatten",
+            "FullyConnected", "GELU", "Identity", "LeakyReLU", "Model", "ReLU", "Sequential", "Sigmoid",
+            "Softmax", "SquaredError", "Tanh", "layers", "load", "losses"]

@@ -1,18 +1,26 @@
-"""Normalization layers on the two reduction patterns of DESIGN.md.
+"""Normalization layers on the reduction patterns of DESIGN.md.
 
 * Column statistics (one statistic per feature, reduced over the batch):
-  :class:`BatchNorm1D` on ``(N, C)``.
+  :class:`BatchNorm1D` on ``(N, C)``, :class:`BatchNorm2D` on ``(N*H*W, C)`` (NHWC) or,
+  through the channels-first ``*_cf`` kernels, on ``(N, C, H*W)`` (NCHW).
 * Row statistics (statistics per example, reduced over its features):
-  :class:`LayerNorm1D` on ``(N, D)``.
+  :class:`LayerNorm1D` on ``(N, D)``, :class:`LayerNorm2D` on ``(N, H*W*C)``,
+  :class:`RMSNorm` on ``(prod(leading), D)`` (``center=False``).
+* Group statistics (the row pattern per channel group, per-channel affine):
+  :class:`GroupNorm` and :class:`InstanceNorm2D` on ``(N, H*W, C)`` (NHWC, and ``(N, C)``)
+  or ``(N, C, H*W)`` (NCHW).
 
 Every layer validates its input completely before it touches any state, so a bad call
-leaves parameters and running statistics exactly as they were.
+leaves parameters and running statistics exactly as they were. Every layer fuses its
+``act_fn`` into the same kernel passes (forward in the normalising pass, the slope folded
+into the backward reductions).
 
 NaN and Inf propagate, but only to what they touch: a NaN in feature ``j`` of a
 BatchNorm input makes output column ``j``, ``running_mean[j]`` and ``running_var[j]``
-NaN and leaves every other feature finite; a NaN in example ``i`` of a LayerNorm input
-makes output row ``i`` NaN (and, in backward, the parameter gradients, which sum over
-rows), leaving the other rows finite.
+NaN and leaves every other feature finite; a NaN in example ``i`` of a LayerNorm/RMSNorm
+input makes output row ``i`` NaN (and, in backward, the parameter gradients, which sum
+over rows), leaving the other rows finite; a NaN in group ``g`` of example ``n`` of a
+GroupNorm/InstanceNorm input makes only that group's outputs NaN.
 """
 import math
 
@@ -37,6 +45,28 @@ def _check_momentum(momentum):
         raise ValueError(f"momentum must be a number in [0, 1] (numpy-ml's convention: "
                          f"running = momentum * running + (1 - momentum) * batch), got {momentum!r}")
     return float(momentum)
+
+
+def _check_data_format(data_format):
+    fmt = str(data_format).upper() if isinstance(data_format, str) else data_format
+    if fmt not in ("NHWC", "NCHW"):
+        raise ValueError(f"data_format must be 'NHWC' (numpy-ml's layout) or 'NCHW', got {data_format!r}")
+    return fmt
+
+
+def _cf_examples_per_chunk(N, C, L, itemsize):
+    """Examples per chunk for the channels-first ``(N, C, L)`` column kernels.
+
+    A task reduces one channel of one chunk: ``chunk * L`` values read twice (sum, then
+    squared deviations), so the slab stays within ``config.CHUNK_BYTES`` (cache); and the
+    chunk is small enough to leave at least 64 ``(chunk, channel)`` tasks when ``N``
+    allows, so that every core has work even for few channels. Shape-only, so the
+    summation order (and every bit of the result) is independent of the thread count.
+    """
+    per = max(1, config.CHUNK_BYTES // max(1, L * itemsize))
+    want_chunks = -(-64 // max(1, C))
+    per = min(per, max(1, -(-N // want_chunks)))
+    return int(max(1, min(per, N)))
 
 
 class _NormBase(LayerBase):
@@ -82,14 +112,20 @@ class _NormBase(LayerBase):
                 raise ValueError(f"dLdy must have the shape of the layer's output "
                                  f"{tuple(X.shape)}, got {tuple(dy.shape)}")
             if dy.dtype != X.dtype:
-                dy = dy.astype(X.dtype)
+                if self.device == "cpu":
+                    dy = dy.astype(X.dtype)
+                else:  # device arrays have no astype: cast through the host (rare path)
+                    dy = devices.to_device(devices.to_host(dy).astype(X.dtype), self.device)
             checked.append(dy)
         return checked, was_list
 
     def _accumulate(self, name, value):
         """gradients[name] += value (value is float64; the gradient keeps its dtype)."""
         g = self.gradients[name]
-        np.add(g, value, out=g, casting="unsafe")
+        if self.device == "cpu":
+            np.add(g, value, out=g, casting="unsafe")
+        else:  # device arrays: one add_into launch, no host copy
+            self._kernel("add_into")(g, value)
 
     def _ensure_built(self, n_features, dtype):
         if not self.is_initialized:
@@ -175,6 +211,25 @@ class _BatchNormBase(_NormBase):
         """The ``(rows, C)`` view the column kernels run on."""
         return X.reshape(-1, X.shape[-1])
 
+    def _column_layout(self, X):
+        """``(view, suffix, chunk, merge_rows_per_chunk, n_chunks, rows)`` for the kernels.
+
+        Channels-last: the ``(rows, C)`` view and the column kernels, chunks of rows.
+        Channels-first (BatchNorm2D NCHW): the ``(N, C, L)`` view and the ``*_cf`` kernels,
+        chunks of ``chunk`` examples, i.e. ``chunk * L`` rows as far as the merge is
+        concerned. ``rows`` is the number of values per channel.
+        """
+        if getattr(self, "data_format", "NHWC") == "NCHW":
+            N, C = X.shape[0], X.shape[1]
+            L = int(np.prod(X.shape[2:]))
+            V = X.reshape(N, C, L)
+            chunk = _cf_examples_per_chunk(N, C, L, X.dtype.itemsize)
+            return V, "_cf", chunk, chunk * L, -(-N // chunk), N * L
+        V = self._rows(X)
+        R, C = V.shape
+        rpc = config.rows_per_chunk(C, X.dtype.itemsize)
+        return V, "", rpc, rpc, -(-R // rpc), R
+
     # -------------------------------------------------------------- forward
     def forward(self, X, retain_derived=True):
         """Normalize ``X`` per feature.
@@ -187,8 +242,8 @@ class _BatchNormBase(_NormBase):
         Raises ValueError in training when a feature has a single value (PyTorch's rule).
         """
         X = self._check_input(X)
-        X2 = self._rows(X)
-        R, C = X2.shape
+        C = self._n_features(X)
+        V, sfx, chunk, merge_rpc, n_chunks, R = self._column_layout(X)
         train = self._is_training(retain_derived)
         if train and R == 1:
             raise ValueError(f"{type(self).__name__}: expected more than 1 value per feature "
@@ -196,25 +251,23 @@ class _BatchNormBase(_NormBase):
         self._ensure_built(C, X.dtype)
         p = self.parameters
         gamma, beta = p["scaler"], p["intercept"]
-        rpc = config.rows_per_chunk(C, X.dtype.itemsize)
         code, alpha = self._act
         Y = self._empty(X.shape, X.dtype)
         if train:
             mean = self._empty(C, _F64)
             invstd = self._empty(C, _F64)
             if R > 0:
-                n_chunks = -(-R // rpc)
                 pm = self._empty((n_chunks, C), _F64)
                 pm2 = self._empty((n_chunks, C), _F64)
-                self._kernel("column_partial_stats")(R * C, X2, rpc, pm, pm2)
-                self._kernel("column_merge_stats")(n_chunks * C, pm, pm2, R, rpc, self.epsilon,
+                self._kernel("column_partial_stats" + sfx)(V.size, V, chunk, pm, pm2)
+                self._kernel("column_merge_stats")(n_chunks * C, pm, pm2, R, merge_rpc, self.epsilon,
                                                    self.momentum, self.unbiased_running_var,
                                                    p["running_mean"], p["running_var"], mean, invstd)
         else:
             mean, invstd = self._running_mean_invstd()
         if R > 0:
-            self._kernel("column_normalize")(R * C, X2, mean, invstd, gamma, beta, code, alpha,
-                                             rpc, self._rows(Y))
+            self._kernel("column_normalize" + sfx)(V.size, V, mean, invstd, gamma, beta, code, alpha,
+                                                   chunk, Y.reshape(V.shape))
         if train:
             self.X.append(X)
             self.derived_variables["mean"].append(mean)
@@ -249,24 +302,31 @@ class _BatchNormBase(_NormBase):
         out = []
         for dy, X, mean, invstd in zip(grads, self.X, self.derived_variables["mean"],
                                        self.derived_variables["invstd"]):
-            X2, dy2 = self._rows(X), self._rows(dy)
-            R, C = X2.shape
+            C = self._n_features(X)
+            V, sfx, chunk, _, n_chunks, R = self._column_layout(X)
+            dyv = dy.reshape(V.shape)
             dX = self._empty(X.shape, X.dtype)
             if R > 0:
-                rpc = config.rows_per_chunk(C, X.dtype.itemsize)
-                n_chunks = -(-R // rpc)
                 psg = self._empty((n_chunks, C), _F64)
                 psgx = self._empty((n_chunks, C), _F64)
-                self._kernel("column_backward_reduce")(R * C, X2, dy2, mean, invstd, gamma, beta,
-                                                       code, alpha, rpc, psg, psgx)
+                self._kernel("column_backward_reduce" + sfx)(V.size, V, dyv, mean, invstd, gamma,
+                                                             beta, code, alpha, chunk, psg, psgx)
                 sum_g = self._empty(C, _F64)
                 sum_gx = self._empty(C, _F64)
-                merge = self._kernel("merge_partial_sums")
-                merge(n_chunks * C, psg, sum_g)
-                merge(n_chunks * C, psgx, sum_gx)
-                self._kernel("column_backward_dx")(R * C, X2, dy2, mean, invstd, gamma, beta, code,
-                                                   alpha, sum_g, sum_gx, rpc, self._rows(dX))
-                if retain_grads:
+                if self.device == "cuda":
+                    # CUDA-only op: both merges and the gradient accumulation in one launch
+                    # (backward = reduce, merge, dx: 3 launches, no host synchronisation)
+                    self._kernel("merge_partial_sums_pair")(
+                        n_chunks * C, psg, psgx, sum_g, sum_gx, self.gradients["intercept"],
+                        self.gradients["scaler"], bool(retain_grads))
+                else:
+                    merge = self._kernel("merge_partial_sums")
+                    merge(n_chunks * C, psg, sum_g)
+                    merge(n_chunks * C, psgx, sum_gx)
+                self._kernel("column_backward_dx" + sfx)(V.size, V, dyv, mean, invstd, gamma, beta,
+                                                         code, alpha, sum_g, sum_gx, chunk,
+                                                         dX.reshape(V.shape))
+                if retain_grads and self.device != "cuda":
                     self._accumulate("scaler", sum_gx)
                     self._accumulate("intercept", sum_g)
             out.append(dX)
@@ -382,24 +442,34 @@ class LayerNorm1D(_NormBase):
         }
 
     def _rows(self, X):
-        return X.reshape(X.shape[0], -1)
+        return X.reshape(X.shape[0], int(np.prod(X.shape[1:])))
+
+    def _build_for(self, X):
+        self._ensure_built(self._n_features(X), X.dtype)
+
+    def _gamma_beta(self):
+        """Flat ``(D,)`` scaler and intercept (zeros for a layer without an intercept)."""
+        p = self.parameters
+        gamma = p["scaler"].reshape(-1)
+        if "intercept" in p:
+            return gamma, p["intercept"].reshape(-1)
+        return gamma, self._zeros(gamma.shape[0], gamma.dtype)
 
     def forward(self, X, retain_derived=True):
         """Normalize each example over its features (same math in training and inference)."""
         X = self._check_input(X)
         X2 = self._rows(X)
         R, D = X2.shape
-        self._ensure_built(self._n_features(X), X.dtype)
-        p = self.parameters
+        self._build_for(X)
+        gamma, beta = self._gamma_beta()
         code, alpha = self._act
         Y = self._empty(X.shape, X.dtype)
         mean = self._empty(R, _F64)
         invstd = self._empty(R, _F64)
-        if R > 0:
+        if R > 0 and D > 0:
             rpc = config.rows_per_chunk(D, X.dtype.itemsize)
-            self._kernel("row_forward")(R * D, X2, p["scaler"].reshape(-1), p["intercept"].reshape(-1),
-                                        self.epsilon, self._center, code, alpha, rpc,
-                                        self._rows(Y), mean, invstd)
+            self._kernel("row_forward")(R * D, X2, gamma, beta, self.epsilon, self._center, code,
+                                        alpha, rpc, Y.reshape(X2.shape), mean, invstd)
         if self._is_training(retain_derived):
             self.X.append(X)
             self.derived_variables["mean"].append(mean)
@@ -407,31 +477,580 @@ class LayerNorm1D(_NormBase):
         return Y
 
     def backward(self, dLdy, retain_grads=True):
-        """dL/dX per example, plus ``scaler``/``intercept`` gradients, in one pass."""
+        """dL/dX per example, plus the parameter gradients, in one pass."""
         grads, was_list = self._check_grads(dLdy)
         code, alpha = self._act
-        p = self.parameters
-        gamma, beta = p["scaler"].reshape(-1), p["intercept"].reshape(-1)
+        gamma, beta = self._gamma_beta()
         out = []
         for dy, X, mean, invstd in zip(grads, self.X, self.derived_variables["mean"],
                                        self.derived_variables["invstd"]):
-            X2, dy2 = self._rows(X), self._rows(dy)
+            X2 = self._rows(X)
+            dy2 = dy.reshape(X2.shape)
             R, D = X2.shape
             dX = self._empty(X.shape, X.dtype)
-            if R > 0:
+            if R > 0 and D > 0:
                 rpc = config.rows_per_chunk(D, X.dtype.itemsize)
                 n_chunks = -(-R // rpc)
                 pdg = self._empty((n_chunks, D), _F64)
                 pdb = self._empty((n_chunks, D), _F64)
                 self._kernel("row_backward")(R * D, X2, dy2, mean, invstd, gamma, beta, self._center,
-                                             code, alpha, rpc, self._rows(dX), pdg, pdb)
+                                             code, alpha, rpc, dX.reshape(X2.shape), pdg, pdb)
                 if retain_grads:
-                    dgamma = self._empty(D, _F64)
-                    dbeta = self._empty(D, _F64)
                     merge = self._kernel("merge_partial_sums")
+                    dgamma = self._empty(D, _F64)
                     merge(n_chunks * D, pdg, dgamma)
-                    merge(n_chunks * D, pdb, dbeta)
                     self._accumulate("scaler", dgamma.reshape(self.gradients["scaler"].shape))
-                    self._accumulate("intercept", dbeta.reshape(self.gradients["intercept"].shape))
+                    if "intercept" in self.gradients:
+                        dbeta = self._empty(D, _F64)
+                        merge(n_chunks * D, pdb, dbeta)
+                        self._accumulate("intercept", dbeta.reshape(self.gradients["intercept"].shape))
             out.append(dX)
         return out if was_list else out[0]
+
+
+# ======================================================== BatchNorm2D (column pattern)
+
+class BatchNorm2D(_BatchNormBase):
+    r"""Batch normalization of images, per channel over ``(N, H, W)`` (numpy-ml's layer).
+
+    .. math::
+
+        y_{nhwc} = f\left(\frac{x_{nhwc} - \mu_c}{\sqrt{\sigma^2_c + \epsilon}}
+            \cdot \text{scaler}_c + \text{intercept}_c\right)
+
+    where :math:`\mu_c, \sigma^2_c` are the mean and biased variance of channel ``c``
+    over the ``N * H * W`` values of the batch in training, and the running statistics in
+    inference; ``f`` is the fused activation ``act_fn`` (identity by default).
+
+    Parameters
+    ----------
+    momentum : float, default 0.9
+        numpy-ml's convention: ``running = momentum * running + (1 - momentum) * batch``.
+        PyTorch's ``momentum`` is ``1 - momentum`` (PyTorch 0.1 == nbnet 0.9).
+    epsilon : float, default 1e-5
+        Added to the variance before the square root.
+    optimizer : str, dict, optimizer object or None
+        ``None`` is SGD; strings such as ``"adam"``.
+    act_fn : str or None
+        Activation fused into the same kernel passes (see :mod:`nbnet.activations`).
+    unbiased_running_var : bool, default False
+        Store the unbiased batch variance ``var * M / (M - 1)`` (``M = N*H*W``) in
+        ``running_var``, as PyTorch does; the default (biased) is numpy-ml's.
+    data_format : {"NHWC", "NCHW"}, default "NHWC"
+        ``"NHWC"``: input ``(N, H, W, C)`` (numpy-ml's layout), reduced as the
+        ``(N*H*W, C)`` column pattern. ``"NCHW"``: input ``(N, C, H, W)``, reduced in
+        place as ``(N, C, H*W)`` by the channels-first kernels (contiguous runs of
+        ``H*W`` per channel; no transpose copy).
+    device : {"cpu", "cuda"}, optional
+    n_in : int, optional
+        Number of channels; inferred from the first input when omitted.
+
+    Notes
+    -----
+    Shapes: input and output ``(N, H, W, C)`` or ``(N, C, H, W)``; ``scaler``,
+    ``intercept``, ``running_mean``, ``running_var`` are ``(C,)``, of the input's dtype.
+    Statistics accumulate in float64 (per-chunk two-pass, Chan merge). Training with a
+    single value per channel (``N*H*W == 1``) raises ValueError; an empty batch gives an
+    empty output and leaves the running statistics unchanged. A NaN in channel ``c``
+    makes only output channel ``c``, ``running_mean[c]`` and ``running_var[c]`` NaN.
+    """
+
+    _ndim = 4
+
+    def __init__(self, momentum=0.9, epsilon=1e-5, optimizer=None, act_fn=None,
+                 unbiased_running_var=False, data_format="NHWC", device=None, n_in=None):
+        fmt = _check_data_format(data_format)
+        super().__init__(momentum, epsilon, optimizer, act_fn, unbiased_running_var, device, n_in)
+        self.data_format = fmt
+
+    def _n_features(self, X):
+        return int(X.shape[1] if self.data_format == "NCHW" else X.shape[-1])
+
+    @property
+    def hyperparameters(self):
+        hp = super().hyperparameters
+        hp["data_format"] = self.data_format
+        return hp
+
+
+# ================================================== row pattern: LayerNorm2D, RMSNorm
+
+class LayerNorm2D(LayerNorm1D):
+    r"""Layer normalization of each example of an ``(N, H, W, C)`` input over ``(H, W, C)``.
+
+    numpy-ml's LayerNorm2D:
+
+    .. math::
+
+        y_n = f\left(\frac{x_n - \mu_n}{\sqrt{\sigma^2_n + \epsilon}} \odot \text{scaler}
+              + \text{intercept}\right)
+
+    with :math:`\mu_n, \sigma^2_n` the mean and biased variance of the ``H*W*C`` values of
+    example ``n``; ``scaler`` and ``intercept`` are elementwise, shape ``(H, W, C)``.
+    Training and inference compute the same thing; it runs the row kernels of
+    :class:`LayerNorm1D` on the ``(N, H*W*C)`` view.
+
+    Parameters
+    ----------
+    epsilon : float, default 1e-5
+    optimizer : str, dict, optimizer object or None
+    act_fn : str or None
+        Activation fused into the same pass.
+    device : {"cpu", "cuda"}, optional
+
+    Notes
+    -----
+    ``n_in``/``n_out`` are the channel count ``C``; the first input fixes ``(H, W, C)`` and
+    later inputs must match it. ``scaler`` starts at ones (numpy-ml draws U[0, 1)).
+    A NaN in example ``n`` makes output example ``n`` NaN (and the parameter gradients,
+    which sum over examples); other examples stay finite.
+    """
+
+    _ndim = 4
+
+    def __init__(self, epsilon=1e-5, optimizer=None, act_fn=None, device=None):
+        super().__init__(epsilon, optimizer, act_fn, device, None)
+        self._feature_shape = None
+
+    def _check_input(self, X, name="X"):
+        X = super()._check_input(X, name)
+        if self._feature_shape is not None and tuple(X.shape[1:]) != self._feature_shape:
+            raise ValueError(f"{type(self).__name__} was built for examples of shape "
+                             f"{self._feature_shape}, got input of shape {tuple(X.shape)}")
+        return X
+
+    def _build_for(self, X):
+        if not self.is_initialized:
+            self._feature_shape = tuple(int(d) for d in X.shape[1:])
+        self._ensure_built(self._n_features(X), X.dtype)
+
+    def _init_params(self, dtype):
+        shape = self._feature_shape
+        to = lambda a: devices.to_device(a, self.device)  # noqa: E731
+        self.parameters = {"scaler": to(np.ones(shape, dtype)), "intercept": to(np.zeros(shape, dtype))}
+        self.gradients = {"scaler": to(np.zeros(shape, dtype)), "intercept": to(np.zeros(shape, dtype))}
+
+    def _init_from_params(self, params):
+        arr = next(iter(params.values()))
+        self._feature_shape = tuple(int(d) for d in np.shape(arr))
+        self.n_in = self.n_out = self._feature_shape[-1]
+        self._init_params(np.dtype(arr.dtype))
+        self.is_initialized = True
+
+    def _expected_param_shapes(self, params):
+        if self.is_initialized:
+            return LayerBase._expected_param_shapes(self, params)
+        shapes = {tuple(np.shape(v)) for v in params.values()}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 3:
+            raise ValueError(f"{type(self).__name__}.set_params: parameters must be 3-D (H, W, C) "
+                             f"arrays of one shape, got shapes {sorted(shapes)}")
+        return {k: next(iter(shapes)) for k in self._param_keys}
+
+
+class RMSNorm(LayerNorm1D):
+    r"""Root-mean-square normalization over the last axis (Zhang & Sennrich, 2019).
+
+    .. math::
+
+        y = f\left(\frac{x}{\sqrt{\tfrac{1}{D}\sum_j x_j^2 + \epsilon}} \odot \text{scaler}\right)
+
+    over the last axis of length ``D``, for any number of leading axes (PyTorch's
+    ``RMSNorm(D)``). No mean is subtracted and there is no intercept: ``parameters`` and
+    ``gradients`` hold ``scaler`` (shape ``(D,)``, ones at first) only. It runs the row
+    kernels with ``center=False`` on the ``(prod(leading), D)`` view.
+
+    Parameters
+    ----------
+    epsilon : float, default 1e-6
+    optimizer : str, dict, optimizer object or None
+    act_fn : str or None
+        Activation fused into the same pass.
+    device : {"cpu", "cuda"}, optional
+    n_in : int, optional
+        ``D``; inferred from the first input when omitted.
+
+    Notes
+    -----
+    Input of shape ``(..., D)`` (1-D included), output of the same shape and dtype. A NaN
+    in a row makes that output row NaN (and, in backward, ``gradients["scaler"]``).
+    """
+
+    _ndim = tuple(range(1, 33))
+    _param_keys = ("scaler",)
+    _center = False
+
+    def __init__(self, epsilon=1e-6, optimizer=None, act_fn=None, device=None, n_in=None):
+        super().__init__(epsilon, optimizer, act_fn, device, n_in)
+
+    def _init_params(self, dtype):
+        D = self.n_in
+        to = lambda a: devices.to_device(a, self.device)  # noqa: E731
+        self.parameters = {"scaler": to(np.ones(D, dtype))}
+        self.gradients = {"scaler": to(np.zeros(D, dtype))}
+
+    def _rows(self, X):
+        D = int(X.shape[-1])
+        return X.reshape(int(np.prod(X.shape[:-1])), D)
+
+
+# ================================================= group pattern: GroupNorm, InstanceNorm
+
+class GroupNorm(_NormBase):
+    r"""Group normalization (Wu & He, 2018): statistics per example and channel group.
+
+    The ``C`` channels are split into ``n_groups`` groups of ``C // n_groups`` consecutive
+    channels; each example's group is normalized over its channels and spatial positions:
+
+    .. math::
+
+        y_{n,c,\cdot} = f\left(\frac{x_{n,c,\cdot} - \mu_{n,g(c)}}
+            {\sqrt{\sigma^2_{n,g(c)} + \epsilon}} \cdot \text{scaler}_c
+            + \text{intercept}_c\right)
+
+    with :math:`\mu_{n,g}, \sigma^2_{n,g}` the mean and biased variance of the
+    ``H * W * C / n_groups`` values of group ``g`` of example ``n``. ``n_groups=1`` is
+    LayerNorm over ``(H, W, C)`` with a per-channel affine; ``n_groups=C`` is
+    :class:`InstanceNorm2D`. Training and inference compute the same thing.
+
+    Parameters
+    ----------
+    n_groups : int
+        Must divide the channel count (ValueError otherwise, before anything changes).
+    epsilon : float, default 1e-5
+    affine : bool, default True
+        Learn a per-channel ``scaler`` (ones) and ``intercept`` (zeros), shape ``(C,)``.
+        Without it the layer has no parameters.
+    optimizer : str, dict, optimizer object or None
+    act_fn : str or None
+        Activation fused into the same kernel passes.
+    data_format : {"NHWC", "NCHW"}, default "NHWC"
+        Layout of 4-D input: ``(N, H, W, C)`` or ``(N, C, H, W)``. 2-D input ``(N, C)`` is
+        accepted either way.
+    device : {"cpu", "cuda"}, optional
+    n_in : int, optional
+        Channel count ``C``; inferred from the first input when omitted.
+
+    Notes
+    -----
+    The kernels view NHWC input as ``(N, H*W, C)`` (per-channel float64 sums along the
+    contiguous axis, combined per group) and NCHW input as ``(N, C, H*W)`` (each group a
+    contiguous block); two passes over the cached example or group, float64 statistics.
+    Channels-last work is parallel over examples, channels-first over (example, group).
+    An empty batch gives an empty output. A NaN in group ``g`` of example ``n`` makes
+    only that group's outputs NaN (and, in backward, the parameter gradients of the
+    group's channels); every other group and example stays finite.
+    """
+
+    _ndim = (2, 4)
+    _param_keys = ("scaler", "intercept")
+
+    def __init__(self, n_groups, epsilon=1e-5, affine=True, optimizer=None, act_fn=None,
+                 data_format="NHWC", device=None, n_in=None):
+        if n_groups is not None and not (isinstance(n_groups, (int, np.integer))
+                                         and not isinstance(n_groups, bool) and n_groups >= 1):
+            raise ValueError(f"n_groups must be a positive integer, got {n_groups!r}")
+        fmt = _check_data_format(data_format)
+        super().__init__(epsilon, optimizer, act_fn, device, n_in)
+        self.n_groups = None if n_groups is None else int(n_groups)
+        self.affine = bool(affine)
+        self.data_format = fmt
+        if self.n_in is not None:
+            self._groups(self.n_in)
+        self.derived_variables = {"mean": [], "invstd": []}
+
+    # -------------------------------------------------------------- layout and state
+    def _groups(self, C):
+        G = C if self.n_groups is None else self.n_groups
+        if C % G != 0:
+            raise ValueError(f"{type(self).__name__}: n_groups={G} does not divide the "
+                             f"{C} channels")
+        return G
+
+    def _n_features(self, X):
+        if X.ndim == 4 and self.data_format == "NCHW":
+            return int(X.shape[1])
+        return int(X.shape[-1])
+
+    def _check_input(self, X, name="X"):
+        X = super()._check_input(X, name)
+        self._groups(self._n_features(X))
+        return X
+
+    def _view(self, X):
+        """``(V, channels_first)``: ``(N, C, L)`` for NCHW, else ``(N, P, C)``."""
+        N, C = int(X.shape[0]), self._n_features(X)
+        if X.ndim == 4 and self.data_format == "NCHW":
+            return X.reshape(N, C, int(np.prod(X.shape[2:]))), True
+        return X.reshape(N, int(np.prod(X.shape[1:-1])), C), False
+
+    def _held_keys(self):
+        return ("scaler", "intercept") if self.affine else ()
+
+    def _init_params(self, dtype):
+        C = self.n_in
+        to = lambda a: devices.to_device(a, self.device)  # noqa: E731
+        self.parameters, self.gradients = {}, {}
+        if self.affine:
+            self.parameters = {"scaler": to(np.ones(C, dtype)), "intercept": to(np.zeros(C, dtype))}
+            self.gradients = {"scaler": to(np.zeros(C, dtype)), "intercept": to(np.zeros(C, dtype))}
+        self._unit = None
+        self._dtype = np.dtype(dtype)
+
+    def _check_dtype_matches(self, X):
+        dtype = self._param_dtype() or getattr(self, "_dtype", None)
+        if dtype is not None and np.dtype(X.dtype) != dtype:
+            raise TypeError(f"{type(self).__name__} was built for {dtype} input (by its first "
+                            f"input) but got {np.dtype(X.dtype)}; pass {dtype} data")
+
+    def _init_from_params(self, params):
+        arr = next(iter(params.values()))
+        self.n_in = self.n_out = int(np.shape(arr)[0])
+        self._init_params(np.dtype(arr.dtype))
+        self.is_initialized = True
+
+    def _expected_param_shapes(self, params):
+        held = self._held_keys()
+        extra = sorted(k for k in params if k not in held)
+        if extra:
+            raise ValueError(f"{type(self).__name__}.set_params: this layer holds no parameter(s) "
+                             f"{extra} (it holds {list(held)})")
+        if self.is_initialized:
+            return super()._expected_param_shapes(params)
+        shapes = {tuple(np.shape(v)) for v in params.values()}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 1:
+            raise ValueError(f"{type(self).__name__}.set_params: parameters must be 1-D arrays "
+                             f"of one length, got shapes {sorted(shapes)}")
+        C = next(iter(shapes))[0] if self.n_in is None else self.n_in
+        self._groups(C)
+        return {k: (C,) for k in held}
+
+    def _gamma_beta(self, C, dtype):
+        if self.affine:
+            return self.parameters["scaler"], self.parameters["intercept"]
+        if self._unit is None or self._unit[0].shape[0] != C or self._unit[0].dtype != dtype:
+            self._unit = (devices.to_device(np.ones(C, dtype), self.device), self._zeros(C, dtype))
+        return self._unit
+
+    @property
+    def hyperparameters(self):
+        return {
+            "layer": type(self).__name__,
+            "act_fn": str(self.act_fn),
+            "n_in": self.n_in,
+            "n_out": self.n_out,
+            "n_groups": self.n_groups,
+            "epsilon": self.epsilon,
+            "affine": self.affine,
+            "data_format": self.data_format,
+            "device": self.device,
+            "optimizer": self.optimizer.hyperparameters,
+        }
+
+    # -------------------------------------------------------------- hooks (InstanceNorm)
+    def _uses_running_stats(self, train):
+        return False
+
+    def _check_spatial(self, X, V, cf):
+        pass
+
+    def _after_batch_stats(self, mean, invstd, count):
+        pass
+
+    # -------------------------------------------------------------- forward
+    def forward(self, X, retain_derived=True):
+        """Normalize each example's channel groups (see the class docstring)."""
+        X = self._check_input(X)
+        C = self._n_features(X)
+        G = self._groups(C)
+        V, cf = self._view(X)
+        N = V.shape[0]
+        train = self._is_training(retain_derived)
+        running = self._uses_running_stats(train)
+        if not running:
+            self._check_spatial(X, V, cf)
+        self._ensure_built(C, X.dtype)
+        gamma, beta = self._gamma_beta(C, X.dtype)
+        code, alpha = self._act
+        Y = self._empty(X.shape, X.dtype)
+        Yv = Y.reshape(V.shape)
+        if running:
+            mean, invstd = self._running_mean_invstd()
+            if V.size > 0:
+                if cf:
+                    chunk = _cf_examples_per_chunk(N, C, V.shape[2], X.dtype.itemsize)
+                    self._kernel("column_normalize_cf")(V.size, V, mean, invstd, gamma, beta,
+                                                        code, alpha, chunk, Yv)
+                else:
+                    V2 = V.reshape(-1, C)
+                    rpc = config.rows_per_chunk(C, X.dtype.itemsize)
+                    self._kernel("column_normalize")(V.size, V2, mean, invstd, gamma, beta, code,
+                                                     alpha, rpc, Yv.reshape(V2.shape))
+            return Y
+        mean = self._empty((N, G), _F64)
+        invstd = self._empty((N, G), _F64)
+        if V.size > 0:
+            if cf:
+                self._kernel("group_forward_cf")(V.size, V, gamma, beta, G, self.epsilon, code,
+                                                 alpha, Yv, mean, invstd)
+            else:
+                rpc = config.rows_per_chunk(V.shape[1] * C, X.dtype.itemsize)
+                self._kernel("group_forward_cl")(V.size, V, gamma, beta, G, self.epsilon, code,
+                                                 alpha, rpc, Yv, mean, invstd)
+            if train:
+                self._after_batch_stats(mean, invstd, V.size // (N * C))
+        if train:
+            self.X.append(X)
+            self.derived_variables["mean"].append(mean)
+            self.derived_variables["invstd"].append(invstd)
+        return Y
+
+    # -------------------------------------------------------------- backward
+    def backward(self, dLdy, retain_grads=True):
+        """dL/dX per example and group, plus ``scaler``/``intercept`` gradients.
+
+        With ``h = g * scaler`` (``g`` is dLdy times the activation's slope) and the
+        means taken over each example's group: ``dX = invstd * (h - mean(h) - xhat *
+        mean(h * xhat))``; ``gradients["scaler"] += sum(g * xhat)`` and
+        ``gradients["intercept"] += sum(g)`` over examples and positions, per channel.
+        """
+        grads, was_list = self._check_grads(dLdy)
+        code, alpha = self._act
+        out = []
+        for dy, X, mean, invstd in zip(grads, self.X, self.derived_variables["mean"],
+                                       self.derived_variables["invstd"]):
+            C = self._n_features(X)
+            G = self._groups(C)
+            V, cf = self._view(X)
+            N = V.shape[0]
+            gamma, beta = self._gamma_beta(C, X.dtype)
+            dX = self._empty(X.shape, X.dtype)
+            if V.size > 0:
+                rpc = config.rows_per_chunk(V.size // N, X.dtype.itemsize)
+                n_chunks = -(-N // rpc)
+                pdg = self._empty((n_chunks, C), _F64)
+                pdb = self._empty((n_chunks, C), _F64)
+                op = "group_backward_cf" if cf else "group_backward_cl"
+                self._kernel(op)(V.size, V, dy.reshape(V.shape), mean, invstd, gamma, beta, G,
+                                 code, alpha, rpc, dX.reshape(V.shape), pdg, pdb)
+                if retain_grads and self.affine:
+                    merge = self._kernel("merge_partial_sums")
+                    dgamma = self._empty(C, _F64)
+                    dbeta = self._empty(C, _F64)
+                    merge(n_chunks * C, pdg, dgamma)
+                    merge(n_chunks * C, pdb, dbeta)
+                    self._accumulate("scaler", dgamma)
+                    self._accumulate("intercept", dbeta)
+            out.append(dX)
+        return out if was_list else out[0]
+
+
+class InstanceNorm2D(GroupNorm):
+    r"""Instance normalization: each channel of each example over its ``H * W`` positions.
+
+    :class:`GroupNorm` with one channel per group:
+
+    .. math::
+
+        y_{n,c,\cdot} = f\left(\frac{x_{n,c,\cdot} - \mu_{n,c}}{\sqrt{\sigma^2_{n,c}
+            + \epsilon}} \cdot \text{scaler}_c + \text{intercept}_c\right)
+
+    Parameters
+    ----------
+    epsilon : float, default 1e-5
+    affine : bool, default False
+        Learn a per-channel ``scaler``/``intercept`` (PyTorch's default is also False).
+    track_running_stats : bool, default False
+        Keep ``running_mean``/``running_var`` (shape ``(C,)``), updated in training with
+        the batch average of the instance statistics, ``running = momentum * running +
+        (1 - momentum) * mean_n(stat_n)``, and use them in inference (PyTorch's
+        ``InstanceNorm2d(track_running_stats=True)``). Without it inference uses the
+        instance statistics, like training.
+    momentum : float, default 0.9
+        numpy-ml's convention; PyTorch's ``momentum`` is ``1 - momentum``.
+    unbiased_running_var : bool, default False
+        Store unbiased instance variances (``var * L / (L - 1)``, ``L = H*W``) in
+        ``running_var``, as PyTorch does.
+    optimizer, act_fn, data_format, device, n_in
+        As for :class:`GroupNorm`.
+
+    Notes
+    -----
+    Input ``(N, H, W, C)`` (or ``(N, C, H, W)`` with ``data_format="NCHW"``). Computing
+    instance statistics of a single position (``H * W == 1``) raises ValueError, as in
+    PyTorch. A NaN in channel ``c`` of example ``n`` makes only output ``(n, c)`` NaN (and,
+    when tracked, ``running_mean[c]``/``running_var[c]``).
+    """
+
+    _ndim = 4
+    _param_keys = ("scaler", "intercept", "running_mean", "running_var")
+
+    def __init__(self, epsilon=1e-5, affine=False, track_running_stats=False, momentum=0.9,
+                 unbiased_running_var=False, optimizer=None, act_fn=None, data_format="NHWC",
+                 device=None, n_in=None):
+        self.momentum = _check_momentum(momentum)
+        self.track_running_stats = bool(track_running_stats)
+        self.unbiased_running_var = bool(unbiased_running_var)
+        super().__init__(None, epsilon, affine, optimizer, act_fn, data_format, device, n_in)
+
+    def _held_keys(self):
+        keys = super()._held_keys()
+        return keys + (("running_mean", "running_var") if self.track_running_stats else ())
+
+    def _init_params(self, dtype):
+        super()._init_params(dtype)
+        if self.track_running_stats:
+            C = self.n_in
+            self.parameters["running_mean"] = devices.to_device(np.zeros(C, dtype), self.device)
+            self.parameters["running_var"] = devices.to_device(np.ones(C, dtype), self.device)
+
+    def _settable_hyperparameters(self):
+        setters = super()._settable_hyperparameters()
+        setters["momentum"] = lambda v: setattr(self, "momentum", _check_momentum(v))
+        setters["unbiased_running_var"] = lambda v: setattr(self, "unbiased_running_var", bool(v))
+        return setters
+
+    @property
+    def hyperparameters(self):
+        hp = super().hyperparameters
+        del hp["n_groups"]  # one group per channel
+        hp.update(track_running_stats=self.track_running_stats, momentum=self.momentum,
+                  unbiased_running_var=self.unbiased_running_var)
+        return hp
+
+    def _uses_running_stats(self, train):
+        return self.track_running_stats and not train
+
+    def _check_spatial(self, X, V, cf):
+        L = V.shape[2] if cf else V.shape[1]
+        if L == 1:
+            raise ValueError(f"{type(self).__name__}: expected more than 1 spatial element per "
+                             f"channel, got input of shape {tuple(X.shape)}")
+
+    def _running_mean_invstd(self):
+        if self.device != "cpu":
+            return _BatchNormBase._running_mean_invstd(self)
+        p = self.parameters
+        mean = p["running_mean"].astype(_F64)
+        invstd = 1.0 / np.sqrt(p["running_var"].astype(_F64) + self.epsilon)
+        return mean, invstd
+
+    def _after_batch_stats(self, mean, invstd, count):
+        if not self.track_running_stats:
+            return
+        if self.device != "cpu":
+            # tracked instance statistics on a GPU: small (N, C) arrays through the host
+            mean, invstd = devices.to_host(mean), devices.to_host(invstd)
+        # var from invstd: float64 round trip, relative error ~1e-16 * (var + eps) / var
+        var = 1.0 / (invstd * invstd) - self.epsilon
+        if self.unbiased_running_var:
+            var = var * (count / (count - 1))
+        m = self.momentum
+        p = self.parameters
+        for key, batch in (("running_mean", mean.mean(axis=0)), ("running_var", var.mean(axis=0))):
+            if self.device != "cpu":
+                old = devices.to_host(p[key])
+                p[key] = devices.to_device((m * old.astype(_F64) + (1.0 - m) * batch).astype(old.dtype),
+                                           self.device)
+                continue
+            new = m * p[key].astype(_F64) + (1.0 - m) * batch
+            p[key][...] = new

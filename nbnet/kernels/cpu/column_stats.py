@@ -27,8 +27,33 @@ import math
 import numpy as np
 from numba import prange
 
-from ._jit import kernel
+from ._jit import helper, kernel
 from .activations import act_row, act_slope
+
+
+@helper
+def slope_inplace(code, alpha, buf):
+    """buf[j] = f'(buf[j]) for a float64 buffer of pre-activations.
+
+    The code branch sits outside the loops, and ReLU / leaky ReLU are written as
+    selects, so those loops vectorise: per element, a data-dependent branch
+    (``act_slope`` inside the loop over X) mispredicts half the time on centred data and
+    measured ~25x slower (20 ms against 0.8 ms for BatchNorm2D backward on 2M values).
+    NaN stays NaN (``z - z``), as in :func:`~nbnet.kernels.cpu.activations.act_slope`.
+    """
+    n = buf.shape[0]
+    if code == 1:
+        for j in range(n):
+            z = buf[j]
+            buf[j] = 1.0 if z > 0.0 else z - z
+    elif code == 2:
+        for j in range(n):
+            z = buf[j]
+            buf[j] = 1.0 if z > 0.0 else alpha + (z - z)
+    else:
+        for j in range(n):
+            buf[j] = act_slope(code, alpha, buf[j])
+
 
 # Columns per task in the merge kernels: merges run in parallel over column blocks, each
 # block walking the chunks in order, so the merge order is fixed too.
@@ -53,13 +78,28 @@ def column_partial_stats(X, rows_per_chunk, partial_mean, partial_m2):
         for j in range(C):
             pm[j] = 0.0
             pm2[j] = 0.0
-        for i in range(start, stop):
+        # Rows go four at a time: the float64 accumulator row is loaded and stored once
+        # per four input rows, not once per row (the loop was load/store bound: 0.44 ms
+        # for (32768, 64) float32 on 2 cores). The order is fixed by the shape, so still deterministic.
+        stop4 = start + (stop - start) // 4 * 4
+        for i in range(start, stop4, 4):
+            for j in range(C):
+                pm[j] += (np.float64(X[i, j]) + X[i + 1, j]) + (np.float64(X[i + 2, j]) + X[i + 3, j])
+        for i in range(stop4, stop):
             for j in range(C):
                 pm[j] += X[i, j]
         inv_n = 1.0 / (stop - start)
         for j in range(C):
             pm[j] *= inv_n
-        for i in range(start, stop):
+        for i in range(start, stop4, 4):
+            for j in range(C):
+                m = pm[j]
+                d0 = X[i, j] - m
+                d1 = X[i + 1, j] - m
+                d2 = X[i + 2, j] - m
+                d3 = X[i + 3, j] - m
+                pm2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+        for i in range(stop4, stop):
             for j in range(C):
                 d = X[i, j] - pm[j]
                 pm2[j] += d * d
@@ -118,13 +158,23 @@ def column_normalize(X, mean, invstd, gamma, beta, code, alpha, rows_per_chunk, 
     for k in prange(n_chunks):
         start = k * rows_per_chunk
         stop = min(start + rows_per_chunk, R)
-        tmp = np.empty(C, np.float64)
-        for i in range(start, stop):
-            for j in range(C):
-                tmp[j] = (X[i, j] - mean[j]) * (invstd[j] * gamma[j]) + beta[j]
-            act_row(code, alpha, tmp)
-            for j in range(C):
-                Y[i, j] = tmp[j]
+        scale = np.empty(C, np.float64)
+        shift = np.empty(C, np.float64)
+        for j in range(C):  # hoisted per-column factors (the inner loop stays 1 FMA)
+            scale[j] = invstd[j] * gamma[j]
+            shift[j] = beta[j]
+        if code == 0:
+            for i in range(start, stop):
+                for j in range(C):
+                    Y[i, j] = (X[i, j] - mean[j]) * scale[j] + shift[j]
+        else:
+            tmp = np.empty(C, np.float64)
+            for i in range(start, stop):
+                for j in range(C):
+                    tmp[j] = (X[i, j] - mean[j]) * scale[j] + shift[j]
+                act_row(code, alpha, tmp)
+                for j in range(C):
+                    Y[i, j] = tmp[j]
 
 
 @kernel
@@ -146,16 +196,27 @@ def column_backward_reduce(X, dY, mean, invstd, gamma, beta, code, alpha, rows_p
             sg[j] = 0.0
             sgx[j] = 0.0
         if code == 0:
-            for i in range(start, stop):
+            stop2 = start + (stop - start) // 2 * 2
+            for i in range(start, stop2, 2):  # two rows per accumulator load/store
+                for j in range(C):
+                    g0 = np.float64(dY[i, j])
+                    g1 = np.float64(dY[i + 1, j])
+                    sg[j] += g0 + g1
+                    sgx[j] += (g0 * (X[i, j] - mean[j]) + g1 * (X[i + 1, j] - mean[j])) * invstd[j]
+            for i in range(stop2, stop):
                 for j in range(C):
                     g = np.float64(dY[i, j])
                     sg[j] += g
                     sgx[j] += g * ((X[i, j] - mean[j]) * invstd[j])
         else:
+            slope = np.empty(C, np.float64)
             for i in range(start, stop):
                 for j in range(C):
+                    slope[j] = ((X[i, j] - mean[j]) * invstd[j]) * gamma[j] + beta[j]
+                slope_inplace(code, alpha, slope)
+                for j in range(C):
                     xhat = (X[i, j] - mean[j]) * invstd[j]
-                    g = dY[i, j] * act_slope(code, alpha, xhat * gamma[j] + beta[j])
+                    g = dY[i, j] * slope[j]
                     sg[j] += g
                     sgx[j] += g * xhat
 
@@ -189,13 +250,28 @@ def column_backward_dx(X, dY, mean, invstd, gamma, beta, code, alpha, sum_g, sum
     for k in prange(n_chunks):
         start = k * rows_per_chunk
         stop = min(start + rows_per_chunk, R)
-        for i in range(start, stop):
-            for j in range(C):
-                xhat = (X[i, j] - mean[j]) * invstd[j]
-                g = np.float64(dY[i, j])
-                if code != 0:
-                    g *= act_slope(code, alpha, xhat * gamma[j] + beta[j])
-                dX[i, j] = (gamma[j] * invstd[j]) * (g - sum_g[j] * inv_r - xhat * (sum_gx[j] * inv_r))
+        # hoisted per-column factors: dX = scale * (g - mg - (x - mean) * invstd * mgx)
+        scale = np.empty(C, np.float64)
+        mg = np.empty(C, np.float64)
+        mgx = np.empty(C, np.float64)
+        for j in range(C):
+            scale[j] = gamma[j] * invstd[j]
+            mg[j] = sum_g[j] * inv_r
+            mgx[j] = sum_gx[j] * inv_r
+        if code == 0:
+            for i in range(start, stop):
+                for j in range(C):
+                    xhat = (X[i, j] - mean[j]) * invstd[j]
+                    dX[i, j] = scale[j] * (dY[i, j] - mg[j] - xhat * mgx[j])
+        else:
+            slope = np.empty(C, np.float64)
+            for i in range(start, stop):
+                for j in range(C):
+                    slope[j] = ((X[i, j] - mean[j]) * invstd[j]) * gamma[j] + beta[j]
+                slope_inplace(code, alpha, slope)
+                for j in range(C):
+                    xhat = (X[i, j] - mean[j]) * invstd[j]
+                    dX[i, j] = scale[j] * (dY[i, j] * slope[j] - mg[j] - xhat * mgx[j])
 
 
 # ------------------------------------------------------------- channels-first (N, C, L)
@@ -296,10 +372,14 @@ def column_backward_reduce_cf(X, dY, mean, invstd, gamma, beta, code, alpha, n_p
         else:
             gc = np.float64(gamma[c])
             bc = np.float64(beta[c])
+            slope = np.empty(L, np.float64)
             for n in range(start, stop):
                 for j in range(L):
+                    slope[j] = ((X[n, c, j] - m) * r) * gc + bc
+                slope_inplace(code, alpha, slope)
+                for j in range(L):
                     xhat = (X[n, c, j] - m) * r
-                    g = dY[n, c, j] * act_slope(code, alpha, xhat * gc + bc)
+                    g = dY[n, c, j] * slope[j]
                     sg += g
                     sgx += g * xhat
         partial_sum_g[k, c] = sg
@@ -331,11 +411,14 @@ def column_backward_dx_cf(X, dY, mean, invstd, gamma, beta, code, alpha, sum_g, 
                     xhat = (X[n, c, j] - m) * r
                     dX[n, c, j] = scale * (dY[n, c, j] - mg - xhat * mgx)
         else:
+            slope = np.empty(L, np.float64)
             for n in range(start, stop):
                 for j in range(L):
+                    slope[j] = ((X[n, c, j] - m) * r) * gc + bc
+                slope_inplace(code, alpha, slope)
+                for j in range(L):
                     xhat = (X[n, c, j] - m) * r
-                    g = dY[n, c, j] * act_slope(code, alpha, xhat * gc + bc)
-                    dX[n, c, j] = scale * (g - mg - xhat * mgx)
+                    dX[n, c, j] = scale * (dY[n, c, j] * slope[j] - mg - xhat * mgx)
 
 
 KERNELS = {

@@ -19,7 +19,8 @@ import numpy as np
 from numba import prange
 
 from ._jit import kernel
-from .activations import act_row, act_slope
+from .activations import act_row
+from .column_stats import slope_inplace
 
 
 @kernel
@@ -91,7 +92,10 @@ def row_backward(X, dY, mean, invstd, gamma, beta, center, code, alpha, rows_per
                     g[j] = dY[i, j]
             else:
                 for j in range(D):
-                    g[j] = dY[i, j] * act_slope(code, alpha, (X[i, j] - m) * r * gamma[j] + beta[j])
+                    g[j] = (X[i, j] - m) * r * gamma[j] + beta[j]
+                slope_inplace(code, alpha, g)  # branch-free for ReLU-like codes
+                for j in range(D):
+                    g[j] *= dY[i, j]
             s_h = 0.0
             s_hx = 0.0
             for j in range(D):

@@ -1,0 +1,452 @@
+"""BatchNorm2D, LayerNorm2D, GroupNorm, InstanceNorm2D and RMSNorm.
+
+Checked against the float64 references of ``reference.py`` (every layout, every fused
+activation), against PyTorch where installed, by finite differences, for numerical
+stability, for bit-identical results across thread counts, and for error handling that
+leaves the layer unchanged. Shapes stay small (serial kernel twins) except where the
+parallel kernels are the point, to keep numba compile time modest.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import nbnet
+import reference as ref
+
+ACTS = {  # nbnet spelling -> reference name
+    None: None, "relu": "relu", "leaky_relu": "leaky_relu", "elu": "elu",
+    "gelu(approximate=False)": "gelu_exact", "gelu": "gelu", "tanh": "tanh", "sigmoid": "sigmoid",
+}
+N, H, W, C, G = 3, 4, 5, 6, 2
+
+# --------------------------------------------------------------------------- specs
+# Each spec: build(act) -> layer; shape of the layer's input; to_canon(A) maps an array
+# in the layer's layout to the reference's canonical float64 view; ref_axes: axes of the
+# statistics in that view; pshape: the parameters' shape broadcast in that view.
+
+
+def _nchw(a):  # layer (N, C, H, W) -> (N, H, W, C)
+    return np.asarray(a).transpose(0, 2, 3, 1)
+
+
+SPECS = {
+    "bn2d_nhwc": dict(build=lambda act: nbnet.BatchNorm2D(act_fn=act), shape=(N, H, W, C),
+                      canon=lambda a: np.asarray(a), axes=(0, 1, 2), pshape=(C,)),
+    "bn2d_nchw": dict(build=lambda act: nbnet.BatchNorm2D(act_fn=act, data_format="NCHW"),
+                      shape=(N, C, H, W), canon=_nchw, axes=(0, 1, 2), pshape=(C,)),
+    "ln2d": dict(build=lambda act: nbnet.LayerNorm2D(act_fn=act), shape=(N, H, W, C),
+                 canon=lambda a: np.asarray(a), axes=(1, 2, 3), pshape=(H, W, C), paxes=(0,)),
+    "gn_nhwc": dict(build=lambda act: nbnet.GroupNorm(G, act_fn=act), shape=(N, H, W, C),
+                    canon=lambda a: np.asarray(a).reshape(N, H, W, G, C // G), axes=(1, 2, 4),
+                    pshape=(G, C // G), paxes=(0, 1, 2)),
+    "gn_nchw": dict(build=lambda act: nbnet.GroupNorm(G, act_fn=act, data_format="NCHW"),
+                    shape=(N, C, H, W), canon=lambda a: _nchw(a).reshape(N, H, W, G, C // G),
+                    axes=(1, 2, 4), pshape=(G, C // G), paxes=(0, 1, 2)),
+    "gn_2d": dict(build=lambda act: nbnet.GroupNorm(3, act_fn=act), shape=(5, C),
+                  canon=lambda a: np.asarray(a).reshape(5, 3, C // 3), axes=(2,),
+                  pshape=(3, C // 3), paxes=(0,)),
+    "in_nhwc": dict(build=lambda act: nbnet.InstanceNorm2D(affine=True, act_fn=act),
+                    shape=(N, H, W, C), canon=lambda a: np.asarray(a), axes=(1, 2), pshape=(C,),
+                    paxes=(0, 1, 2)),
+    "in_nchw": dict(build=lambda act: nbnet.InstanceNorm2D(affine=True, act_fn=act,
+                                                           data_format="NCHW"),
+                    shape=(N, C, H, W), canon=_nchw, axes=(1, 2), pshape=(C,), paxes=(0, 1, 2)),
+    "rms": dict(build=lambda act: nbnet.RMSNorm(act_fn=act), shape=(N, 4, 7), canon=np.asarray,
+                axes=(2,), pshape=(7,), paxes=(0, 1), center=False),
+}
+
+
+def _setup(name, act, dtype, seed=0):
+    """Layer with random (non-trivial) parameters, input, upstream gradient."""
+    spec = SPECS[name]
+    rng = np.random.default_rng(seed)
+    layer = spec["build"](act)
+    X = rng.normal(1.5, 2.0, spec["shape"]).astype(dtype)
+    dY = rng.normal(size=spec["shape"]).astype(dtype)
+    layer.forward(X[:2], retain_derived=False)  # build
+    flat = int(np.prod(spec["pshape"]))
+    param_shape = layer.parameters["scaler"].shape
+    params = {"scaler": rng.uniform(0.5, 1.5, flat).reshape(param_shape).astype(dtype)}
+    if "intercept" in layer.parameters:
+        params["intercept"] = rng.normal(0, 0.5, flat).reshape(param_shape).astype(dtype)
+    layer.set_params({"parameters": params})
+    return layer, X, dY, params
+
+
+def _reference(name, X, dY, params, act, eps):
+    spec = SPECS[name]
+    gamma = np.asarray(params["scaler"], np.float64).reshape(spec["pshape"])
+    beta = np.asarray(params.get("intercept", np.zeros_like(gamma)), np.float64).reshape(spec["pshape"])
+    Xc, dYc = spec["canon"](X.astype(np.float64)), spec["canon"](dY.astype(np.float64))
+    center = spec.get("center", True)
+    Y, mean, var = ref.norm_forward_ref(Xc, spec["axes"], gamma, beta, eps, ACTS[act], center=center)
+    dX, dg, db = ref.norm_backward_ref(Xc, dYc, spec["axes"], gamma, beta, eps, ACTS[act],
+                                       center=center, param_axes=spec.get("paxes"))
+    # dX's natural scale: the upstream gradient through scaler * invstd (dX itself can be
+    # far smaller after cancellation, e.g. groups of two values)
+    dx_scale = float(np.abs(dYc * gamma / np.sqrt(var + eps)).max())
+    return Y, dX, dg, db, mean, var, dx_scale
+
+
+def _rel(a, r, scale=0.0):
+    a = np.asarray(a, np.float64)
+    r = np.asarray(r, np.float64)
+    return float(np.abs(a - r).max() / max(np.abs(r).max(), scale, 1e-300))
+
+
+CASES = [(n, a, np.float64) for n in SPECS for a in ACTS] + \
+        [(n, a, np.float32) for n in SPECS for a in (None, "gelu")]
+
+
+@pytest.mark.parametrize("name,act,dtype", CASES)
+def test_matches_float64_reference(name, act, dtype):
+    layer, X, dY, params = _setup(name, act, dtype)
+    spec = SPECS[name]
+    Y = layer.forward(X)
+    dX = layer.backward(dY)
+    Yr, dXr, dgr, dbr, mean, var, dx_scale = _reference(name, X, dY, params, act, layer.epsilon)
+    tol = 1e-10 if dtype == np.float64 else 1e-5
+    assert Y.dtype == dtype and dX.dtype == dtype and Y.shape == X.shape
+    assert _rel(spec["canon"](Y), Yr) < tol
+    assert _rel(spec["canon"](dX), dXr, dx_scale) < tol
+    assert _rel(layer.gradients["scaler"], dgr.reshape(layer.gradients["scaler"].shape)) < tol
+    if "intercept" in layer.gradients:
+        assert _rel(layer.gradients["intercept"], dbr.reshape(layer.gradients["intercept"].shape)) < tol
+    else:
+        assert set(layer.gradients) == {"scaler"}
+    if name.startswith("bn2d"):  # running statistics, numpy-ml momentum
+        assert _rel(layer.parameters["running_mean"], 0.1 * mean.ravel()) < tol
+        assert _rel(layer.parameters["running_var"], 0.9 + 0.1 * var.ravel()) < tol
+        # inference: the running statistics, one pass
+        rm, rv = (layer.parameters[k].astype(np.float64) for k in ("running_mean", "running_var"))
+        Yi = layer.forward(X, retain_derived=False)
+        Xc = spec["canon"](X.astype(np.float64))
+        z = (Xc - rm) / np.sqrt(rv + layer.epsilon) * params["scaler"] + params["intercept"]
+        assert _rel(spec["canon"](Yi), ref.act_ref(ACTS[act], z)) < tol
+
+
+# --------------------------------------------------------------------------- torch
+try:
+    import torch
+except ImportError:  # pragma: no cover
+    torch = None
+needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch is not installed")
+
+
+def _torch_run(mod, Xt, dYt):
+    Xt = Xt.clone().requires_grad_(True)
+    Y = mod(Xt)
+    Y.backward(dYt)
+    return Y.detach().numpy(), Xt.grad.numpy()
+
+
+@needs_torch
+@pytest.mark.parametrize("name", ["bn2d_nhwc", "bn2d_nchw", "ln2d", "gn_nhwc", "gn_nchw",
+                                  "in_nhwc", "in_nchw", "rms"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_matches_torch(name, dtype):
+    layer, X, dY, params = _setup(name, None, dtype, seed=1)
+    tdt = torch.float64 if dtype == np.float64 else torch.float32
+    nchw = name.endswith("nchw")
+    fmt = "NCHW" if nchw else "NHWC"
+    if name.startswith("in") or name.startswith("bn"):  # running statistics as torch keeps them
+        if name.startswith("in"):
+            layer = nbnet.InstanceNorm2D(affine=True, track_running_stats=True, momentum=0.8,
+                                         unbiased_running_var=True, data_format=fmt)
+        else:
+            layer = nbnet.BatchNorm2D(momentum=0.8, unbiased_running_var=True, data_format=fmt)
+        layer.forward(X[:2], retain_derived=False)
+        layer.set_params({"parameters": params})
+    Y = layer.forward(X)
+    dX = layer.backward(dY)
+    g = torch.tensor(np.asarray(params["scaler"]), dtype=tdt)
+    b = torch.tensor(np.asarray(params.get("intercept", 0 * params["scaler"])), dtype=tdt)
+    Xt, dYt = torch.tensor(X), torch.tensor(dY)
+    if not nchw and X.ndim == 4 and not name.startswith("ln"):  # NHWC memory as channels_last
+        Xt, dYt = Xt.permute(0, 3, 1, 2), dYt.permute(0, 3, 1, 2)
+        assert Xt.is_contiguous(memory_format=torch.channels_last)
+    Cn = params["scaler"].shape[0]
+    if name.startswith("bn2d"):
+        mod = torch.nn.BatchNorm2d(Cn, eps=layer.epsilon, momentum=0.2)  # = 1 - ours
+    elif name == "ln2d":
+        mod = torch.nn.LayerNorm(list(X.shape[1:]), eps=layer.epsilon)
+    elif name.startswith("gn"):
+        mod = torch.nn.GroupNorm(G, Cn, eps=layer.epsilon)
+    elif name.startswith("in"):
+        mod = torch.nn.InstanceNorm2d(Cn, eps=layer.epsilon, affine=True, momentum=0.2,
+                                      track_running_stats=True)
+    else:
+        mod = torch.nn.RMSNorm(X.shape[-1], eps=layer.epsilon)
+    mod = mod.to(tdt)
+    with torch.no_grad():
+        mod.weight.copy_(g)
+        if getattr(mod, "bias", None) is not None:
+            mod.bias.copy_(b)
+    Yt, dXt = _torch_run(mod, Xt, dYt)
+    back = (lambda a: a) if (nchw or X.ndim != 4 or name.startswith("ln")) else \
+        (lambda a: a.transpose(0, 2, 3, 1))
+    tol = 1e-10 if dtype == np.float64 else 1e-5
+    assert _rel(Y, back(Yt)) < tol
+    assert _rel(dX, back(dXt)) < tol
+    assert _rel(layer.gradients["scaler"], mod.weight.grad.numpy()) < tol
+    if "intercept" in layer.gradients:
+        assert _rel(layer.gradients["intercept"], mod.bias.grad.numpy()) < tol
+    if name.startswith("bn2d") or name.startswith("in"):
+        assert _rel(layer.parameters["running_mean"], mod.running_mean.numpy()) < tol
+        assert _rel(layer.parameters["running_var"], mod.running_var.numpy()) < tol
+        mod.eval()
+        layer.eval()
+        assert _rel(layer.forward(X), back(mod(Xt).detach().numpy())) < tol
+
+
+# ---------------------------------------------------------------- finite differences
+@pytest.mark.parametrize("name", list(SPECS))
+def test_finite_differences(name):
+    act = "tanh"
+    layer, X, dY, params = _setup(name, act, np.float64, seed=2)
+    layer.forward(X)
+    dX = layer.backward(dY)
+    grads = {k: v.copy() for k, v in layer.gradients.items()}
+    h = 1e-6
+
+    def loss(Xv, **p):
+        probe = SPECS[name]["build"](act)
+        probe.forward(Xv[:2], retain_derived=False)
+        probe.set_params({"parameters": {**params, **p}})
+        return float(np.sum(probe.forward(Xv) * dY))
+
+    rng = np.random.default_rng(3)
+    for idx in [tuple(rng.integers(0, s) for s in X.shape) for _ in range(4)]:
+        Xp, Xm = X.copy(), X.copy()
+        Xp[idx] += h
+        Xm[idx] -= h
+        fd = (loss(Xp) - loss(Xm)) / (2 * h)
+        assert abs(fd - dX[idx]) < 1e-6 * max(1.0, abs(fd))
+    for key, grad in grads.items():
+        for j in rng.integers(0, grad.size, 3):
+            pp, pm = params[key].copy(), params[key].copy()
+            pp.flat[j] += h
+            pm.flat[j] -= h
+            fd = (loss(X, **{key: pp}) - loss(X, **{key: pm})) / (2 * h)
+            assert abs(fd - grad.flat[j]) < 1e-6 * max(1.0, abs(fd))
+
+
+# --------------------------------------------------------------------------- stability
+@pytest.mark.parametrize("name", list(SPECS))
+def test_float32_large_mean_stability(name):
+    spec = SPECS[name]
+    layer = spec["build"](None)
+    rng = np.random.default_rng(4)
+    X = (1e4 + rng.normal(size=spec["shape"])).astype(np.float32)
+    if name.startswith("bn2d"):
+        layer.momentum = 0.0  # running_var = batch (biased) variance
+    Y = layer.forward(X)
+    Yr, *_ = _reference(name, X, np.zeros_like(X), {"scaler": layer.parameters["scaler"]},
+                        None, layer.epsilon)
+    assert _rel(spec["canon"](Y), Yr) < 1e-4
+    if name.startswith("bn2d"):
+        var64 = spec["canon"](X.astype(np.float64)).var(axis=(0, 1, 2))
+        assert np.max(np.abs(layer.parameters["running_var"] - var64) / var64) <= 1e-4
+    if spec.get("center", True):
+        means = spec["canon"](Y.astype(np.float64)).mean(axis=spec["axes"])
+        assert np.abs(means).max() <= 1e-3
+
+
+# ------------------------------------------------------------------- determinism
+_THREAD_SCRIPT = r"""
+import hashlib, json, sys
+import numpy as np
+import nbnet
+rng = np.random.default_rng(5)
+out = {}
+X4 = rng.normal(3, 2, (8, 16, 16, 32)).astype(np.float32)  # 65536 > SERIAL_CUTOFF
+dY4 = rng.normal(size=X4.shape).astype(np.float32)
+Xr = rng.normal(3, 2, (96, 700)).astype(np.float32)
+dYr = rng.normal(size=Xr.shape).astype(np.float32)
+layers = {
+    "bn_nhwc": (nbnet.BatchNorm2D(act_fn="relu"), X4, dY4),
+    "bn_nchw": (nbnet.BatchNorm2D(act_fn="relu", data_format="NCHW"), X4, dY4),
+    "ln2d": (nbnet.LayerNorm2D(act_fn="relu"), X4, dY4),
+    "gn_nhwc": (nbnet.GroupNorm(4, act_fn="relu"), X4, dY4),
+    "gn_nchw": (nbnet.GroupNorm(4, act_fn="relu", data_format="NCHW"), X4, dY4),
+    "in_nhwc": (nbnet.InstanceNorm2D(affine=True, track_running_stats=True), X4, dY4),
+    "rms": (nbnet.RMSNorm(act_fn="relu"), Xr, dYr),
+}
+for name, (layer, X, dY) in layers.items():
+    h = hashlib.sha256()
+    h.update(layer.forward(X).tobytes())
+    h.update(layer.backward(dY).tobytes())
+    for k in sorted(layer.gradients):
+        h.update(layer.gradients[k].tobytes())
+    for k in sorted(layer.parameters):
+        h.update(layer.parameters[k].tobytes())
+    out[name] = h.hexdigest()
+print(json.dumps(out))
+"""
+
+
+def _run_with_threads(n):
+    env = dict(os.environ, NUMBA_NUM_THREADS=str(n))
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(nbnet.__file__)),
+                                         env.get("PYTHONPATH", "")])
+    res = subprocess.run([sys.executable, "-c", _THREAD_SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=900)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_bit_identical_across_thread_counts():
+    assert 8 * 16 * 16 * 32 > nbnet.config.SERIAL_CUTOFF
+    one, two = _run_with_threads(1), _run_with_threads(2)
+    assert one == two
+
+
+# ----------------------------------------------------------------------- equivalences
+@pytest.mark.parametrize("fmt", ["NHWC", "NCHW"])
+def test_groupnorm_one_group_per_channel_is_instancenorm(fmt):
+    rng = np.random.default_rng(6)
+    X = rng.normal(2, 3, (N, H, W, C) if fmt == "NHWC" else (N, C, H, W))
+    dY = rng.normal(size=X.shape)
+    gn, inn = nbnet.GroupNorm(C, act_fn="relu", data_format=fmt), \
+        nbnet.InstanceNorm2D(affine=True, act_fn="relu", data_format=fmt)
+    assert np.array_equal(gn.forward(X), inn.forward(X))
+    assert np.array_equal(gn.backward(dY), inn.backward(dY))
+    assert np.array_equal(gn.gradients["scaler"], inn.gradients["scaler"])
+
+
+def test_groupnorm_one_group_is_layernorm_without_elementwise_affine():
+    rng = np.random.default_rng(7)
+    X = rng.normal(2, 3, (N, H, W, C))
+    dY = rng.normal(size=X.shape)
+    gn, ln = nbnet.GroupNorm(1, affine=False), nbnet.LayerNorm2D()
+    np.testing.assert_allclose(gn.forward(X), ln.forward(X), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(gn.backward(dY), ln.backward(dY), rtol=1e-12, atol=1e-12)
+    assert gn.parameters == {} and gn.gradients == {}
+
+
+# -------------------------------------------------------------------- errors, state
+def _state(layer):
+    return {k: np.array(v, copy=True) for k, v in layer.parameters.items()}, len(layer.X), \
+        dict(layer.hyperparameters)
+
+
+def _same(a, b):
+    return a[1:] == b[1:] and a[0].keys() == b[0].keys() and \
+        all(np.array_equal(a[0][k], b[0][k], equal_nan=True) for k in a[0])
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_bad_inputs_change_nothing(name):
+    layer, X, dY, params = _setup(name, None, np.float64)
+    layer.forward(X)
+    before = _state(layer)
+    fewer_features = X[:, :-1] if name.endswith("nchw") else X[..., :-1]
+    bad = [X.astype(np.float32), X.astype(np.int64), X[..., None], fewer_features]
+    if X.ndim == 4 and not name.startswith("rms"):
+        bad.append(X.reshape(X.shape[0], -1))
+    for Xb in bad:
+        if name == "rms" and Xb.ndim == X.ndim + 1:
+            continue  # RMSNorm takes any number of leading axes
+        with pytest.raises((ValueError, TypeError)):
+            layer.forward(Xb)
+        assert _same(_state(layer), before)
+    with pytest.raises(ValueError):
+        layer.set_params({"parameters": {"scaler": np.ones(np.size(params["scaler"]) + 1)}})
+    assert _same(_state(layer), before)
+    with pytest.raises(ValueError):
+        layer.backward(dY[:1])
+    assert _same(_state(layer), before)
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_empty_batch(name):
+    layer, X, dY, params = _setup(name, "relu", np.float32)
+    before = _state(layer)
+    Y = layer.forward(X[:0])
+    assert Y.shape == X[:0].shape and Y.dtype == X.dtype
+    assert layer.backward(dY[:0]).shape == X[:0].shape
+    assert _same(_state(layer), (before[0], 1, before[2]))
+
+
+def test_groups_must_divide_channels():
+    with pytest.raises(ValueError):
+        nbnet.GroupNorm(4, n_in=6)
+    with pytest.raises(ValueError):
+        nbnet.GroupNorm(0)
+    gn = nbnet.GroupNorm(4)
+    with pytest.raises(ValueError, match="does not divide"):
+        gn.forward(np.ones((2, 3, 3, 6)))
+    assert not gn.is_initialized and gn.parameters == {}
+    with pytest.raises(ValueError):
+        nbnet.GroupNorm(4, data_format="NCHW").forward(np.ones((2, 6, 4, 4)))
+    with pytest.raises(ValueError):
+        nbnet.GroupNorm(4, affine=False).set_params({"parameters": {"scaler": np.ones(4)}})
+
+
+def test_single_value_per_statistic_raises_in_training():
+    bn = nbnet.BatchNorm2D()
+    with pytest.raises(ValueError, match="more than 1 value"):
+        bn.forward(np.ones((1, 1, 1, 3)))
+    assert not bn.is_initialized
+    bn.forward(np.ones((2, 1, 1, 3)))
+    assert bn.forward(np.ones((1, 1, 1, 3)), retain_derived=False).shape == (1, 1, 1, 3)
+    with pytest.raises(ValueError):
+        nbnet.BatchNorm2D(data_format="NCHW").forward(np.ones((1, 3, 1, 1)))
+    with pytest.raises(ValueError, match="spatial"):
+        nbnet.InstanceNorm2D().forward(np.ones((4, 1, 1, 3)))
+    with pytest.raises(ValueError):
+        nbnet.BatchNorm2D(data_format="NWHC")
+
+
+def test_nan_is_contained_per_channel_and_group():
+    rng = np.random.default_rng(8)
+    X = rng.normal(size=(4, 3, 3, 8))
+    X[1, 2, 0, 5] = np.nan
+    bn = nbnet.BatchNorm2D()
+    Y = bn.forward(X)
+    assert np.isnan(Y[..., 5]).all() and np.isfinite(np.delete(Y, 5, axis=-1)).all()
+    rm = bn.parameters["running_mean"]
+    assert np.isnan(rm[5]) and np.isfinite(np.delete(rm, 5)).all()
+    gn = nbnet.GroupNorm(4)  # channel 5 is in group 2 (channels 4, 5) of example 1
+    Y = gn.forward(X)
+    assert np.isnan(Y[1, ..., 4:6]).all()
+    mask = np.ones(Y.shape, bool)
+    mask[1, ..., 4:6] = False
+    assert np.isfinite(Y[mask]).all()
+    Yc = nbnet.GroupNorm(4, data_format="NCHW").forward(np.ascontiguousarray(X.transpose(0, 3, 1, 2)))
+    assert np.isnan(Yc[1, 4:6]).all() and np.isfinite(Yc[0]).all() and np.isfinite(Yc[1, :4]).all()
+
+
+def test_summary_roundtrip_and_hyperparameters():
+    rng = np.random.default_rng(9)
+    X = rng.normal(size=(N, C, H, W)).astype(np.float32)
+    for layer in (nbnet.BatchNorm2D(data_format="NCHW"), nbnet.GroupNorm(3, data_format="NCHW"),
+                  nbnet.InstanceNorm2D(track_running_stats=True, data_format="NCHW"),
+                  nbnet.LayerNorm2D(), nbnet.RMSNorm()):
+        layer.forward(X)
+        s = layer.summary()
+        clone = type(layer)(**{k: v for k, v in s["hyperparameters"].items()
+                               if k in ("data_format", "n_groups", "track_running_stats")})
+        clone.set_params(s)
+        for k, v in layer.parameters.items():
+            assert np.array_equal(clone.parameters[k], v) and clone.parameters[k].dtype == np.float32
+        assert np.array_equal(clone.forward(X, retain_derived=False), layer.forward(X, retain_derived=False))
+
+
+def test_instancenorm_running_stats_used_in_eval():
+    rng = np.random.default_rng(10)
+    X = rng.normal(3, 2, (N, H, W, C))
+    inn = nbnet.InstanceNorm2D(track_running_stats=True, momentum=0.5)
+    inn.forward(X)
+    mean_nc = X.mean(axis=(1, 2))
+    np.testing.assert_allclose(inn.parameters["running_mean"], 0.5 * mean_nc.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(inn.parameters["running_var"], 0.5 + 0.5 * X.var(axis=(1, 2)).mean(0),
+                               rtol=1e-12)
+    inn.eval()
+    rm, rv = inn.parameters["running_mean"], inn.parameters["running_var"]
+    np.testing.assert_allclose(inn.forward(X), (X - rm) / np.sqrt(rv + 1e-5), rtol=1e-12, atol=1e-12)
+    assert len(inn.X) == 1  # inference retained nothing new
