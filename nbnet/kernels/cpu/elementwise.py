@@ -1,0 +1,339 @@
+"""Elementwise and per-row kernels: activations, dense-layer epilogues, softmax, dropout,
+losses, and the two host-side BLAS ops the dense layer routes through the registry.
+
+Parallel layout: elementwise kernels run ``prange`` over fixed blocks of ``block``
+elements of a flat, C-contiguous view (element ``i`` reads and writes index ``i`` only, so
+any block size gives the same bits). Kernels that also reduce over rows (the dense
+layer's bias gradient) walk *row chunks* of ``rows_per_chunk`` rows and write one row of a
+``[n_chunks, C]`` float64 partial buffer per chunk, merged afterwards in chunk order by
+``merge_partial_sums`` (:mod:`.column_stats`): the summation order, and every bit of the
+result, depends on the shape only, never on the thread count (DESIGN.md).
+
+Math is float64 per element (``act_value``/``act_slope`` take float64); loads are
+widened and stores rounded once, so float32 data sees one rounding per stored value.
+
+Softmax and the cross-entropy kernels work on rows: ``m = max(row)``,
+``lse = m + log(sum(exp(row - m)))``; every ``exp`` argument is <= 0, so nothing
+overflows for any finite logits (the textbook ``exp(z) / sum(exp(z))`` overflows float32
+at z ~ 88.7).
+
+Host-side ops (not compiled, not called with a leading ``size``): ``matmul(a, b, out)``
+is NumPy's BLAS (``out = a @ b``; ``a``/``b`` may be transposed views, which NumPy passes
+to BLAS as a transpose flag, without a copy), ``add_into(out, x)`` is ``out += x`` with
+casting, and ``fill(arr1d, value)`` sets every element (used to zero device arrays). The
+CUDA package provides the same three names with the same arguments.
+"""
+import math
+
+import numpy as np
+from numba import prange
+
+from ._jit import kernel
+from .activations import act_slope, act_value
+
+
+# ---------------------------------------------------------------- elementwise activations
+
+@kernel
+def act_forward(X, code, alpha, block, Y):
+    """Y = f(X) over flat 1-D views (Y may alias X)."""
+    n = X.shape[0]
+    n_blocks = (n + block - 1) // block
+    for b in prange(n_blocks):
+        start = b * block
+        stop = min(start + block, n)
+        if code == 1:
+            for i in range(start, stop):
+                z = np.float64(X[i])
+                Y[i] = z if z > 0.0 else 0.0 * z
+        else:
+            for i in range(start, stop):
+                Y[i] = act_value(code, alpha, np.float64(X[i]))
+
+
+@kernel
+def act_backward(X, dY, code, alpha, block, dX):
+    """dX = dY * f'(X) over flat 1-D views (``X`` is the activation's input)."""
+    n = X.shape[0]
+    n_blocks = (n + block - 1) // block
+    for b in prange(n_blocks):
+        start = b * block
+        stop = min(start + block, n)
+        if code == 1:
+            for i in range(start, stop):
+                z = np.float64(X[i])
+                dX[i] = dY[i] if z > 0.0 else dY[i] * (z - z)  # NaN input -> NaN gradient
+        else:
+            for i in range(start, stop):
+                dX[i] = np.float64(dY[i]) * act_slope(code, alpha, np.float64(X[i]))
+
+
+# ---------------------------------------------------------------- dense-layer epilogues
+
+@kernel
+def dense_forward_epilogue(Z, b, code, alpha, rows_per_chunk, Y):
+    """Z += b (in place, the pre-activation kept for backward); Y = f(Z).
+
+    Z : (R, C), the BLAS product ``X @ W``; b : (C,); Y : (R, C) (Y may alias Z only for
+    the identity, when it is the same pass).
+    """
+    R, C = Z.shape
+    n_chunks = (R + rows_per_chunk - 1) // rows_per_chunk
+    for k in prange(n_chunks):
+        start = k * rows_per_chunk
+        stop = min(start + rows_per_chunk, R)
+        for i in range(start, stop):
+            if code == 0:
+                for j in range(C):
+                    Z[i, j] += b[j]
+            elif code == 1:
+                for j in range(C):
+                    z = Z[i, j] + b[j]
+                    Z[i, j] = z
+                    Y[i, j] = z if z > 0 else 0 * z
+            else:
+                for j in range(C):
+                    z = Z[i, j] + b[j]
+                    Z[i, j] = z
+                    Y[i, j] = act_value(code, alpha, np.float64(z))
+
+
+@kernel
+def dense_backward_epilogue(Z, dY, code, alpha, rows_per_chunk, dZ, partial_db):
+    """dZ = dY * f'(Z) and per-chunk column sums of dZ, in one pass.
+
+    partial_db : (n_chunks, C) float64, row ``k`` written by chunk ``k`` (merge with
+    ``merge_partial_sums`` for the bias gradient).
+    """
+    R, C = Z.shape
+    n_chunks = partial_db.shape[0]
+    for k in prange(n_chunks):
+        start = k * rows_per_chunk
+        stop = min(start + rows_per_chunk, R)
+        acc = partial_db[k]
+        for j in range(C):
+            acc[j] = 0.0
+        if code == 1:
+            for i in range(start, stop):
+                for j in range(C):
+                    z = Z[i, j]
+                    g = dY[i, j] if z > 0 else dY[i, j] * (z - z)
+                    dZ[i, j] = g
+                    acc[j] += g
+        else:
+            for i in range(start, stop):
+                for j in range(C):
+                    g = np.float64(dY[i, j]) * act_slope(code, alpha, np.float64(Z[i, j]))
+                    dZ[i, j] = g
+                    acc[j] += dZ[i, j]  # sum what backward propagates (rounded to dtype)
+
+
+@kernel
+def column_partial_sums(X, rows_per_chunk, partial):
+    """partial[k, j] = sum of X[i, j] over the rows i of chunk k (float64)."""
+    R, C = X.shape
+    n_chunks = partial.shape[0]
+    for k in prange(n_chunks):
+        start = k * rows_per_chunk
+        stop = min(start + rows_per_chunk, R)
+        acc = partial[k]
+        for j in range(C):
+            acc[j] = 0.0
+        for i in range(start, stop):
+            for j in range(C):
+                acc[j] += X[i, j]
+
+
+# ---------------------------------------------------------------- softmax (rows)
+
+@kernel
+def softmax_forward(X, Y):
+    """Y[i] = exp(X[i] - max) / sum(exp(X[i] - max)), per row, float64 sums."""
+    R, D = X.shape
+    for i in prange(R):
+        m = -np.inf
+        for j in range(D):
+            if X[i, j] > m:
+                m = X[i, j]
+        if m == -np.inf or m == np.inf:
+            m = 0.0 if m == -np.inf else m  # all -inf row -> NaN (0/0), like PyTorch
+        s = 0.0
+        for j in range(D):
+            e = math.exp(np.float64(X[i, j]) - m)
+            Y[i, j] = e
+            s += e
+        inv = 1.0 / s
+        for j in range(D):
+            Y[i, j] = Y[i, j] * inv
+
+
+@kernel
+def softmax_backward(Y, dY, dX):
+    """dX = Y * (dY - sum(dY * Y)) per row (``Y`` is the softmax output)."""
+    R, D = Y.shape
+    for i in prange(R):
+        s = 0.0
+        for j in range(D):
+            s += np.float64(dY[i, j]) * Y[i, j]
+        for j in range(D):
+            dX[i, j] = Y[i, j] * (dY[i, j] - s)
+
+
+# ---------------------------------------------------------------- losses
+
+@kernel
+def softmax_xent_onehot(Z, T, scale, loss_rows, dZ):
+    """Cross-entropy from logits with target distributions T (one-hot or soft).
+
+    loss_rows[i] = lse(Z[i]) * sum(T[i]) - sum(T[i] * Z[i]) (= -sum T log softmax Z);
+    dZ[i] = scale * (softmax(Z[i]) * sum(T[i]) - T[i]). Pass a zero-size dZ to skip it.
+    """
+    R, D = Z.shape
+    want_grad = dZ.shape[0] == R
+    for i in prange(R):
+        m = -np.inf
+        for j in range(D):
+            if Z[i, j] > m:
+                m = Z[i, j]
+        if m == -np.inf:
+            m = 0.0
+        s = 0.0
+        for j in range(D):
+            s += math.exp(np.float64(Z[i, j]) - m)
+        lse = m + math.log(s)
+        tsum = 0.0
+        tz = 0.0
+        for j in range(D):
+            tsum += T[i, j]
+            tz += np.float64(T[i, j]) * Z[i, j]
+        loss_rows[i] = lse * tsum - tz
+        if want_grad:
+            for j in range(D):
+                dZ[i, j] = scale * (math.exp(np.float64(Z[i, j]) - lse) * tsum - T[i, j])
+
+
+@kernel
+def softmax_xent_labels(Z, labels, scale, loss_rows, dZ):
+    """Cross-entropy from logits with integer class labels (0 <= label < D, checked by the
+    caller): loss_rows[i] = lse(Z[i]) - Z[i, label]; dZ[i] = scale * (softmax(Z[i]) - onehot).
+    Pass a zero-size dZ to skip the gradient."""
+    R, D = Z.shape
+    want_grad = dZ.shape[0] == R
+    for i in prange(R):
+        m = -np.inf
+        for j in range(D):
+            if Z[i, j] > m:
+                m = Z[i, j]
+        if m == -np.inf:
+            m = 0.0
+        s = 0.0
+        for j in range(D):
+            s += math.exp(np.float64(Z[i, j]) - m)
+        lse = m + math.log(s)
+        c = labels[i]
+        loss_rows[i] = lse - Z[i, c]
+        if want_grad:
+            for j in range(D):
+                dZ[i, j] = scale * math.exp(np.float64(Z[i, j]) - lse)
+            dZ[i, c] = dZ[i, c] - scale
+
+
+@kernel
+def squared_error(Y, T, scale, block, partial, dY):
+    """partial[b] = 0.5 * sum over block b of (Y - T)**2 (float64); dY = scale * (Y - T).
+
+    Flat 1-D views; partial has one slot per block, summed by the caller in block order
+    (deterministic). Pass a zero-size dY to skip the gradient.
+    """
+    n = Y.shape[0]
+    want_grad = dY.shape[0] == n
+    n_blocks = partial.shape[0]
+    for b in prange(n_blocks):
+        start = b * block
+        stop = min(start + block, n)
+        s = 0.0
+        for i in range(start, stop):
+            d = np.float64(Y[i]) - T[i]
+            s += d * d
+            if want_grad:
+                dY[i] = scale * d
+        partial[b] = 0.5 * s
+
+
+# ---------------------------------------------------------------- dropout
+
+@kernel
+def dropout_forward(X, U, p, scale, block, Y, mask):
+    """mask = U >= p (kept), Y = X * mask * scale, over flat 1-D views (inverted dropout)."""
+    n = X.shape[0]
+    n_blocks = (n + block - 1) // block
+    for b in prange(n_blocks):
+        start = b * block
+        stop = min(start + block, n)
+        for i in range(start, stop):
+            if U[i] >= p:
+                mask[i] = 1
+                Y[i] = X[i] * scale
+            else:
+                mask[i] = 0
+                Y[i] = X[i] * 0.0  # NaN/inf become NaN, as in numpy-ml's X * mask
+
+
+@kernel
+def dropout_backward(dY, mask, scale, block, dX):
+    """dX = dY * mask * scale over flat 1-D views."""
+    n = dY.shape[0]
+    n_blocks = (n + block - 1) // block
+    for b in prange(n_blocks):
+        start = b * block
+        stop = min(start + block, n)
+        for i in range(start, stop):
+            dX[i] = dY[i] * scale if mask[i] else dY[i] * 0.0
+
+
+# ---------------------------------------------------------------- fill and host-side ops
+
+@kernel
+def _fill_kernel(X, value, block):
+    n = X.shape[0]
+    n_blocks = (n + block - 1) // block
+    for b in prange(n_blocks):
+        start = b * block
+        stop = min(start + block, n)
+        for i in range(start, stop):
+            X[i] = value
+
+
+def fill(arr1d, value):
+    """Set every element of a 1-D array to ``value`` (in place)."""
+    if arr1d.shape[0]:
+        _fill_kernel(arr1d.shape[0], arr1d, float(value), 1 << 14)
+
+
+def matmul(a, b, out):
+    """out = a @ b through NumPy's BLAS (a, b may be transposed views)."""
+    np.matmul(a, b, out=out)
+
+
+def add_into(out, x):
+    """out += x (x is cast to out's dtype)."""
+    np.add(out, x, out=out, casting="unsafe")
+
+
+KERNELS = {
+    "act_forward": act_forward,
+    "act_backward": act_backward,
+    "dense_forward_epilogue": dense_forward_epilogue,
+    "dense_backward_epilogue": dense_backward_epilogue,
+    "column_partial_sums": column_partial_sums,
+    "softmax_forward": softmax_forward,
+    "softmax_backward": softmax_backward,
+    "softmax_xent_onehot": softmax_xent_onehot,
+    "softmax_xent_labels": softmax_xent_labels,
+    "squared_error": squared_error,
+    "dropout_forward": dropout_forward,
+    "dropout_backward": dropout_backward,
+    "fill": fill,
+    "matmul": matmul,
+    "add_into": add_into,
+}
