@@ -16,6 +16,8 @@ from .layers import (ELU, GELU, Dropout, Flatten, FullyConnected, Identity, Leak
 from .losses import CrossEntropy, SquaredError
 from .model import Callback, EarlyStopping, Model, Sequential
 from .io import CheckpointError, load
+from .layers import SyncBatchNorm1D, SyncBatchNorm2D
+from . import distributed
 
 __version__ = "0.1.0"
 
@@ -28,3 +30,4 @@ __all__ += ["BatchNorm2D", "GroupNorm", "InstanceNorm2D", "LayerNorm2D", "RMSNor
 __all__ += ["CheckpointError", "Callback", "CrossEntropy", "Dropout", "EarlyStopping", "ELU", "Flatten",
             "FullyConnected", "GELU", "Identity", "LeakyReLU", "Model", "ReLU", "Sequential", "Sigmoid",
             "Softmax", "SquaredError", "Tanh", "layers", "load", "losses"]
+__all__ += ["SyncBatchNorm1D", "SyncBatchNorm2D", "distributed"]

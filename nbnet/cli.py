@@ -193,6 +193,27 @@ def _format_label(v):
     return str(int(v)) if v == int(v) else repr(v)
 
 
+def _mpi_context():
+    """The MPI context when running under mpiexec with several ranks, else None."""
+    from . import distributed
+    if not distributed._under_mpiexec():
+        return None
+    ctx = distributed.init()
+    if ctx.world_size < 2:
+        return None
+    distributed.abort_on_exception()
+    return ctx
+
+
+def _abort_if_distributed(code):
+    """A handled error on one rank must end every rank (they would wait forever)."""
+    from . import distributed
+    ctx = distributed._context
+    if ctx is not None and ctx.world_size > 1:
+        sys.stderr.flush()
+        ctx.comm.Abort(code)
+
+
 def cmd_train(args):
     from .optimizers import get_optimizer
 
@@ -285,13 +306,21 @@ def cmd_train(args):
 
     model = _build_model(X.shape[1], n_out, hidden, args.norm, task, optimizer, args.lr_scheduler,
                          args.seed)
-    print(f"data: {path}: {n} rows, {X.shape[1]} features, target {target!r}, task {task}"
+    # Under mpiexec with several ranks: data-parallel training with SyncBatchNorm; every
+    # rank reads the same file and split, rank 0 prints and saves.
+    ctx = _mpi_context()
+    say = print if ctx is None or ctx.rank == 0 else (lambda *a, **k: None)
+    if ctx is not None:
+        from .distributed import convert_sync_batchnorm
+        convert_sync_batchnorm(model)
+    say(f"data: {path}: {n} rows, {X.shape[1]} features, target {target!r}, task {task}"
           + (f" ({n_out} classes)" if task == "classify" else ""))
-    print(f"training on {len(train_idx)} rows, validating on {len(val_idx)}; "
+    say(f"training on {len(train_idx)} rows, validating on {len(val_idx)}; "
           f"{model.n_params:,} parameters; {args.optimizer}(lr={args.lr})")
     validation = (Xs[val_idx], y[val_idx]) if n_val else None
     history = model.fit(Xs[train_idx], y[train_idx], epochs=args.epochs, batch_size=args.batch_size,
-                        validation_data=validation, seed=args.seed, verbose=0 if args.quiet else 1)
+                        validation_data=validation, seed=args.seed, verbose=0 if args.quiet else 1,
+                        distributed=ctx is not None)
 
     metric = "accuracy" if task == "classify" else "mse"
     final = {k: v[-1] for k, v in history.items()}
@@ -301,12 +330,12 @@ def cmd_train(args):
         line += f" | validation: loss {final['val_loss']:.4f} {metric} {final['val_' + metric]:.4f}"
     if task == "regress":
         line += " (on standardised targets)"
-    print(line)
+    say(line)
     model.save(args.out, metadata=metadata)
-    print(f"model saved to {args.out}")
-    if args.plot:
+    say(f"model saved to {args.out}")
+    if args.plot and (ctx is None or ctx.rank == 0):
         _plot(history, args.plot)
-        print(f"curves saved to {args.plot}")
+        say(f"curves saved to {args.plot}")
     return 0
 
 
@@ -462,6 +491,7 @@ def main(argv=None):
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0
     print("nbnet: error: " + " ".join(msg.split()), file=sys.stderr)
+    _abort_if_distributed(2)
     return 2
 
 

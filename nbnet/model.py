@@ -285,6 +285,7 @@ class Model:
                     layer._rng = np.random.default_rng(layer.seed)
         self.metadata = {}
         self.history = {}
+        self._dist = None  # an MPI context once distribute() is called
         self.stop_training = False
         self.input_dim = None if input_dim is None else int(input_dim)
         self._output_shapes = None
@@ -426,17 +427,53 @@ class Model:
             return self.loss.loss_and_grad(y, out)
         return float(self.loss.loss(y, out)), self.loss.grad(y, out)
 
-    # hooks for data-parallel training ---------------------------------------------
+    # data-parallel training ---------------------------------------------------------
+    def distribute(self, ctx=None):
+        """Train data-parallel over the MPI ranks of ``ctx`` (default: :func:`nbnet.distributed.init`).
+
+        Builds the model if needed and copies rank 0's parameters to every rank; from
+        then on :meth:`train_step` averages the gradients of all ranks (one fused
+        all-reduce per step), :meth:`fit` shards each epoch's examples by rank, reports
+        progress on rank 0 only, and :meth:`save` writes from rank 0 only. With one
+        process it changes nothing. Returns the model.
+        """
+        from . import distributed
+
+        ctx = ctx if ctx is not None else distributed.context()
+        if self.input_dim is not None and not all(layer.is_initialized for layer in self.layers
+                                                  if hasattr(layer, "is_initialized")):
+            self.build(self.input_dim)
+        distributed.broadcast_parameters(self, ctx=ctx)
+        self._dist = ctx
+        return self
+
+    @property
+    def _dist_ctx(self):
+        ctx = getattr(self, "_dist", None)
+        return ctx if ctx is not None and ctx.world_size > 1 else None
+
     def shard_indices(self, order):
-        """This process's share of the epoch's example order (all of it here)."""
-        return order
+        """This process's share of the epoch's example order: equal-length shards by rank
+        (all of it in a single process)."""
+        ctx = self._dist_ctx
+        if ctx is None:
+            return order
+        from .distributed import DistributedSampler
+        return DistributedSampler(len(order), ctx.rank, ctx.world_size).indices(order)
 
     def reduce_gradients(self):
-        """Called after backward, before the update (all-reduce gradients here)."""
+        """Called after backward, before the update: averages gradients over the ranks."""
+        ctx = self._dist_ctx
+        if ctx is not None:
+            from .distributed import allreduce_gradients
+            allreduce_gradients(self, ctx=ctx)
 
     def reduce_totals(self, totals):
-        """Sum per-epoch counters across processes (identity here). ``totals`` is a float64
-        array: [loss * n, metric sum, n]."""
+        """Sum per-epoch counters across processes. ``totals`` is a float64 array:
+        [loss * n, metric sum, n]."""
+        ctx = self._dist_ctx
+        if ctx is not None:
+            ctx.allreduce_sum(totals)
         return totals
 
     # -------------------------------------------------------------------------------
@@ -493,7 +530,7 @@ class Model:
         return [(s, starts[i + 1] if i + 1 < len(starts) else n) for i, s in enumerate(starts)]
 
     def fit(self, X, y, epochs=1, batch_size=32, validation_data=None, shuffle=True, seed=None,
-            verbose=1, callbacks=None):
+            verbose=1, callbacks=None, distributed=False):
         """Train; returns the history dict (one list per metric, one value per epoch).
 
         Parameters
@@ -512,6 +549,10 @@ class Model:
             0 silent; 1 a progress bar per epoch on a terminal (tqdm), else one line per
             epoch; 2 one line per epoch. Output goes to stderr.
         callbacks : list of Callback, e.g. :class:`EarlyStopping`
+        distributed : bool
+            Data-parallel over MPI ranks (run under ``mpiexec``; see :meth:`distribute`).
+            Every rank passes the same ``X``, ``y`` and ``seed``; each trains on its shard
+            of every epoch, gradients are averaged each step, progress shows on rank 0.
 
         Metrics: ``loss`` (the mean training loss over the epoch's batches, weighted by
         batch size), ``accuracy`` for a classifier or ``mse`` (mean squared error per
@@ -527,6 +568,14 @@ class Model:
         X, y = self._prep_data(X, y)
         if self.input_dim is None and X.ndim == 2:
             self.input_dim = int(X.shape[1])
+        if distributed:
+            self.distribute()
+            ctx = self._dist_ctx
+            if ctx is not None:
+                if ctx.rank != 0:
+                    verbose = 0
+                if seed is None:  # every rank must draw the same epoch permutations
+                    seed = ctx.comm.bcast(int(self._rng.integers(2**62)), root=0)
         if validation_data is not None:
             if not (isinstance(validation_data, (tuple, list)) and len(validation_data) == 2):
                 raise ValueError("validation_data must be a pair (X_val, y_val)")
@@ -725,9 +774,21 @@ class Model:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, path, metadata=None):
-        """Write a checkpoint (see :func:`nbnet.io.save`); returns the path."""
+        """Write a checkpoint (see :func:`nbnet.io.save`); returns the path.
+
+        In data-parallel training (:meth:`distribute`) only rank 0 writes (atomically);
+        the other ranks wait for it, so the file is complete when ``save`` returns anywhere.
+        """
         from .io import save
-        return save(self, path, metadata=metadata)
+        ctx = self._dist_ctx
+        if ctx is None:
+            return save(self, path, metadata=metadata)
+        try:
+            if ctx.rank == 0:
+                save(self, path, metadata=metadata)
+        finally:
+            ctx.comm.Barrier()
+        return path
 
 
 class Sequential(Model):

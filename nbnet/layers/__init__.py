@@ -11,3 +11,6 @@ __all__ = ["LayerBase", "BatchNorm1D", "LayerNorm1D"]
 __all__ += ["FullyConnected", "ELU", "GELU", "Identity", "LeakyReLU", "ReLU", "Sigmoid", "Softmax",
             "Tanh", "Dropout", "Flatten"]
 __all__ += ["BatchNorm2D", "GroupNorm", "InstanceNorm2D", "LayerNorm2D", "RMSNorm"]
+from .sync_batchnorm import SyncBatchNorm1D, SyncBatchNorm2D
+
+__all__ += ["SyncBatchNorm1D", "SyncBatchNorm2D"]

@@ -245,24 +245,15 @@ class _BatchNormBase(_NormBase):
         C = self._n_features(X)
         V, sfx, chunk, merge_rpc, n_chunks, R = self._column_layout(X)
         train = self._is_training(retain_derived)
-        if train and R == 1:
-            raise ValueError(f"{type(self).__name__}: expected more than 1 value per feature "
-                             f"when training, got input of shape {tuple(X.shape)}")
+        if train:
+            self._check_train_rows(R, X.shape)
         self._ensure_built(C, X.dtype)
         p = self.parameters
         gamma, beta = p["scaler"], p["intercept"]
         code, alpha = self._act
         Y = self._empty(X.shape, X.dtype)
         if train:
-            mean = self._empty(C, _F64)
-            invstd = self._empty(C, _F64)
-            if R > 0:
-                pm = self._empty((n_chunks, C), _F64)
-                pm2 = self._empty((n_chunks, C), _F64)
-                self._kernel("column_partial_stats" + sfx)(V.size, V, chunk, pm, pm2)
-                self._kernel("column_merge_stats")(n_chunks * C, pm, pm2, R, merge_rpc, self.epsilon,
-                                                   self.momentum, self.unbiased_running_var,
-                                                   p["running_mean"], p["running_var"], mean, invstd)
+            mean, invstd = self._batch_stats(V, sfx, chunk, merge_rpc, n_chunks, R, C, X.shape)
         else:
             mean, invstd = self._running_mean_invstd()
         if R > 0:
@@ -273,6 +264,37 @@ class _BatchNormBase(_NormBase):
             self.derived_variables["mean"].append(mean)
             self.derived_variables["invstd"].append(invstd)
         return Y
+
+    def _check_train_rows(self, R, shape):
+        if R == 1:
+            raise ValueError(f"{type(self).__name__}: expected more than 1 value per feature "
+                             f"when training, got input of shape {tuple(shape)}")
+
+    def _batch_stats(self, V, sfx, chunk, merge_rpc, n_chunks, R, C, shape):
+        """Batch ``mean``/``invstd`` (float64, ``(C,)``); updates the running statistics.
+
+        One pass of per-chunk moments over the ``V`` view, then one Chan merge that also
+        folds the batch into the running statistics. (SyncBatchNorm overrides this to merge
+        the moments of every rank.)
+        """
+        p = self.parameters
+        mean = self._empty(C, _F64)
+        invstd = self._empty(C, _F64)
+        if R > 0:
+            pm = self._empty((n_chunks, C), _F64)
+            pm2 = self._empty((n_chunks, C), _F64)
+            self._kernel("column_partial_stats" + sfx)(V.size, V, chunk, pm, pm2)
+            self._kernel("column_merge_stats")(n_chunks * C, pm, pm2, R, merge_rpc, self.epsilon,
+                                               self.momentum, self.unbiased_running_var,
+                                               p["running_mean"], p["running_var"], mean, invstd)
+        return mean, invstd
+
+    def _sums_for_dx(self, sum_g, sum_gx, R):
+        """The column sums the dx pass divides by the local row count ``R``.
+
+        Identity here; SyncBatchNorm all-reduces them and rescales by ``R / N_global``.
+        """
+        return sum_g, sum_gx
 
     def _running_mean_invstd(self):
         p = self.parameters
@@ -306,29 +328,33 @@ class _BatchNormBase(_NormBase):
             V, sfx, chunk, _, n_chunks, R = self._column_layout(X)
             dyv = dy.reshape(V.shape)
             dX = self._empty(X.shape, X.dtype)
-            if R > 0:
-                psg = self._empty((n_chunks, C), _F64)
-                psgx = self._empty((n_chunks, C), _F64)
-                self._kernel("column_backward_reduce" + sfx)(V.size, V, dyv, mean, invstd, gamma,
-                                                             beta, code, alpha, chunk, psg, psgx)
-                sum_g = self._empty(C, _F64)
-                sum_gx = self._empty(C, _F64)
-                if self.device == "cuda":
-                    # CUDA-only op: both merges and the gradient accumulation in one launch
-                    # (backward = reduce, merge, dx: 3 launches, no host synchronisation)
-                    self._kernel("merge_partial_sums_pair")(
-                        n_chunks * C, psg, psgx, sum_g, sum_gx, self.gradients["intercept"],
-                        self.gradients["scaler"], bool(retain_grads))
-                else:
-                    merge = self._kernel("merge_partial_sums")
-                    merge(n_chunks * C, psg, sum_g)
-                    merge(n_chunks * C, psgx, sum_gx)
-                self._kernel("column_backward_dx" + sfx)(V.size, V, dyv, mean, invstd, gamma, beta,
-                                                         code, alpha, sum_g, sum_gx, chunk,
-                                                         dX.reshape(V.shape))
-                if retain_grads and self.device != "cuda":
-                    self._accumulate("scaler", sum_gx)
-                    self._accumulate("intercept", sum_g)
+            if R == 0:  # an empty batch (or an empty rank under SyncBatchNorm)
+                self._sums_for_dx(np.zeros(C), np.zeros(C), R)
+                out.append(dX)
+                continue
+            psg = self._empty((n_chunks, C), _F64)
+            psgx = self._empty((n_chunks, C), _F64)
+            self._kernel("column_backward_reduce" + sfx)(V.size, V, dyv, mean, invstd, gamma,
+                                                         beta, code, alpha, chunk, psg, psgx)
+            sum_g = self._empty(C, _F64)
+            sum_gx = self._empty(C, _F64)
+            if self.device == "cuda":
+                # CUDA-only op: both merges and the gradient accumulation in one launch
+                # (backward = reduce, merge, dx: 3 launches, no host synchronisation)
+                self._kernel("merge_partial_sums_pair")(
+                    n_chunks * C, psg, psgx, sum_g, sum_gx, self.gradients["intercept"],
+                    self.gradients["scaler"], bool(retain_grads))
+            else:
+                merge = self._kernel("merge_partial_sums")
+                merge(n_chunks * C, psg, sum_g)
+                merge(n_chunks * C, psgx, sum_gx)
+            dx_sum_g, dx_sum_gx = self._sums_for_dx(sum_g, sum_gx, R)
+            self._kernel("column_backward_dx" + sfx)(V.size, V, dyv, mean, invstd, gamma, beta,
+                                                     code, alpha, dx_sum_g, dx_sum_gx, chunk,
+                                                     dX.reshape(V.shape))
+            if retain_grads and self.device != "cuda":
+                self._accumulate("scaler", sum_gx)
+                self._accumulate("intercept", sum_g)
             out.append(dX)
         return out if was_list else out[0]
 

@@ -105,6 +105,29 @@ def column_partial_stats(X, rows_per_chunk, partial_mean, partial_m2):
                 pm2[j] += d * d
 
 
+@helper
+def _chan_merge_block(partial_mean, partial_m2, n_rows, rows_per_chunk, j0, j1, mean, m2):
+    """Chan-merge the chunks of columns ``j0:j1`` in chunk order into ``mean``/``m2``.
+
+    Every chunk holds ``rows_per_chunk`` rows except the last (``n_rows`` in all).
+    """
+    n_chunks = partial_mean.shape[0]
+    for j in range(j0, j1):
+        mean[j] = partial_mean[0, j]
+        m2[j] = partial_m2[0, j]
+    n_a = float(min(rows_per_chunk, n_rows))
+    for k in range(1, n_chunks):
+        n_b = float(min(rows_per_chunk, n_rows - k * rows_per_chunk))
+        n = n_a + n_b
+        w = n_b / n
+        c = n_a * n_b / n
+        for j in range(j0, j1):
+            delta = partial_mean[k, j] - mean[j]
+            mean[j] += delta * w
+            m2[j] += partial_m2[k, j] + delta * delta * c
+        n_a = n
+
+
 @kernel
 def column_merge_stats(partial_mean, partial_m2, n_rows, rows_per_chunk, eps,
                        momentum, unbiased, running_mean, running_var, mean, invstd):
@@ -116,25 +139,13 @@ def column_merge_stats(partial_mean, partial_m2, n_rows, rows_per_chunk, eps,
     Skips the running update when ``momentum`` is negative (used by callers that keep no
     running statistics).
     """
-    n_chunks, C = partial_mean.shape
+    C = partial_mean.shape[1]
     n_blocks = (C + _MERGE_BLOCK - 1) // _MERGE_BLOCK
     for b in prange(n_blocks):
         j0 = b * _MERGE_BLOCK
         j1 = min(j0 + _MERGE_BLOCK, C)
-        for j in range(j0, j1):
-            mean[j] = partial_mean[0, j]
-            invstd[j] = partial_m2[0, j]  # holds M2 until the end of the merge
-        n_a = float(min(rows_per_chunk, n_rows))
-        for k in range(1, n_chunks):
-            n_b = float(min(rows_per_chunk, n_rows - k * rows_per_chunk))
-            n = n_a + n_b
-            w = n_b / n
-            c = n_a * n_b / n
-            for j in range(j0, j1):
-                delta = partial_mean[k, j] - mean[j]
-                mean[j] += delta * w
-                invstd[j] += partial_m2[k, j] + delta * delta * c
-            n_a = n
+        # invstd holds M2 until the end of the merge
+        _chan_merge_block(partial_mean, partial_m2, n_rows, rows_per_chunk, j0, j1, mean, invstd)
         for j in range(j0, j1):
             var = invstd[j] / n_rows
             invstd[j] = 1.0 / math.sqrt(var + eps)
@@ -142,6 +153,19 @@ def column_merge_stats(partial_mean, partial_m2, n_rows, rows_per_chunk, eps,
                 batch_var = var * n_rows / (n_rows - 1) if unbiased else var
                 running_mean[j] = momentum * running_mean[j] + (1.0 - momentum) * mean[j]
                 running_var[j] = momentum * running_var[j] + (1.0 - momentum) * batch_var
+
+
+@kernel
+def column_merge_moments(partial_mean, partial_m2, n_rows, rows_per_chunk, mean, m2):
+    """Chan-merge the chunk statistics into per-column ``mean`` and ``m2`` (the sum of
+    squared deviations), without finalising: the moments another merge (across MPI ranks,
+    in SyncBatchNorm) combines further."""
+    C = partial_mean.shape[1]
+    n_blocks = (C + _MERGE_BLOCK - 1) // _MERGE_BLOCK
+    for b in prange(n_blocks):
+        j0 = b * _MERGE_BLOCK
+        j1 = min(j0 + _MERGE_BLOCK, C)
+        _chan_merge_block(partial_mean, partial_m2, n_rows, rows_per_chunk, j0, j1, mean, m2)
 
 
 @kernel
@@ -424,6 +448,7 @@ def column_backward_dx_cf(X, dY, mean, invstd, gamma, beta, code, alpha, sum_g, 
 KERNELS = {
     "column_partial_stats": column_partial_stats,
     "column_merge_stats": column_merge_stats,
+    "column_merge_moments": column_merge_moments,
     "column_normalize": column_normalize,
     "column_backward_reduce": column_backward_reduce,
     "column_backward_dx": column_backward_dx,
