@@ -31,6 +31,11 @@ from numba import prange
 from ._jit import kernel
 from .activations import act_slope, act_value
 
+# _FLAT_LOOPS: kernels over flat 1-D views loop over slices (``x = X[start:stop]``,
+# index from 0). Indexing the whole array with ``i in range(start, stop)`` makes numba
+# check every index for negative wraparound, which stops LLVM from vectorising the loop
+# (measured 8x slower on the optimizer updates).
+
 
 # ---------------------------------------------------------------- elementwise activations
 
@@ -42,13 +47,14 @@ def act_forward(X, code, alpha, block, Y):
     for b in prange(n_blocks):
         start = b * block
         stop = min(start + block, n)
+        x, y = X[start:stop], Y[start:stop]  # slices: see _FLAT_LOOPS
         if code == 1:
-            for i in range(start, stop):
-                z = np.float64(X[i])
-                Y[i] = z if z > 0.0 else 0.0 * z
+            for i in range(x.shape[0]):
+                z = np.float64(x[i])
+                y[i] = z if z > 0.0 else 0.0 * z
         else:
-            for i in range(start, stop):
-                Y[i] = act_value(code, alpha, np.float64(X[i]))
+            for i in range(x.shape[0]):
+                y[i] = act_value(code, alpha, np.float64(x[i]))
 
 
 @kernel
@@ -59,13 +65,14 @@ def act_backward(X, dY, code, alpha, block, dX):
     for b in prange(n_blocks):
         start = b * block
         stop = min(start + block, n)
+        x, dy, dx = X[start:stop], dY[start:stop], dX[start:stop]
         if code == 1:
-            for i in range(start, stop):
-                z = np.float64(X[i])
-                dX[i] = dY[i] if z > 0.0 else dY[i] * (z - z)  # NaN input -> NaN gradient
+            for i in range(x.shape[0]):
+                z = np.float64(x[i])
+                dx[i] = dy[i] if z > 0.0 else dy[i] * (z - z)  # NaN input -> NaN gradient
         else:
-            for i in range(start, stop):
-                dX[i] = np.float64(dY[i]) * act_slope(code, alpha, np.float64(X[i]))
+            for i in range(x.shape[0]):
+                dx[i] = np.float64(dy[i]) * act_slope(code, alpha, np.float64(x[i]))
 
 
 # ---------------------------------------------------------------- dense-layer epilogues
@@ -251,12 +258,18 @@ def squared_error(Y, T, scale, block, partial, dY):
     for b in prange(n_blocks):
         start = b * block
         stop = min(start + block, n)
+        y, t = Y[start:stop], T[start:stop]
         s = 0.0
-        for i in range(start, stop):
-            d = np.float64(Y[i]) - T[i]
-            s += d * d
-            if want_grad:
-                dY[i] = scale * d
+        if want_grad:
+            dy = dY[start:stop]
+            for i in range(y.shape[0]):
+                d = np.float64(y[i]) - t[i]
+                s += d * d
+                dy[i] = scale * d
+        else:
+            for i in range(y.shape[0]):
+                d = np.float64(y[i]) - t[i]
+                s += d * d
         partial[b] = 0.5 * s
 
 
@@ -270,13 +283,14 @@ def dropout_forward(X, U, p, scale, block, Y, mask):
     for b in prange(n_blocks):
         start = b * block
         stop = min(start + block, n)
-        for i in range(start, stop):
-            if U[i] >= p:
-                mask[i] = 1
-                Y[i] = X[i] * scale
+        x, u, y, m = X[start:stop], U[start:stop], Y[start:stop], mask[start:stop]
+        for i in range(x.shape[0]):
+            if u[i] >= p:
+                m[i] = 1
+                y[i] = x[i] * scale
             else:
-                mask[i] = 0
-                Y[i] = X[i] * 0.0  # NaN/inf become NaN, as in numpy-ml's X * mask
+                m[i] = 0
+                y[i] = x[i] * 0.0  # NaN/inf become NaN, as in numpy-ml's X * mask
 
 
 @kernel
@@ -287,8 +301,9 @@ def dropout_backward(dY, mask, scale, block, dX):
     for b in prange(n_blocks):
         start = b * block
         stop = min(start + block, n)
-        for i in range(start, stop):
-            dX[i] = dY[i] * scale if mask[i] else dY[i] * 0.0
+        dy, m, dx = dY[start:stop], mask[start:stop], dX[start:stop]
+        for i in range(dy.shape[0]):
+            dx[i] = dy[i] * scale if m[i] else dy[i] * 0.0
 
 
 # ---------------------------------------------------------------- fill and host-side ops
@@ -300,8 +315,9 @@ def _fill_kernel(X, value, block):
     for b in prange(n_blocks):
         start = b * block
         stop = min(start + block, n)
-        for i in range(start, stop):
-            X[i] = value
+        x = X[start:stop]
+        for i in range(x.shape[0]):
+            x[i] = value
 
 
 def fill(arr1d, value):

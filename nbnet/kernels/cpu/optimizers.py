@@ -2,11 +2,16 @@
 
 Every kernel works on flat, C-contiguous 1-D views (``param.reshape(-1)``), so one
 compiled specialisation per dtype serves every parameter shape. The state arrays
-(``cache``, ``mean``, ``var``) have the parameter's dtype and length; the arithmetic
-for each element is float64 (the loads are widened, the stores rounded once), so a
-float32 parameter sees one rounding per stored value and no float32 intermediates.
+(``cache``, ``mean``, ``var``) have the parameter's dtype and length, and so does the
+arithmetic (the float64 scalars are rounded once to the parameter's dtype), as in
+PyTorch's CPU optimizers. Widening float32 elements to float64 measured 5x slower at one
+thread (1M elements: 1.5 ms against 0.30 ms, the memory floor) for no gain in what is
+stored: each state value is rounded to float32 when stored either way.
 
-Parallel layout: ``prange`` over fixed-size blocks of ``block`` elements. The updates
+Parallel layout: ``prange`` over fixed-size blocks of ``block`` elements. Each block
+loops over *slices* (``param[start:stop]``, index from 0): indexing the full arrays with
+``i`` in ``range(start, stop)`` makes numba emit a negative-index check per element,
+which stops LLVM from vectorising the loop (measured 8x slower for Adam). The updates
 are elementwise (element ``i`` reads and writes only index ``i`` of each array), so any
 block size gives the same bits; the block only sets the scheduling granularity.
 
@@ -47,9 +52,10 @@ def sum_of_squares(x, chunk, partial, out):
     for k in prange(n_chunks):
         start = k * chunk
         stop = min(start + chunk, n)
+        xs = x[start:stop]
         s = 0.0
-        for i in range(start, stop):
-            v = np.float64(x[i])
+        for i in range(xs.shape[0]):
+            v = np.float64(xs[i])
             s += v * v
         partial[k] = s
     total = 0.0
@@ -69,14 +75,18 @@ def sgd_update(param, grad, cache, lr, momentum, scale, block):
     param, grad, cache : (n,) same dtype, C-contiguous; param and cache are updated.
     """
     n = param.shape[0]
+    T = param.dtype.type
+    mom = T(momentum)
+    lr_scale = T(lr * scale)
     n_blocks = (n + block - 1) // block
     for b in prange(n_blocks):
         start = b * block
         stop = min(start + block, n)
-        for i in range(start, stop):
-            u = momentum * np.float64(cache[i]) + lr * (scale * np.float64(grad[i]))
-            cache[i] = u
-            param[i] = np.float64(param[i]) - u
+        p, g, c = param[start:stop], grad[start:stop], cache[start:stop]
+        for i in range(p.shape[0]):
+            u = mom * c[i] + lr_scale * g[i]
+            c[i] = u
+            p[i] = p[i] - u
 
 
 @kernel
@@ -86,17 +96,18 @@ def adagrad_update(param, grad, cache, lr, eps, scale, block):
     ``g = scale * grad``; ``cache += g**2``; ``param -= lr * g / (sqrt(cache) + eps)``.
     """
     n = param.shape[0]
+    T = param.dtype.type
+    lr_t, eps_t, scale_t = T(lr), T(eps), T(scale)
     n_blocks = (n + block - 1) // block
     for b in prange(n_blocks):
         start = b * block
         stop = min(start + block, n)
-        for i in range(start, stop):
-            g = scale * np.float64(grad[i])
-            c = np.float64(cache[i]) + g * g
-            cache[i] = c
-            # use the stored (rounded) value, as numpy-ml reads the cache back
-            c = np.float64(cache[i])
-            param[i] = np.float64(param[i]) - lr * g / (math.sqrt(c) + eps)
+        p, gr, ca = param[start:stop], grad[start:stop], cache[start:stop]
+        for i in range(p.shape[0]):
+            g = scale_t * gr[i]
+            c = ca[i] + g * g
+            ca[i] = c
+            p[i] = p[i] - lr_t * g / (math.sqrt(c) + eps_t)
 
 
 @kernel
@@ -107,17 +118,19 @@ def rmsprop_update(param, grad, cache, lr, decay, eps, scale, block):
     ``param -= lr * g / (sqrt(cache) + eps)``.
     """
     n = param.shape[0]
+    T = param.dtype.type
+    lr_t, eps_t, scale_t = T(lr), T(eps), T(scale)
+    decay_t, one_minus_decay = T(decay), T(1.0 - decay)
     n_blocks = (n + block - 1) // block
-    one_minus_decay = 1.0 - decay
     for b in prange(n_blocks):
         start = b * block
         stop = min(start + block, n)
-        for i in range(start, stop):
-            g = scale * np.float64(grad[i])
-            c = decay * np.float64(cache[i]) + one_minus_decay * (g * g)
-            cache[i] = c
-            c = np.float64(cache[i])
-            param[i] = np.float64(param[i]) - lr * g / (math.sqrt(c) + eps)
+        p, gr, ca = param[start:stop], grad[start:stop], cache[start:stop]
+        for i in range(p.shape[0]):
+            g = scale_t * gr[i]
+            c = decay_t * ca[i] + one_minus_decay * (g * g)
+            ca[i] = c
+            p[i] = p[i] - lr_t * g / (math.sqrt(c) + eps_t)
 
 
 @kernel
@@ -128,23 +141,30 @@ def adam_update(param, grad, mean, var, lr, decay1, decay2, eps, bias1, bias2, s
     ``var = decay2 * var + (1 - decay2) * g**2``; ``m_hat = mean / bias1``;
     ``v_hat = var / bias2``; ``param -= lr * m_hat / (sqrt(v_hat) + eps)``, where the
     caller passes the bias corrections ``bias1 = 1 - decay1**t``, ``bias2 = 1 - decay2**t``.
+    The bias corrections are folded into two scalars,
+    ``lr * m_hat / (sqrt(v_hat) + eps) = (lr / bias1) * mean / (sqrt(var) / sqrt(bias2) + eps)``,
+    so each element costs one square root and one division.
     """
     n = param.shape[0]
+    T = param.dtype.type
+    d1, d2 = T(decay1), T(decay2)
+    one_minus_d1, one_minus_d2 = T(1.0 - decay1), T(1.0 - decay2)
+    step = T(lr / bias1)
+    inv_sqrt_bias2 = T(1.0 / math.sqrt(bias2))
+    eps_t, scale_t = T(eps), T(scale)
     n_blocks = (n + block - 1) // block
-    one_minus_d1 = 1.0 - decay1
-    one_minus_d2 = 1.0 - decay2
     for b in prange(n_blocks):
         start = b * block
         stop = min(start + block, n)
-        for i in range(start, stop):
-            g = scale * np.float64(grad[i])
-            m = decay1 * np.float64(mean[i]) + one_minus_d1 * g
-            v = decay2 * np.float64(var[i]) + one_minus_d2 * (g * g)
-            mean[i] = m
-            var[i] = v
-            m_hat = np.float64(mean[i]) / bias1
-            v_hat = np.float64(var[i]) / bias2
-            param[i] = np.float64(param[i]) - lr * m_hat / (math.sqrt(v_hat) + eps)
+        p, gr = param[start:stop], grad[start:stop]
+        mn, vr = mean[start:stop], var[start:stop]
+        for i in range(p.shape[0]):
+            g = scale_t * gr[i]
+            m = d1 * mn[i] + one_minus_d1 * g
+            v = d2 * vr[i] + one_minus_d2 * (g * g)
+            mn[i] = m
+            vr[i] = v
+            p[i] = p[i] - step * m / (math.sqrt(v) * inv_sqrt_bias2 + eps_t)
 
 
 #: Op name -> kernel; merged into :data:`nbnet.kernels.cpu.KERNELS` by the package.
