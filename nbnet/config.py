@@ -55,6 +55,10 @@ FASTMATH = frozenset(
     f.strip() for f in _env_str("NBNET_FASTMATH", "reassoc,contract").split(",") if f.strip()
 )
 
+#: Print one line to stderr before the first kernel compiles in a process (compiling the
+#: default kernel set takes seconds; every later process loads it from numba's cache).
+COMPILE_MESSAGE = _env_str("NBNET_COMPILE_MESSAGE", "1") not in ("0", "false", "no")
+
 #: Threads per block for the CUDA kernels (a power of two).
 CUDA_BLOCK = _env_int("NBNET_CUDA_BLOCK", 256)
 

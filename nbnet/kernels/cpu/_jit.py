@@ -10,6 +10,8 @@ serial twin.
 Kernels must not read dynamic globals (``numba.get_num_threads()``, config values):
 that silently disables caching. Everything tunable is passed in as an argument.
 """
+import os
+import sys
 import types
 
 from numba import njit
@@ -40,14 +42,38 @@ class Kernel:
         self.serial = njit(parallel=False, **_OPTIONS)(_renamed(fn, "_serial"))
         self.__name__ = fn.__name__
         self.__doc__ = fn.__doc__
+        self._unseen = {id(self.parallel), id(self.serial)}
 
     def __call__(self, size, *args):
-        if size < config.SERIAL_CUTOFF:
-            return self.serial(*args)
-        return self.parallel(*args)
+        twin = self.serial if size < config.SERIAL_CUTOFF else self.parallel
+        if self._unseen and id(twin) in self._unseen:
+            self._unseen.discard(id(twin))
+            if _not_cached(twin):
+                _announce_compile()
+        return twin(*args)
 
     def dispatchers(self):
         return (self.parallel, self.serial)
+
+
+_announced = False
+
+
+def _not_cached(dispatcher):
+    """True when numba has no on-disk cache index for ``dispatcher`` (it will compile)."""
+    try:
+        return not os.path.exists(dispatcher._cache._cache_file._index_path)
+    except AttributeError:  # numba internals moved: stay quiet rather than guess
+        return False
+
+
+def _announce_compile():
+    """One line, once per process, before the first kernel compiles (seconds, not ms)."""
+    global _announced
+    if not _announced and config.COMPILE_MESSAGE:
+        _announced = True
+        print("nbnet: compiling kernels for first use (once; cached on disk for later runs)",
+              file=sys.stderr, flush=True)
 
 
 def kernel(fn):
