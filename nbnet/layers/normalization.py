@@ -127,6 +127,24 @@ class _NormBase(LayerBase):
         else:  # device arrays: one add_into launch, no host copy
             self._kernel("add_into")(g, value)
 
+    def _init_from_params(self, params):
+        """Build an unbuilt layer from the (already checked) parameter arrays of set_params."""
+        arr = next(iter(params.values()))
+        self.n_in = self.n_out = int(np.shape(arr)[0])
+        self._init_params(np.dtype(arr.dtype))
+        self.is_initialized = True
+
+    def _expected_param_shapes(self, params):
+        """``(n_in,)`` for every parameter; an unbuilt layer takes the length given."""
+        if self.is_initialized:
+            return super()._expected_param_shapes(params)
+        shapes = {tuple(np.shape(v)) for v in params.values()}
+        if len(shapes) != 1 or len(next(iter(shapes))) != 1:
+            raise ValueError(f"{type(self).__name__}.set_params: parameters must be 1-D arrays "
+                             f"of one length, got shapes {sorted(shapes)}")
+        n = next(iter(shapes))[0] if self.n_in is None else self.n_in
+        return {k: (n,) for k in self._param_keys}
+
     def _ensure_built(self, n_features, dtype):
         if not self.is_initialized:
             self.n_in = self.n_out = n_features
@@ -160,23 +178,6 @@ class _BatchNormBase(_NormBase):
         self.parameters = {"scaler": to(ones), "intercept": to(zeros),
                            "running_mean": to(zeros), "running_var": to(ones)}
         self.gradients = {"scaler": to(zeros), "intercept": to(zeros)}
-
-    def _init_from_params(self, params):
-        C = int(np.asarray(params.get("scaler", params.get("running_mean"))).shape[0])
-        dtype = next(iter(params.values())).dtype
-        self.n_in = self.n_out = C
-        self._init_params(np.dtype(dtype))
-        self.is_initialized = True
-
-    def _expected_param_shapes(self, params):
-        if self.is_initialized:
-            return super()._expected_param_shapes(params)
-        shapes = {tuple(np.shape(v)) for v in params.values()}
-        if len(shapes) != 1 or len(next(iter(shapes))) != 1:
-            raise ValueError(f"{type(self).__name__}.set_params: parameters must be 1-D arrays "
-                             f"of one length, got shapes {sorted(shapes)}")
-        C = next(iter(shapes))[0] if self.n_in is None else self.n_in
-        return {k: (C,) for k in self._param_keys}
 
     def _settable_hyperparameters(self):
         setters = super()._settable_hyperparameters()
@@ -438,22 +439,6 @@ class LayerNorm1D(_NormBase):
         to = lambda a: devices.to_device(a, self.device)  # noqa: E731
         self.parameters = {"scaler": to(np.ones(D, dtype)), "intercept": to(np.zeros(D, dtype))}
         self.gradients = {"scaler": to(np.zeros(D, dtype)), "intercept": to(np.zeros(D, dtype))}
-
-    def _init_from_params(self, params):
-        arr = next(iter(params.values()))
-        self.n_in = self.n_out = int(np.shape(arr)[0])
-        self._init_params(np.dtype(arr.dtype))
-        self.is_initialized = True
-
-    def _expected_param_shapes(self, params):
-        if self.is_initialized:
-            return super()._expected_param_shapes(params)
-        shapes = {tuple(np.shape(v)) for v in params.values()}
-        if len(shapes) != 1 or len(next(iter(shapes))) != 1:
-            raise ValueError(f"{type(self).__name__}.set_params: parameters must be 1-D arrays "
-                             f"of one length, got shapes {sorted(shapes)}")
-        D = next(iter(shapes))[0] if self.n_in is None else self.n_in
-        return {k: (D,) for k in self._param_keys}
 
     @property
     def hyperparameters(self):
