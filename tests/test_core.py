@@ -437,7 +437,8 @@ _DETERMINISM_SCRIPT = textwrap.dedent("""
 def test_bit_identical_across_thread_counts():
     results = []
     for threads in ("1", "2"):
-        env = {**os.environ, "NUMBA_NUM_THREADS": threads}
+        # NBNET_SERIAL_CUTOFF=0: every kernel runs its parallel twin, whatever the size
+        env = {**os.environ, "NUMBA_NUM_THREADS": threads, "NBNET_SERIAL_CUTOFF": "0"}
         r = subprocess.run([sys.executable, "-c", _DETERMINISM_SCRIPT], env=env,
                            capture_output=True, text=True, check=True)
         results.append(r.stdout)

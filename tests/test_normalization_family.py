@@ -263,7 +263,7 @@ import numpy as np
 import nbnet
 rng = np.random.default_rng(5)
 out = {}
-X4 = rng.normal(3, 2, (8, 16, 16, 32)).astype(np.float32)  # 65536 > SERIAL_CUTOFF
+X4 = rng.normal(3, 2, (8, 16, 16, 32)).astype(np.float32)
 dY4 = rng.normal(size=X4.shape).astype(np.float32)
 Xr = rng.normal(3, 2, (96, 700)).astype(np.float32)
 dYr = rng.normal(size=Xr.shape).astype(np.float32)
@@ -290,7 +290,8 @@ print(json.dumps(out))
 
 
 def _run_with_threads(n):
-    env = dict(os.environ, NUMBA_NUM_THREADS=str(n))
+    # NBNET_SERIAL_CUTOFF=0: every kernel runs its parallel twin, whatever the size
+    env = dict(os.environ, NUMBA_NUM_THREADS=str(n), NBNET_SERIAL_CUTOFF="0")
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(nbnet.__file__)),
                                          env.get("PYTHONPATH", "")])
     res = subprocess.run([sys.executable, "-c", _THREAD_SCRIPT], env=env, capture_output=True,
@@ -300,7 +301,6 @@ def _run_with_threads(n):
 
 
 def test_bit_identical_across_thread_counts():
-    assert 8 * 16 * 16 * 32 > nbnet.config.SERIAL_CUTOFF
     one, two = _run_with_threads(1), _run_with_threads(2)
     assert one == two
 

@@ -487,7 +487,7 @@ _SUMSQ_SCRIPT = textwrap.dedent("""
 def test_sum_of_squares_deterministic_across_thread_counts():
     results = []
     for threads in ("1", "2"):
-        env = dict(os.environ, NUMBA_NUM_THREADS=threads)
+        env = dict(os.environ, NUMBA_NUM_THREADS=threads, NBNET_SERIAL_CUTOFF="0")
         env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
         proc = subprocess.run([sys.executable, "-c", _SUMSQ_SCRIPT, threads], cwd=REPO,
                               env=env, capture_output=True, text=True, timeout=300)
