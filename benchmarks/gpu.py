@@ -26,21 +26,21 @@ SHAPES = {
 
 
 class LaunchCounter:
-    """Counts calls of every CUDA registry op (each op is one launch, sum_of_squares 2)."""
+    """Counts kernel launches (every CUDA launch goes through ``_common.launch``)."""
 
     def __init__(self):
-        self.count = 0
         registry._load("cuda")
-        for key, fn in list(registry._kernels.items()):
-            if key[1] == "cuda" and not getattr(fn, "_counted", False):
-                registry._kernels[key] = self._wrap(fn)
+        from nbnet.kernels.cuda import _common
+        self._launches = _common.LAUNCHES
+        self._base = self._launches[0]
 
-    def _wrap(self, fn):
-        def counted(*args, **kwargs):
-            self.count += 1
-            return fn(*args, **kwargs)
-        counted._counted = True
-        return counted
+    @property
+    def count(self):
+        return self._launches[0] - self._base
+
+    @count.setter
+    def count(self, value):
+        self._base = self._launches[0] - value
 
 
 def cuda_time(fn, cuda, reps):
@@ -202,10 +202,14 @@ def bench_mlp(cuda, torch):
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
-    ap.add_argument("--no-mlp", action="store_true")
+    ap.add_argument("--mlp", action="store_true", help="also time one MLP epoch (nbnet.Model)")
+    ap.add_argument("--sweep", action="store_true",
+                    help="BatchNorm1D (262144, 512) under a few CUDA_BLOCK / TARGET_BLOCKS settings")
+    ap.add_argument("--only", default="", help="comma-separated layer names to run")
     args = ap.parse_args(argv)
     info = devices.device_info()
-    print("card:", info, " NBNET_CUDA_POOL =", __import__("os").environ.get("NBNET_CUDA_POOL", "(numba default allocator)"))
+    print("card:", info, " NBNET_CUDA_POOL =", __import__("os").environ.get("NBNET_CUDA_POOL", "(auto)"),
+          " allocator in use:", devices.cuda_pool())
     if not info.get("available") or info.get("simulator"):
         print("no GPU: nothing to benchmark")
         return 0
@@ -230,7 +234,10 @@ def main(argv=None):
     print()
     print(f"{'layer':<12} {'shape':<20} {'nbnet ms':>9} {'torch ms':>9} {'floor ms':>9} "
           f"{'nb/torch':>9} {'nb/floor':>9} {'launches f/b':>12} {'max|dy| vs torch':>16}")
+    only = [n for n in args.only.split(",") if n]
     for name, shapes in SHAPES.items():
+        if only and name not in only:
+            continue
         for shape in shapes:
             try:
                 r = bench_norm(name, shape, cuda, torch, reps, counter)
@@ -242,7 +249,21 @@ def main(argv=None):
                   f"{r['nbnet_ms'] / t:9.2f} {r['nbnet_ms'] / f:9.2f} "
                   f"{'%d/%d' % r['launches']:>12} {r.get('max_abs_err_vs_torch', float('nan')):16.2e}")
             sys.stdout.flush()
-    if not args.no_mlp:
+    if args.sweep:
+        from nbnet.kernels.cuda import _common
+        print()
+        print("sweep, BatchNorm1D (262144, 512) float32 training step:")
+        saved = (nbnet.config.CUDA_BLOCK, _common.TARGET_BLOCKS)
+        for block, target in [(256, 1024), (256, 2048), (256, 512), (512, 1024), (128, 2048)]:
+            nbnet.config.CUDA_BLOCK, _common.TARGET_BLOCKS = block, target
+            try:
+                r = bench_norm("BatchNorm1D", (262144, 512), cuda, None, reps, counter)
+                print(f"  CUDA_BLOCK {block:4d}  TARGET_BLOCKS {target:5d}  {r['nbnet_ms']:8.3f} ms")
+            except Exception as exc:
+                print(f"  CUDA_BLOCK {block:4d}  TARGET_BLOCKS {target:5d}  ERROR {type(exc).__name__}: {exc}"[:200])
+            sys.stdout.flush()
+        nbnet.config.CUDA_BLOCK, _common.TARGET_BLOCKS = saved
+    if args.mlp:
         print()
         print("MLP epoch (784-512-512-10 ReLU, 8192 examples, batch 256, SGD):", bench_mlp(cuda, torch))
     return 0

@@ -37,16 +37,41 @@ def import_cuda():
     cuda = importlib.import_module("numba.cuda")
     if is_simulator():
         _bridge_simulator_shape()
-    elif os.environ.get("NBNET_CUDA_POOL", "").lower() == "cupy":
+    elif not _pool_installed and _pool_choice() == "cupy":
         _use_cupy_pool(cuda)
     return cuda
+
+
+def _pool_choice():
+    """Which allocator numba uses on a real GPU (``NBNET_CUDA_POOL``).
+
+    ``auto`` (the default): CuPy's caching pool when CuPy imports, else numba's own
+    allocator; ``cupy``: CuPy's pool (an error if CuPy is missing); ``none``/``off``/
+    ``numba``: numba's allocator (cuMemAlloc/cuMemFree per array).
+    """
+    choice = os.environ.get("NBNET_CUDA_POOL", "auto").strip().lower() or "auto"
+    if choice in ("none", "off", "0", "numba", "default"):
+        return "numba"
+    if choice == "cupy":
+        return "cupy"
+    try:
+        import cupy  # noqa: F401
+    except Exception:
+        return "numba"
+    return "cupy"
+
+
+def cuda_pool():
+    """The allocator in use for numba device arrays: ``"cupy"`` or ``"numba"``."""
+    return "cupy" if _pool_installed else "numba"
 
 
 _pool_installed = False
 
 
 def _use_cupy_pool(cuda):
-    """Opt-in (``NBNET_CUDA_POOL=cupy``): numba allocations come from CuPy's memory pool.
+    """numba allocations come from CuPy's memory pool (default when CuPy imports; see
+    :func:`_pool_choice`; ``NBNET_CUDA_POOL=none`` turns it off).
 
     numba's default allocator calls cuMemAlloc/cuMemFree for every array; layers allocate
     their outputs each step, so a caching pool (PyTorch and CuPy both use one) removes
@@ -76,13 +101,16 @@ def _use_cupy_pool(cuda):
                                  finalizer=lambda: live.pop(ptr, None))
 
         def get_memory_info(self):
-            return self._pool.free_bytes(), self._pool.total_bytes()
+            return cupy.cuda.runtime.memGetInfo()  # (free, total) of the device
 
         @property
         def interface_version(self):
             return 1
 
-    cuda.set_memory_manager(_CupyPool)
+    try:
+        cuda.set_memory_manager(_CupyPool)
+    except RuntimeError:  # a context already exists: keep numba's allocator
+        return
     _pool_installed = True
 
 

@@ -253,11 +253,20 @@ class _BatchNormBase(_NormBase):
         gamma, beta = p["scaler"], p["intercept"]
         code, alpha = self._act
         Y = self._empty(X.shape, X.dtype)
-        if train:
+        fused = train and self._cuda_fused(sfx, R)
+        if fused:
+            # CUDA: batch statistics, running-stat update and normalisation in one fused op
+            # (2 launches, GPU-sized chunks, reused scratch; see docs/cuda.md)
+            mean, invstd = self._empty(C, _F64), self._empty(C, _F64)
+            self._kernel("column_forward_train")(V.size, V, gamma, beta, code, alpha, self.epsilon,
+                                                 self.momentum, self.unbiased_running_var,
+                                                 p["running_mean"], p["running_var"], mean, invstd,
+                                                 Y.reshape(V.shape))
+        elif train:
             mean, invstd = self._batch_stats(V, sfx, chunk, merge_rpc, n_chunks, R, C, X.shape)
         else:
             mean, invstd = self._running_mean_invstd()
-        if R > 0:
+        if R > 0 and not fused:
             self._kernel("column_normalize" + sfx)(V.size, V, mean, invstd, gamma, beta, code, alpha,
                                                    chunk, Y.reshape(V.shape))
         if train:
@@ -265,6 +274,14 @@ class _BatchNormBase(_NormBase):
             self.derived_variables["mean"].append(mean)
             self.derived_variables["invstd"].append(invstd)
         return Y
+
+    def _cuda_fused(self, sfx, R):
+        """True when the CUDA-only fused column ops apply: a "cuda" layer, channels-last,
+        a non-empty batch, and neither statistics hook overridden (SyncBatchNorm)."""
+        cls = type(self)
+        return (self.device == "cuda" and not sfx and R > 0
+                and cls._batch_stats is _BatchNormBase._batch_stats
+                and cls._sums_for_dx is _BatchNormBase._sums_for_dx)
 
     def _check_train_rows(self, R, shape):
         if R == 1:
@@ -331,6 +348,14 @@ class _BatchNormBase(_NormBase):
             dX = self._empty(X.shape, X.dtype)
             if R == 0:  # an empty batch (or an empty rank under SyncBatchNorm)
                 self._sums_for_dx(np.zeros(C), np.zeros(C), R)
+                out.append(dX)
+                continue
+            if self._cuda_fused(sfx, R):
+                # CUDA: reduce, then merge + gradient accumulation + dX (2 launches)
+                self._kernel("column_backward_train")(V.size, V, dyv, mean, invstd, gamma, beta,
+                                                      code, alpha, self.gradients["scaler"],
+                                                      self.gradients["intercept"],
+                                                      bool(retain_grads), dX.reshape(V.shape))
                 out.append(dX)
                 continue
             psg = self._empty((n_chunks, C), _F64)
@@ -506,7 +531,12 @@ class LayerNorm1D(_NormBase):
                 pdb = self._empty((n_chunks, D), _F64)
                 self._kernel("row_backward")(R * D, X2, dy2, mean, invstd, gamma, beta, self._center,
                                              code, alpha, rpc, dX.reshape(X2.shape), pdg, pdb)
-                if retain_grads:
+                if retain_grads and self.device == "cuda" and "intercept" in self.gradients:
+                    # CUDA: both merges and both accumulations in one launch (backward = 2)
+                    self._kernel("merge_partial_sums_pair")(
+                        n_chunks * D, pdg, pdb, self._empty(D, _F64), self._empty(D, _F64),
+                        self.gradients["scaler"], self.gradients["intercept"], True)
+                elif retain_grads:
                     merge = self._kernel("merge_partial_sums")
                     dgamma = self._empty(D, _F64)
                     merge(n_chunks * D, pdg, dgamma)

@@ -14,6 +14,7 @@ gives the same bits on every run. Shared buffers are sized for the largest block
 allows (1024 threads); the block size itself is a launch parameter.
 """
 import math
+import os
 
 import numpy as np
 
@@ -23,6 +24,58 @@ cuda = devices.import_cuda()
 
 #: Shared buffers hold one float64 per thread of the largest legal block.
 MAX_THREADS = 1024
+F64 = np.float64
+
+#: Column kernels of the fused BatchNorm path aim for about this many blocks (row chunks x
+#: 32-column tiles): ~8 resident 256-thread blocks on each of the 132 SMs of an H100/H200,
+#: so one wave keeps every SM streaming. ``NBNET_CUDA_TARGET_BLOCKS`` overrides it.
+TARGET_BLOCKS = int(os.environ.get("NBNET_CUDA_TARGET_BLOCKS", "1024") or 1024)
+#: At most this many row chunks: the consumer kernel of the partial buffers merges all
+#: ``n_chunks`` partials of its column tile in every block (``n_chunks * 32`` values).
+MAX_CHUNKS = 256
+#: At least this many rows per lane in a chunk (4 rows per iteration of the unrolled loops).
+MIN_ROWS_PER_LANE = 4
+
+#: Every launch goes through :func:`launch`, which counts it (tests and benchmarks read
+#: ``LAUNCHES[0]``) and reuses the ``kernel[grid, block]`` configuration object.
+LAUNCHES = [0]
+_configs = {}
+_SIM = devices.is_simulator()
+
+
+def launch(kernel, grid, block, *args):
+    """``kernel[grid, block](*args)`` with the configuration cached and the launch counted."""
+    LAUNCHES[0] += 1
+    if _SIM:  # the simulator's kernel[grid, block] is the kernel itself: never cache it
+        kernel[grid, block](*args)
+        return
+    key = (kernel, grid, block)
+    cfg = _configs.get(key)
+    if cfg is None:
+        if len(_configs) > 4096:
+            _configs.clear()
+        cfg = _configs[key] = kernel[grid, block]
+    cfg(*args)
+
+
+_workspace = {}
+_WORKSPACE_MAX = 64
+
+
+def workspace(tag, shape, dtype=np.float64):
+    """A device scratch array reused across calls (the partial buffers of the fused ops).
+
+    Reuse is safe because every nbnet kernel runs on the default stream, in order: the
+    kernel that consumes a scratch buffer finishes before the next producer overwrites it.
+    Scratch contents never leave an op.
+    """
+    key = (tag, tuple(int(d) for d in shape), np.dtype(dtype).str)
+    arr = _workspace.get(key)
+    if arr is None:
+        if len(_workspace) >= _WORKSPACE_MAX:
+            _workspace.clear()
+        arr = _workspace[key] = cuda.device_array(key[1], dtype=dtype)
+    return arr
 
 
 def block_size():
@@ -39,6 +92,21 @@ def column_tile(block=None):
     b = block_size() if block is None else block
     tx = max(1, min(32, b // 4))
     return tx, b // tx
+
+
+def column_plan(R, C):
+    """``(rows_per_chunk, n_chunks, TX, TY)`` for the fused column ops on an ``(R, C)`` view.
+
+    A block is a (row chunk, ``TX``-column tile); the chunk count gives about
+    :data:`TARGET_BLOCKS` blocks in all (enough parallelism for few columns), at most
+    :data:`MAX_CHUNKS`, with at least ``MIN_ROWS_PER_LANE`` rows per row lane. Depends on
+    the shape and ``CUDA_BLOCK`` only, so the summation order (every bit) is fixed.
+    """
+    TX, TY = column_tile()
+    n_tiles = n_blocks(C, TX)
+    want = max(1, min(MAX_CHUNKS, -(-TARGET_BLOCKS // n_tiles)))
+    rpc = max(-(-int(R) // want), MIN_ROWS_PER_LANE * TY, 1)
+    return rpc, n_blocks(R, rpc), TX, TY
 
 
 def merge_tile():
@@ -172,4 +240,24 @@ def lane_tree(buf, tx, ty, TX, TY):
         step //= 2
 
 
-F64 = np.float64
+@cuda.jit(device=True)
+def chan_tree(cnt, mu, q, tx, ty, TX, TY):
+    """Merge the ``TY`` lanes' ``(count, mean, M2)`` of each column ``tx`` (Chan's update,
+    fixed pairwise order; lanes with count 0 are empty). The column's result lands in
+    lane ``tx`` (``ty == 0``). The caller writes every lane and syncs first."""
+    lane = ty * TX + tx
+    step = TY // 2
+    while step > 0:
+        if ty < step:
+            o = lane + step * TX
+            n_b = cnt[o]
+            if n_b > 0.0:
+                n_a = cnt[lane]
+                n = n_a + n_b
+                delta = mu[o] - mu[lane]
+                mu[lane] += delta * (n_b / n)
+                q[lane] += q[o] + delta * delta * (n_a * n_b / n)
+                cnt[lane] = n
+        cuda.syncthreads()
+        step //= 2
+

@@ -19,8 +19,9 @@ accumulation in one launch (BatchNorm backward: reduce, merge, dx = 3 launches).
 """
 import math
 
-from ._common import (MAX_THREADS, F64, act_slope, act_value, block_sum, block_sum_pair,
-                      column_tile, cuda, lane_tree, merge_tile, n_blocks, block_size)
+from ._common import (MAX_THREADS, F64, act_slope, act_value, block_size, block_sum,
+                      block_sum_pair, chan_tree, column_plan, column_tile, cuda, lane_tree,
+                      launch, merge_tile, n_blocks, workspace)
 
 # ---------------------------------------------------------------- channels-last (R, C)
 
@@ -63,7 +64,7 @@ def _partial_stats(X, rows_per_chunk, partial_mean, partial_m2):
 def column_partial_stats(size, X, rows_per_chunk, partial_mean, partial_m2):
     n_chunks, C = partial_mean.shape
     TX, TY = column_tile()
-    _partial_stats[(n_chunks, n_blocks(C, TX)), (TX, TY)](X, rows_per_chunk, partial_mean,
+    launch(_partial_stats, (n_chunks, n_blocks(C, TX)), (TX, TY), X, rows_per_chunk, partial_mean,
                                                           partial_m2)
 
 
@@ -124,7 +125,7 @@ def column_merge_stats(size, partial_mean, partial_m2, n_rows, rows_per_chunk, e
                        unbiased, running_mean, running_var, mean, invstd):
     C = partial_mean.shape[1]
     TX, TY = merge_tile()
-    _merge_stats[n_blocks(C, TX), (TX, TY)](partial_mean, partial_m2, int(n_rows),
+    launch(_merge_stats, n_blocks(C, TX), (TX, TY), partial_mean, partial_m2, int(n_rows),
                                             int(rows_per_chunk), float(eps), float(momentum),
                                             bool(unbiased), running_mean, running_var, mean,
                                             invstd)
@@ -155,7 +156,7 @@ def _normalize(X, mean, invstd, gamma, beta, code, alpha, rows_per_chunk, Y):
 def column_normalize(size, X, mean, invstd, gamma, beta, code, alpha, rows_per_chunk, Y):
     R, C = X.shape
     TX, TY = column_tile()
-    _normalize[(n_blocks(R, rows_per_chunk), n_blocks(C, TX)), (TX, TY)](
+    launch(_normalize, (n_blocks(R, rows_per_chunk), n_blocks(C, TX)), (TX, TY), 
         X, mean, invstd, gamma, beta, int(code), float(alpha), int(rows_per_chunk), Y)
 
 
@@ -202,7 +203,7 @@ def column_backward_reduce(size, X, dY, mean, invstd, gamma, beta, code, alpha, 
                            partial_sum_g, partial_sum_gx):
     n_chunks, C = partial_sum_g.shape
     TX, TY = column_tile()
-    _backward_reduce[(n_chunks, n_blocks(C, TX)), (TX, TY)](
+    launch(_backward_reduce, (n_chunks, n_blocks(C, TX)), (TX, TY), 
         X, dY, mean, invstd, gamma, beta, int(code), float(alpha), int(rows_per_chunk),
         partial_sum_g, partial_sum_gx)
 
@@ -245,7 +246,7 @@ def merge_partial_sums(size, partial, out):
     """out[j] = sum over chunks of partial[k, j] (fixed order: lanes, then a tree)."""
     C = partial.shape[1]
     TX, TY = merge_tile()
-    _merge_sums[n_blocks(C, TX), (TX, TY)](partial, partial, out, out, out, out, False, False)
+    launch(_merge_sums, n_blocks(C, TX), (TX, TY), partial, partial, out, out, out, out, False, False)
 
 
 def merge_partial_sums_pair(size, partial_a, partial_b, out_a, out_b, grad_a, grad_b,
@@ -257,7 +258,7 @@ def merge_partial_sums_pair(size, partial_a, partial_b, out_a, out_b, grad_a, gr
     """
     C = partial_a.shape[1]
     TX, TY = merge_tile()
-    _merge_sums[n_blocks(C, TX), (TX, TY)](partial_a, partial_b, out_a, out_b,
+    launch(_merge_sums, n_blocks(C, TX), (TX, TY), partial_a, partial_b, out_a, out_b,
                                            grad_a.reshape(-1), grad_b.reshape(-1), True,
                                            bool(accumulate))
 
@@ -294,7 +295,7 @@ def column_backward_dx(size, X, dY, mean, invstd, gamma, beta, code, alpha, sum_
                        rows_per_chunk, dX):
     R, C = X.shape
     TX, TY = column_tile()
-    _backward_dx[(n_blocks(R, rows_per_chunk), n_blocks(C, TX)), (TX, TY)](
+    launch(_backward_dx, (n_blocks(R, rows_per_chunk), n_blocks(C, TX)), (TX, TY), 
         X, dY, mean, invstd, gamma, beta, int(code), float(alpha), sum_g, sum_gx,
         int(rows_per_chunk), dX)
 
@@ -334,7 +335,7 @@ def _partial_stats_cf(X, n_per_chunk, partial_mean, partial_m2):
 
 def column_partial_stats_cf(size, X, n_per_chunk, partial_mean, partial_m2):
     n_chunks, C = partial_mean.shape
-    _partial_stats_cf[n_chunks * C, block_size()](X, int(n_per_chunk), partial_mean, partial_m2)
+    launch(_partial_stats_cf, n_chunks * C, block_size(), X, int(n_per_chunk), partial_mean, partial_m2)
 
 
 @cuda.jit
@@ -355,7 +356,7 @@ def _normalize_cf(X, mean, invstd, gamma, beta, code, alpha, Y):
 
 def column_normalize_cf(size, X, mean, invstd, gamma, beta, code, alpha, n_per_chunk, Y):
     B = block_size()
-    _normalize_cf[n_blocks(X.size, B), B](X, mean, invstd, gamma, beta, int(code), float(alpha), Y)
+    launch(_normalize_cf, n_blocks(X.size, B), B, X, mean, invstd, gamma, beta, int(code), float(alpha), Y)
 
 
 @cuda.jit
@@ -396,7 +397,7 @@ def _backward_reduce_cf(X, dY, mean, invstd, gamma, beta, code, alpha, n_per_chu
 def column_backward_reduce_cf(size, X, dY, mean, invstd, gamma, beta, code, alpha, n_per_chunk,
                               partial_sum_g, partial_sum_gx):
     n_chunks, C = partial_sum_g.shape
-    _backward_reduce_cf[n_chunks * C, block_size()](
+    launch(_backward_reduce_cf, n_chunks * C, block_size(), 
         X, dY, mean, invstd, gamma, beta, int(code), float(alpha), int(n_per_chunk),
         partial_sum_g, partial_sum_gx)
 
@@ -424,7 +425,7 @@ def _backward_dx_cf(X, dY, mean, invstd, gamma, beta, code, alpha, sum_g, sum_gx
 def column_backward_dx_cf(size, X, dY, mean, invstd, gamma, beta, code, alpha, sum_g, sum_gx,
                           n_per_chunk, dX):
     B = block_size()
-    _backward_dx_cf[n_blocks(X.size, B), B](X, dY, mean, invstd, gamma, beta, int(code),
+    launch(_backward_dx_cf, n_blocks(X.size, B), B, X, dY, mean, invstd, gamma, beta, int(code),
                                             float(alpha), sum_g, sum_gx, dX)
 
 
@@ -441,3 +442,338 @@ KERNELS = {
     "column_backward_reduce_cf": column_backward_reduce_cf,
     "column_backward_dx_cf": column_backward_dx_cf,
 }
+
+
+# ------------------------------------------------------ fused BatchNorm ops (CUDA-only)
+# Training step of the channels-last column pattern in 2 + 2 launches:
+#   forward : column_forward_train  = _fused_stats (per-chunk Welford/Chan partials)
+#                                     + _fused_merge_normalize (every block merges the
+#                                       partials of its column tile, then normalizes)
+#   backward: column_backward_train = _fused_backward_reduce (per-chunk sum(g), sum(g*xhat))
+#                                     + _fused_merge_backward_dx (every block merges the
+#                                       partials of its tile, then writes dX)
+# Chunking from column_plan (GPU-sized, not the CPU's): a block is (row chunk, 32-column
+# tile), TY row lanes per tile stride the rows, 4 rows per iteration (independent loads in
+# flight). Every block of a tile merges the same partials in the same fixed order, so they
+# all hold identical statistics; blocks of chunk 0 alone write mean/invstd, the running
+# statistics and the parameter gradients. No atomics: bits depend on the shape and
+# CUDA_BLOCK only. Partial buffers are reused scratch (_common.workspace).
+
+
+@cuda.jit(device=True, inline=True)
+def _slope(code, alpha, z):
+    """f'(z): ReLU and leaky ReLU as inline selects, the rest through ``act_slope``.
+
+    Unverified workaround: on the H200 a ReLU BatchNorm backward through ``act_slope``
+    ended in CUDA_ERROR_ILLEGAL_ADDRESS (old and fused kernels alike) while identity and
+    GELU passed; the simulator, bounds-checked, finds no bad index (see docs/cuda.md).
+    """
+    if code == 1:
+        return 1.0 if z > 0.0 else z - z
+    if code == 2:
+        return 1.0 if z > 0.0 else alpha + (z - z)
+    return act_slope(code, alpha, z)
+
+
+@cuda.jit
+def _fused_stats(X, rows_per_chunk, partial_mean, partial_m2):
+    R, C = X.shape
+    tx = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    TX = cuda.blockDim.x
+    TY = cuda.blockDim.y
+    k = cuda.blockIdx.x
+    j = cuda.blockIdx.y * TX + tx
+    lane = ty * TX + tx
+    cnt = cuda.shared.array(MAX_THREADS, F64)
+    mu = cuda.shared.array(MAX_THREADS, F64)
+    q = cuda.shared.array(MAX_THREADS, F64)
+    start = k * rows_per_chunk
+    stop = min(start + rows_per_chunk, R)
+    n_a = 0.0
+    m_a = 0.0
+    q_a = 0.0
+    if j < C:
+        i = start + ty
+        while i + 3 * TY < stop:
+            # four rows: exact local mean and M2, then one Chan update (one division)
+            x0 = F64(X[i, j])
+            x1 = F64(X[i + TY, j])
+            x2 = F64(X[i + 2 * TY, j])
+            x3 = F64(X[i + 3 * TY, j])
+            mb = ((x0 + x1) + (x2 + x3)) * 0.25
+            d0 = x0 - mb
+            d1 = x1 - mb
+            d2 = x2 - mb
+            d3 = x3 - mb
+            qb = (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+            n = n_a + 4.0
+            delta = mb - m_a
+            m_a += delta * (4.0 / n)
+            q_a += qb + delta * delta * (n_a * 4.0 / n)
+            n_a = n
+            i += 4 * TY
+        while i < stop:
+            x0 = F64(X[i, j])
+            n = n_a + 1.0
+            delta = x0 - m_a
+            m_a += delta / n
+            q_a += delta * (x0 - m_a)
+            n_a = n
+            i += TY
+    cnt[lane] = n_a
+    mu[lane] = m_a
+    q[lane] = q_a
+    cuda.syncthreads()
+    chan_tree(cnt, mu, q, tx, ty, TX, TY)
+    if ty == 0 and j < C:
+        partial_mean[k, j] = mu[tx]
+        partial_m2[k, j] = q[tx]
+
+
+@cuda.jit
+def _fused_merge_normalize(X, partial_mean, partial_m2, rows_per_chunk, eps, momentum, unbiased,
+                           running_mean, running_var, gamma, beta, code, alpha, mean, invstd, Y):
+    R, C = X.shape
+    n_chunks = partial_mean.shape[0]
+    tx = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    TX = cuda.blockDim.x
+    TY = cuda.blockDim.y
+    k = cuda.blockIdx.x
+    j = cuda.blockIdx.y * TX + tx
+    lane = ty * TX + tx
+    cnt = cuda.shared.array(MAX_THREADS, F64)
+    mu = cuda.shared.array(MAX_THREADS, F64)
+    q = cuda.shared.array(MAX_THREADS, F64)
+    col_mean = cuda.shared.array(32, F64)
+    col_scale = cuda.shared.array(32, F64)
+    col_shift = cuda.shared.array(32, F64)
+    # merge: lane ty takes chunks ty, ty + TY, ... in order (Chan), then the lane tree
+    n_a = 0.0
+    m_a = 0.0
+    q_a = 0.0
+    if j < C:
+        for kk in range(ty, n_chunks, TY):
+            n_b = F64(min(rows_per_chunk, R - kk * rows_per_chunk))
+            n = n_a + n_b
+            delta = partial_mean[kk, j] - m_a
+            m_a += delta * (n_b / n)
+            q_a += partial_m2[kk, j] + delta * delta * (n_a * n_b / n)
+            n_a = n
+    cnt[lane] = n_a
+    mu[lane] = m_a
+    q[lane] = q_a
+    cuda.syncthreads()
+    chan_tree(cnt, mu, q, tx, ty, TX, TY)
+    if ty == 0 and j < C:
+        m = mu[tx]
+        var = q[tx] / R
+        r = 1.0 / math.sqrt(var + eps)
+        col_mean[tx] = m
+        col_scale[tx] = r * gamma[j]
+        col_shift[tx] = F64(beta[j])
+        if k == 0:
+            mean[j] = m
+            invstd[j] = r
+            if momentum >= 0.0:
+                batch_var = var * R / (R - 1) if unbiased else var
+                running_mean[j] = momentum * running_mean[j] + (1.0 - momentum) * m
+                running_var[j] = momentum * running_var[j] + (1.0 - momentum) * batch_var
+    cuda.syncthreads()
+    if j >= C:
+        return
+    m = col_mean[tx]
+    scale = col_scale[tx]
+    shift = col_shift[tx]
+    start = k * rows_per_chunk
+    stop = min(start + rows_per_chunk, R)
+    i = start + ty
+    if code == 0:
+        while i + 3 * TY < stop:
+            x0 = X[i, j]
+            x1 = X[i + TY, j]
+            x2 = X[i + 2 * TY, j]
+            x3 = X[i + 3 * TY, j]
+            Y[i, j] = (x0 - m) * scale + shift
+            Y[i + TY, j] = (x1 - m) * scale + shift
+            Y[i + 2 * TY, j] = (x2 - m) * scale + shift
+            Y[i + 3 * TY, j] = (x3 - m) * scale + shift
+            i += 4 * TY
+        while i < stop:
+            Y[i, j] = (X[i, j] - m) * scale + shift
+            i += TY
+    else:
+        while i < stop:
+            Y[i, j] = act_value(code, alpha, (X[i, j] - m) * scale + shift)
+            i += TY
+
+
+def column_forward_train(size, X, gamma, beta, code, alpha, eps, momentum, unbiased,
+                         running_mean, running_var, mean, invstd, Y):
+    """CUDA-only fused BatchNorm training forward on an ``(R, C)`` view: batch statistics
+    (``mean``, ``invstd`` float64; running statistics updated in place with numpy-ml's
+    ``momentum``), then ``Y = f((X - mean) * invstd * gamma + beta)``. Two launches."""
+    R, C = X.shape
+    if R == 0 or C == 0:
+        return
+    rpc, n_chunks, TX, TY = column_plan(R, C)
+    pm = workspace("bn_mean", (n_chunks, C))
+    pm2 = workspace("bn_m2", (n_chunks, C))
+    grid = (n_chunks, n_blocks(C, TX))
+    launch(_fused_stats, grid, (TX, TY), X, rpc, pm, pm2)
+    launch(_fused_merge_normalize, grid, (TX, TY), X, pm, pm2, rpc, float(eps), float(momentum),
+           bool(unbiased), running_mean, running_var, gamma, beta, int(code), float(alpha), mean,
+           invstd, Y)
+
+
+@cuda.jit
+def _fused_backward_reduce(X, dY, mean, invstd, gamma, beta, code, alpha, rows_per_chunk,
+                           partial_sum_g, partial_sum_gx):
+    R, C = X.shape
+    tx = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    TX = cuda.blockDim.x
+    TY = cuda.blockDim.y
+    k = cuda.blockIdx.x
+    j = cuda.blockIdx.y * TX + tx
+    lane = ty * TX + tx
+    bg = cuda.shared.array(MAX_THREADS, F64)
+    bgx = cuda.shared.array(MAX_THREADS, F64)
+    start = k * rows_per_chunk
+    stop = min(start + rows_per_chunk, R)
+    sg = 0.0
+    sgx = 0.0
+    if j < C:
+        m = mean[j]
+        r = invstd[j]
+        i = start + ty
+        if code == 0:
+            while i + 3 * TY < stop:
+                g0 = F64(dY[i, j])
+                g1 = F64(dY[i + TY, j])
+                g2 = F64(dY[i + 2 * TY, j])
+                g3 = F64(dY[i + 3 * TY, j])
+                h0 = (X[i, j] - m) * r
+                h1 = (X[i + TY, j] - m) * r
+                h2 = (X[i + 2 * TY, j] - m) * r
+                h3 = (X[i + 3 * TY, j] - m) * r
+                sg += (g0 + g1) + (g2 + g3)
+                sgx += (g0 * h0 + g1 * h1) + (g2 * h2 + g3 * h3)
+                i += 4 * TY
+            while i < stop:
+                g0 = F64(dY[i, j])
+                sg += g0
+                sgx += g0 * ((X[i, j] - m) * r)
+                i += TY
+        else:
+            gj = F64(gamma[j])
+            bj = F64(beta[j])
+            while i < stop:
+                xhat = (X[i, j] - m) * r
+                g0 = F64(dY[i, j]) * _slope(code, alpha, xhat * gj + bj)
+                sg += g0
+                sgx += g0 * xhat
+                i += TY
+    bg[lane] = sg
+    bgx[lane] = sgx
+    cuda.syncthreads()
+    lane_tree(bg, tx, ty, TX, TY)
+    lane_tree(bgx, tx, ty, TX, TY)
+    if ty == 0 and j < C:
+        partial_sum_g[k, j] = bg[tx]
+        partial_sum_gx[k, j] = bgx[tx]
+
+
+@cuda.jit
+def _fused_merge_backward_dx(X, dY, mean, invstd, gamma, beta, code, alpha, partial_sum_g,
+                             partial_sum_gx, rows_per_chunk, grad_gamma, grad_beta, accumulate,
+                             dX):
+    R, C = X.shape
+    n_chunks = partial_sum_g.shape[0]
+    tx = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    TX = cuda.blockDim.x
+    TY = cuda.blockDim.y
+    k = cuda.blockIdx.x
+    j = cuda.blockIdx.y * TX + tx
+    lane = ty * TX + tx
+    bg = cuda.shared.array(MAX_THREADS, F64)
+    bgx = cuda.shared.array(MAX_THREADS, F64)
+    sg = 0.0
+    sgx = 0.0
+    if j < C:
+        for kk in range(ty, n_chunks, TY):
+            sg += partial_sum_g[kk, j]
+            sgx += partial_sum_gx[kk, j]
+    bg[lane] = sg
+    bgx[lane] = sgx
+    cuda.syncthreads()
+    lane_tree(bg, tx, ty, TX, TY)
+    lane_tree(bgx, tx, ty, TX, TY)
+    if j >= C:
+        return
+    total_g = bg[tx]
+    total_gx = bgx[tx]
+    if k == 0 and ty == 0 and accumulate:
+        grad_beta[j] = grad_beta[j] + total_g
+        grad_gamma[j] = grad_gamma[j] + total_gx
+    inv_r = 1.0 / R
+    m = mean[j]
+    r = invstd[j]
+    gj = F64(gamma[j])
+    bj = F64(beta[j])
+    scale = gj * r
+    mg = total_g * inv_r
+    mgx = total_gx * inv_r
+    start = k * rows_per_chunk
+    stop = min(start + rows_per_chunk, R)
+    i = start + ty
+    if code == 0:
+        while i + 3 * TY < stop:
+            g0 = F64(dY[i, j])
+            g1 = F64(dY[i + TY, j])
+            g2 = F64(dY[i + 2 * TY, j])
+            g3 = F64(dY[i + 3 * TY, j])
+            h0 = (X[i, j] - m) * r
+            h1 = (X[i + TY, j] - m) * r
+            h2 = (X[i + 2 * TY, j] - m) * r
+            h3 = (X[i + 3 * TY, j] - m) * r
+            dX[i, j] = scale * (g0 - mg - h0 * mgx)
+            dX[i + TY, j] = scale * (g1 - mg - h1 * mgx)
+            dX[i + 2 * TY, j] = scale * (g2 - mg - h2 * mgx)
+            dX[i + 3 * TY, j] = scale * (g3 - mg - h3 * mgx)
+            i += 4 * TY
+        while i < stop:
+            h0 = (X[i, j] - m) * r
+            dX[i, j] = scale * (F64(dY[i, j]) - mg - h0 * mgx)
+            i += TY
+    else:
+        while i < stop:
+            xhat = (X[i, j] - m) * r
+            g0 = F64(dY[i, j]) * _slope(code, alpha, xhat * gj + bj)
+            dX[i, j] = scale * (g0 - mg - xhat * mgx)
+            i += TY
+
+
+def column_backward_train(size, X, dY, mean, invstd, gamma, beta, code, alpha, grad_gamma,
+                          grad_beta, accumulate, dX):
+    """CUDA-only fused BatchNorm backward on an ``(R, C)`` view: per-chunk ``sum(g)`` and
+    ``sum(g * xhat)``, then (merged in every block, fixed order) ``dX`` and, when
+    ``accumulate``, ``grad_beta += sum(g)``, ``grad_gamma += sum(g * xhat)``. Two launches."""
+    R, C = X.shape
+    if R == 0 or C == 0:
+        return
+    rpc, n_chunks, TX, TY = column_plan(R, C)
+    psg = workspace("bn_sum_g", (n_chunks, C))
+    psgx = workspace("bn_sum_gx", (n_chunks, C))
+    grid = (n_chunks, n_blocks(C, TX))
+    launch(_fused_backward_reduce, grid, (TX, TY), X, dY, mean, invstd, gamma, beta, int(code),
+           float(alpha), rpc, psg, psgx)
+    launch(_fused_merge_backward_dx, grid, (TX, TY), X, dY, mean, invstd, gamma, beta, int(code),
+           float(alpha), psg, psgx, rpc, grad_gamma.reshape(-1), grad_beta.reshape(-1),
+           bool(accumulate), dX)
+
+
+KERNELS["column_forward_train"] = column_forward_train
+KERNELS["column_backward_train"] = column_backward_train

@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from ._common import (MAX_THREADS, F64, act_slope, act_value, block_size, block_sum,
+from ._common import (launch, MAX_THREADS, F64, act_slope, act_value, block_size, block_sum,
                       column_tile, cuda, lane_tree, n_blocks)
 
 
@@ -34,7 +34,7 @@ def _act_forward(X, code, alpha, Y):
 
 def act_forward(size, X, code, alpha, block, Y):
     if X.shape[0]:
-        _act_forward[_grid(X.shape[0])](X, int(code), float(alpha), Y)
+        launch(_act_forward, *_grid(X.shape[0]), X, int(code), float(alpha), Y)
 
 
 @cuda.jit
@@ -50,7 +50,7 @@ def _act_backward(X, dY, code, alpha, dX):
 
 def act_backward(size, X, dY, code, alpha, block, dX):
     if X.shape[0]:
-        _act_backward[_grid(X.shape[0])](X, dY, int(code), float(alpha), dX)
+        launch(_act_backward, *_grid(X.shape[0]), X, dY, int(code), float(alpha), dX)
 
 
 # ---------------------------------------------------------------- dense epilogues
@@ -70,7 +70,7 @@ def _dense_fwd(Z, b, code, alpha, Y):
 
 def dense_forward_epilogue(size, Z, b, code, alpha, rows_per_chunk, Y):
     if Z.size:
-        _dense_fwd[_grid(Z.size)](Z, b, int(code), float(alpha), Y)
+        launch(_dense_fwd, *_grid(Z.size), Z, b, int(code), float(alpha), Y)
 
 
 @cuda.jit
@@ -105,7 +105,7 @@ def _dense_bwd(Z, dY, code, alpha, rows_per_chunk, dZ, partial_db):
 def dense_backward_epilogue(size, Z, dY, code, alpha, rows_per_chunk, dZ, partial_db):
     n_chunks, C = partial_db.shape
     TX, TY = column_tile()
-    _dense_bwd[(n_chunks, n_blocks(C, TX)), (TX, TY)](Z, dY, int(code), float(alpha),
+    launch(_dense_bwd, (n_chunks, n_blocks(C, TX)), (TX, TY), Z, dY, int(code), float(alpha),
                                                       int(rows_per_chunk), dZ, partial_db)
 
 
@@ -136,7 +136,7 @@ def _col_sums(X, rows_per_chunk, partial):
 def column_partial_sums(size, X, rows_per_chunk, partial):
     n_chunks, C = partial.shape
     TX, TY = column_tile()
-    _col_sums[(n_chunks, n_blocks(C, TX)), (TX, TY)](X, int(rows_per_chunk), partial)
+    launch(_col_sums, (n_chunks, n_blocks(C, TX)), (TX, TY), X, int(rows_per_chunk), partial)
 
 
 # ---------------------------------------------------------------- softmax and losses
@@ -170,7 +170,7 @@ def _softmax_fwd(X, Y):
 
 def softmax_forward(size, X, Y):
     if X.shape[0]:
-        _softmax_fwd[_grid(X.shape[0])](X, Y)
+        launch(_softmax_fwd, *_grid(X.shape[0]), X, Y)
 
 
 @cuda.jit
@@ -187,7 +187,7 @@ def _softmax_bwd(Y, dY, dX):
 
 def softmax_backward(size, Y, dY, dX):
     if Y.shape[0]:
-        _softmax_bwd[_grid(Y.shape[0])](Y, dY, dX)
+        launch(_softmax_bwd, *_grid(Y.shape[0]), Y, dY, dX)
 
 
 @cuda.jit
@@ -215,7 +215,7 @@ def _xent_onehot(Z, T, scale, loss_rows, dZ):
 
 def softmax_xent_onehot(size, Z, T, scale, loss_rows, dZ):
     if Z.shape[0]:
-        _xent_onehot[_grid(Z.shape[0])](Z, T, float(scale), loss_rows, dZ)
+        launch(_xent_onehot, *_grid(Z.shape[0]), Z, T, float(scale), loss_rows, dZ)
 
 
 @cuda.jit
@@ -240,7 +240,7 @@ def _xent_labels(Z, labels, scale, loss_rows, dZ):
 
 def softmax_xent_labels(size, Z, labels, scale, loss_rows, dZ):
     if Z.shape[0]:
-        _xent_labels[_grid(Z.shape[0])](Z, labels, float(scale), loss_rows, dZ)
+        launch(_xent_labels, *_grid(Z.shape[0]), Z, labels, float(scale), loss_rows, dZ)
 
 
 @cuda.jit
@@ -267,7 +267,7 @@ def _squared_error(Y, T, scale, block, partial, dY):
 def squared_error(size, Y, T, scale, block, partial, dY):
     """One CUDA block per CPU block: ``partial`` keeps the CPU layout (summed by the caller)."""
     if partial.shape[0]:
-        _squared_error[partial.shape[0], block_size()](Y, T, float(scale), int(block), partial, dY)
+        launch(_squared_error, partial.shape[0], block_size(), Y, T, float(scale), int(block), partial, dY)
 
 
 # ---------------------------------------------------------------- dropout
@@ -286,7 +286,7 @@ def _dropout_fwd(X, U, p, scale, Y, mask):
 
 def dropout_forward(size, X, U, p, scale, block, Y, mask):
     if X.shape[0]:
-        _dropout_fwd[_grid(X.shape[0])](X, U, float(p), float(scale), Y, mask)
+        launch(_dropout_fwd, *_grid(X.shape[0]), X, U, float(p), float(scale), Y, mask)
 
 
 @cuda.jit
@@ -298,7 +298,7 @@ def _dropout_bwd(dY, mask, scale, dX):
 
 def dropout_backward(size, dY, mask, scale, block, dX):
     if dY.shape[0]:
-        _dropout_bwd[_grid(dY.shape[0])](dY, mask, float(scale), dX)
+        launch(_dropout_bwd, *_grid(dY.shape[0]), dY, mask, float(scale), dX)
 
 
 # ---------------------------------------------------------------- fill, add_into, stats
@@ -313,7 +313,7 @@ def _fill(X, value):
 def fill(arr1d, value):
     """Set every element of a 1-D device array to ``value`` (in place)."""
     if arr1d.shape[0]:
-        _fill[_grid(arr1d.shape[0])](arr1d, float(value))
+        launch(_fill, *_grid(arr1d.shape[0]), arr1d, float(value))
 
 
 @cuda.jit
@@ -327,7 +327,7 @@ def add_into(out, x):
     """out += x (flat; x is cast to out's dtype)."""
     o = out.reshape(-1)
     if o.shape[0]:
-        _add_into[_grid(o.shape[0])](o, x.reshape(-1))
+        launch(_add_into, *_grid(o.shape[0]), o, x.reshape(-1))
 
 
 @cuda.jit
@@ -341,7 +341,7 @@ def _running_invstd(running_mean, running_var, eps, mean, invstd):
 def running_invstd(size, running_mean, running_var, eps, mean, invstd):
     """mean = float64(running_mean); invstd = 1/sqrt(running_var + eps) (inference)."""
     if mean.shape[0]:
-        _running_invstd[_grid(mean.shape[0])](running_mean, running_var, float(eps), mean, invstd)
+        launch(_running_invstd, *_grid(mean.shape[0]), running_mean, running_var, float(eps), mean, invstd)
 
 
 # ---------------------------------------------------------------- matmul (cuBLAS via CuPy)

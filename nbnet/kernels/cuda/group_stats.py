@@ -12,7 +12,7 @@ layout, merged by ``merge_partial_sums``), every thread accumulates the group su
 """
 import math
 
-from ._common import (MAX_THREADS, F64, act_slope, act_value, block_size, block_sum,
+from ._common import (launch, MAX_THREADS, F64, act_slope, act_value, block_size, block_sum,
                       block_sum_pair, cuda)
 
 
@@ -70,14 +70,14 @@ def group_forward_cl(size, X, gamma, beta, n_groups, eps, code, alpha, rows_per_
                      invstd):
     N = X.shape[0]
     if N:
-        _group_forward[N * n_groups, block_size()](X, gamma, beta, int(n_groups), float(eps),
+        launch(_group_forward, N * n_groups, block_size(), X, gamma, beta, int(n_groups), float(eps),
                                                    int(code), float(alpha), Y, mean, invstd, False)
 
 
 def group_forward_cf(size, X, gamma, beta, n_groups, eps, code, alpha, Y, mean, invstd):
     N = X.shape[0]
     if N:
-        _group_forward[N * n_groups, block_size()](X, gamma, beta, int(n_groups), float(eps),
+        launch(_group_forward, N * n_groups, block_size(), X, gamma, beta, int(n_groups), float(eps),
                                                    int(code), float(alpha), Y, mean, invstd, True)
 
 
@@ -148,7 +148,7 @@ def _backward(X, dY, mean, invstd, gamma, beta, n_groups, code, alpha, rows_per_
               partial_dgamma, partial_dbeta, cf):
     n_chunks = partial_dgamma.shape[0]
     if n_chunks:
-        _group_backward[n_chunks * n_groups, block_size()](
+        launch(_group_backward, n_chunks * n_groups, block_size(), 
             X, dY, mean, invstd, gamma, beta, int(n_groups), int(code), float(alpha),
             int(rows_per_chunk), dX, partial_dgamma, partial_dbeta, cf)
 

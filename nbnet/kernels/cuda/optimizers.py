@@ -9,7 +9,7 @@ clip norm is deterministic.
 """
 import math
 
-from ._common import MAX_THREADS, F64, block_size, block_sum, cuda, n_blocks
+from ._common import launch, MAX_THREADS, F64, block_size, block_sum, cuda, n_blocks
 
 
 @cuda.jit
@@ -46,8 +46,8 @@ def _sum_partials(partial, out):
 def sum_of_squares(size, x, chunk, partial, out):
     B = block_size()
     if partial.shape[0] > 0:
-        _chunk_squares[partial.shape[0], B](x, int(chunk), partial)
-    _sum_partials[1, B](partial, out)
+        launch(_chunk_squares, partial.shape[0], B, x, int(chunk), partial)
+    launch(_sum_partials, 1, B, partial, out)
 
 
 @cuda.jit
@@ -95,7 +95,7 @@ def _launch(kern, param, *args):
     n = param.shape[0]
     if n:
         B = block_size()
-        kern[n_blocks(n, B), B](param, *args)
+        launch(kern, n_blocks(n, B), B, param, *args)
 
 
 def sgd_update(size, param, grad, cache, lr, momentum, scale, block):

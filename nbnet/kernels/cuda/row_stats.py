@@ -11,7 +11,7 @@ the chunk's partial rows (no two threads write one element), and the per-row sum
 """
 import math
 
-from ._common import (MAX_THREADS, F64, act_slope, act_value, block_size, block_sum,
+from ._common import (launch, MAX_THREADS, F64, act_slope, act_value, block_size, block_sum,
                       block_sum_pair, cuda)
 
 
@@ -48,7 +48,7 @@ def row_forward(size, X, gamma, beta, eps, center, code, alpha, rows_per_chunk, 
     R = X.shape[0]
     if R == 0:
         return
-    _row_forward[R, block_size()](X, gamma, beta, float(eps), bool(center), int(code),
+    launch(_row_forward, R, block_size(), X, gamma, beta, float(eps), bool(center), int(code),
                                   float(alpha), Y, mean, invstd)
 
 
@@ -96,7 +96,7 @@ def _row_backward(X, dY, mean, invstd, gamma, beta, center, code, alpha, rows_pe
 def row_backward(size, X, dY, mean, invstd, gamma, beta, center, code, alpha, rows_per_chunk,
                  dX, partial_dgamma, partial_dbeta):
     n_chunks = partial_dgamma.shape[0]
-    _row_backward[n_chunks, block_size()](X, dY, mean, invstd, gamma, beta, bool(center),
+    launch(_row_backward, n_chunks, block_size(), X, dY, mean, invstd, gamma, beta, bool(center),
                                           int(code), float(alpha), int(rows_per_chunk), dX,
                                           partial_dgamma, partial_dbeta)
 
