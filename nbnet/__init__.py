@@ -5,7 +5,11 @@ their hot loops are ``@njit(parallel=True, cache=True)`` kernels picked by a reg
 for the layer's device. Nothing is compiled or loaded at import: the first use of a
 kernel loads it from numba's on-disk cache (or compiles it once).
 """
-from .activations import Activation, parse_activation
+from . import config
+
+config.apply_openmp_environment()  # before numba starts its OpenMP workers
+
+from .activations import Activation, parse_activation  # noqa: E402
 from .devices import available_devices, get_default_device, set_default_device
 from .layers import BatchNorm1D, LayerBase, LayerNorm1D
 from .layers import BatchNorm2D, GroupNorm, InstanceNorm2D, LayerNorm2D, RMSNorm
