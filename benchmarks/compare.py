@@ -47,7 +47,13 @@ import sys
 import time
 import warnings
 
-import numpy as np
+# Both libraries run OpenMP pools in this one process. nbnet bounds the spin-wait of idle
+# workers (nbnet.config.GOMP_SPINCOUNT) when it is imported; set the same bound here,
+# before torch loads its own libgomp, so that neither pool's idle spinning starves the
+# other's threads (or BLAS) and both run under the same rule.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
+import numpy as np  # noqa: E402
 
 SECTIONS = ("normalization", "optimizers", "training", "cold_start")
 
