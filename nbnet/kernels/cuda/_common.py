@@ -19,6 +19,7 @@ import os
 import numpy as np
 
 from ... import config, devices
+from .. import activation_math
 
 cuda = devices.import_cuda()
 
@@ -129,63 +130,10 @@ def warn_off():
 
 warn_off()
 
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-
-
-@cuda.jit(device=True)
-def act_value(code, alpha, z):
-    """f(z) for one float64 value (codes of :mod:`nbnet.activations`; CPU twin in
-    ``kernels/cpu/activations.py``)."""
-    if code == 0:
-        return z
-    if code == 1:
-        return z if z > 0.0 else 0.0 * z
-    if code == 2:
-        return z if z > 0.0 else alpha * z
-    if code == 3:
-        return z if z > 0.0 else alpha * math.expm1(z)
-    if code == 4:
-        return 0.5 * z * (1.0 + math.erf(z * _INV_SQRT_2))
-    if code == 5:
-        return 0.5 * z * (1.0 + math.tanh(_SQRT_2_OVER_PI * (z + 0.044715 * z * z * z)))
-    if code == 6:
-        return math.tanh(z)
-    if z >= 0.0:
-        return 1.0 / (1.0 + math.exp(-z))
-    e = math.exp(z)
-    return e / (1.0 + e)
-
-
-@cuda.jit(device=True)
-def act_slope(code, alpha, z):
-    """f'(z) for one float64 value."""
-    if code == 0:
-        return 1.0
-    if code == 1:
-        return 1.0 if z > 0.0 else (z - z)
-    if code == 2:
-        return 1.0 if z > 0.0 else alpha + (z - z)
-    if code == 3:
-        return 1.0 if z > 0.0 else alpha * math.exp(z)
-    if code == 4:
-        return (0.5 * (1.0 + math.erf(z * _INV_SQRT_2))
-                + z * _INV_SQRT_2PI * math.exp(-0.5 * z * z))
-    if code == 5:
-        inner = _SQRT_2_OVER_PI * (z + 0.044715 * z * z * z)
-        t = math.tanh(inner)
-        dinner = _SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * z * z)
-        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * dinner
-    if code == 6:
-        t = math.tanh(z)
-        return 1.0 - t * t
-    if z >= 0.0:
-        s = 1.0 / (1.0 + math.exp(-z))
-    else:
-        e = math.exp(z)
-        s = e / (1.0 + e)
-    return s * (1.0 - s)
+# The scalar activation math is shared with the CPU kernels (one source, two compilers):
+# f(z) and f'(z) for one float64 value, codes of :mod:`nbnet.activations`.
+act_value = cuda.jit(device=True)(activation_math.act_value)
+act_slope = cuda.jit(device=True)(activation_math.act_slope)
 
 
 @cuda.jit(device=True)
