@@ -843,12 +843,6 @@ class GroupNorm(_NormBase):
             raise TypeError(f"{type(self).__name__} was built for {dtype} input (by its first "
                             f"input) but got {np.dtype(X.dtype)}; pass {dtype} data")
 
-    def _init_from_params(self, params):
-        arr = next(iter(params.values()))
-        self.n_in = self.n_out = int(np.shape(arr)[0])
-        self._init_params(np.dtype(arr.dtype))
-        self.is_initialized = True
-
     def _expected_param_shapes(self, params):
         held = self._held_keys()
         extra = sorted(k for k in params if k not in held)

@@ -96,20 +96,7 @@ def _merge_stats(partial_mean, partial_m2, n_rows, rows_per_chunk, eps, momentum
     mu[lane] = m_a
     q[lane] = q_a
     cuda.syncthreads()
-    step = TY // 2
-    while step > 0:
-        if ty < step:
-            o = lane + step * TX
-            n_b = cnt[o]
-            if n_b > 0.0:
-                n_a = cnt[lane]
-                n = n_a + n_b
-                delta = mu[o] - mu[lane]
-                mu[lane] += delta * (n_b / n)
-                q[lane] += q[o] + delta * delta * (n_a * n_b / n)
-                cnt[lane] = n
-        cuda.syncthreads()
-        step //= 2
+    chan_tree(cnt, mu, q, tx, ty, TX, TY)
     if ty == 0 and j < C:
         m = mu[tx]
         var = q[tx] / n_rows
