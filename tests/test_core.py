@@ -54,7 +54,13 @@ def test_batchnorm1d_matches_reference(shape, dtype, rng):
     tol = TOL[dtype]
     assert Y.dtype == dtype and dX.dtype == dtype
     assert rel_err(Y, Yr) < tol
-    assert rel_err(dX, dXr) < tol * 10
+    # dX = gamma * invstd * (dY - mean(dY) - xhat * mean(dY * xhat)) is a difference of
+    # terms of size |gamma * invstd * dY|; float32 kernels compute it in float32, so the
+    # error is relative to those terms. With N == 2 the terms cancel almost exactly (dX is
+    # ~1e-6 of them), and a max-relative-to-dX check would demand more than float32 holds.
+    terms = np.abs(gamma * dY.astype(np.float64)) / np.sqrt(var + 1e-3)
+    assert np.abs(dX - dXr).max() <= tol * 10 * max(np.abs(dXr).max(), terms.max())
+    assert rel_err(dX, dXr) < tol * 10 or shape[0] == 2
     assert rel_err(layer.gradients["scaler"], dgr) < tol * 10
     assert rel_err(layer.gradients["intercept"], dbr) < tol * 10
     assert rel_err(layer.parameters["running_mean"], 0.2 * mean) < tol

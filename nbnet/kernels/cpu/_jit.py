@@ -20,6 +20,13 @@ from ... import config
 
 _OPTIONS = dict(cache=True, nogil=True, fastmath=set(config.FASTMATH), error_model="numpy")
 
+# Kernels that subtract a two-float (hi + lo) mean depend on the written order of their
+# floating-point operations: with "reassoc" LLVM may rewrite ``(x - hi) - lo`` as
+# ``x - (hi + lo)`` and round the low half away. They compile without it ("contract",
+# i.e. FMA, only makes them more exact). Their loops vectorise anyway: the inner loop runs
+# across columns with one accumulator per column, which is not a reduction.
+_ORDERED_OPTIONS = dict(_OPTIONS, fastmath=set(config.FASTMATH) - {"reassoc"})
+
 
 def _renamed(fn, suffix):
     clone = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + suffix,
@@ -37,9 +44,10 @@ class Kernel:
     use ``.parallel`` / ``.serial`` directly.
     """
 
-    def __init__(self, fn):
-        self.parallel = njit(parallel=True, **_OPTIONS)(fn)
-        self.serial = njit(parallel=False, **_OPTIONS)(_renamed(fn, "_serial"))
+    def __init__(self, fn, ordered=False):
+        options = _ORDERED_OPTIONS if ordered else _OPTIONS
+        self.parallel = njit(parallel=True, **options)(fn)
+        self.serial = njit(parallel=False, **options)(_renamed(fn, "_serial"))
         self.__name__ = fn.__name__
         self.__doc__ = fn.__doc__
         self._unseen = {id(self.parallel), id(self.serial)}
@@ -76,9 +84,15 @@ def _announce_compile():
               file=sys.stderr, flush=True)
 
 
-def kernel(fn):
-    """Decorate a kernel body: returns a :class:`Kernel` (parallel + serial twin)."""
-    return Kernel(fn)
+def kernel(fn=None, *, ordered=False):
+    """Decorate a kernel body: returns a :class:`Kernel` (parallel + serial twin).
+
+    ``@kernel(ordered=True)`` compiles without "reassoc", for kernels whose accuracy
+    rests on the written order of their operations (the two-float mean subtraction).
+    """
+    if fn is None:
+        return lambda f: Kernel(f, ordered=ordered)
+    return Kernel(fn, ordered=ordered)
 
 
 def helper(fn):

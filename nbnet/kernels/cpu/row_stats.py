@@ -10,17 +10,96 @@ reduce over rows, so backward writes per-chunk ``[n_chunks, D]`` partials merged
 order, exactly as the column pattern does. Chunking depends only on the shape, so results
 are bit-identical for any thread count.
 
-Numerics: float64 accumulation, two passes over the cached row (mean, then squared
-deviations around it), never E[x^2] - E[x]^2.
+Numerics: never E[x^2] - E[x]^2. Each row is reduced with a *shifted* two-pass scheme,
+computed in the input's dtype and accumulated in float64:
+
+1. ``m0`` = the row mean from a first pass, rounded to the input's dtype (only a shift:
+   it need not be exact);
+2. ``d = x - m0`` (exact when x is within a factor 2 of m0, Sterbenz), and the sums
+   ``sd = sum(d)``, ``sdd = sum(d*d)``; then ``mean = m0 + sd/D`` and
+   ``var = (sdd - sd*sd/D) / D``, which is exact algebra around any shift and loses
+   nothing when the shift is within a few standard deviations of the mean;
+3. the output uses ``xhat = (x - m0) * invstd - c`` with the per-row constant
+   ``c = (mean - m0) * invstd``: the float64 mean enters as a small correction applied
+   *after* the scaling, so no reassociation can fold it into ``m0`` (there is no
+   ``x - (m0 + ...)`` to form) and the kernels keep "reassoc" for their row sums.
+
+Sums over a row run in blocks of ``_SUM_BLOCK`` columns in the input's dtype (vectorised,
+about 16 terms per SIMD lane) and are accumulated in float64 across blocks, so the
+float32 rounding of a sum never grows with the row length. Everything runs 8 or 16 lanes
+wide without float32 <-> float64 conversions in the inner loops; for float64 inputs it is
+plain float64 throughout.
 """
 import math
 
 import numpy as np
 from numba import prange
 
-from ._jit import kernel
+from ._jit import helper, kernel
 from .activations import act_row
 from .column_stats import slope_inplace
+
+#: Rows per block accumulator of the parameter-gradient sums (as in column_stats).
+_ROW_BLOCK = 8
+
+#: Columns per float32 partial sum (then accumulated in float64): with 8-lane vectors and
+#: 4-way unrolling each lane adds about 16 values, so a block's relative rounding is
+#: ~1e-7 whatever the row length.
+_SUM_BLOCK = 512
+
+
+@helper
+def _row_sum(x):
+    """sum(x) as float64: blocks of ``_SUM_BLOCK`` summed in x's dtype."""
+    D = x.shape[0]
+    s = 0.0
+    for b in range(0, D, _SUM_BLOCK):
+        xb = x[b:b + _SUM_BLOCK]  # a slice: range(b, stop) indexing does not vectorise
+        part = xb[0] - xb[0]
+        for j in range(xb.shape[0]):
+            part += xb[j]
+        s += part
+    return s
+
+
+@helper
+def _row_shifted_moments(x, m0):
+    """(sum(x - m0), sum((x - m0)**2)) as float64, blockwise like :func:`_row_sum`."""
+    D = x.shape[0]
+    sd = 0.0
+    sdd = 0.0
+    for b in range(0, D, _SUM_BLOCK):
+        xb = x[b:b + _SUM_BLOCK]
+        p1 = m0 - m0
+        p2 = m0 - m0
+        for j in range(xb.shape[0]):
+            d = xb[j] - m0
+            p1 += d
+            p2 += d * d
+        sd += p1
+        sdd += p2
+    return sd, sdd
+
+
+@helper
+def _row_stats(x, center, eps, inv_d, shift):
+    """(mean, invstd, m0, c) of one row; ``shift`` is a 1-element buffer of x's dtype.
+
+    ``m0`` (x's dtype) is the shift, ``c = (mean - m0) * invstd`` the correction that
+    makes ``(x - m0) * invstd - c`` the exact ``xhat``. RMSNorm (``center`` false):
+    ``mean = m0 = 0``, ``invstd = 1/sqrt(mean(x^2) + eps)``.
+    """
+    shift[0] = _row_sum(x) * inv_d if center else 0.0
+    m0 = shift[0]
+    sd, sdd = _row_shifted_moments(x, m0)
+    if center:
+        mean = m0 + sd * inv_d
+        var = max((sdd - sd * sd * inv_d) * inv_d, 0.0)
+    else:
+        mean = 0.0
+        var = sdd * inv_d
+    r = 1.0 / math.sqrt(var + eps)
+    return mean, r, m0, (mean - m0) * r
 
 
 @kernel
@@ -36,26 +115,28 @@ def row_forward(X, gamma, beta, eps, center, code, alpha, rows_per_chunk, Y, mea
     for k in prange(n_chunks):
         start = k * rows_per_chunk
         stop = min(start + rows_per_chunk, R)
-        tmp = np.empty(D, np.float64)
+        shift = np.empty(1, X.dtype)
+        coef = np.empty(2, X.dtype)  # invstd and c in X's dtype
+        tmp = np.empty(D if code != 0 else 0, np.float64)
         for i in range(start, stop):
-            m = 0.0
-            if center:
-                s = 0.0
-                for j in range(D):
-                    s += X[i, j]
-                m = s * inv_d
-            ss = 0.0
-            for j in range(D):
-                d = X[i, j] - m
-                ss += d * d
-            r = 1.0 / math.sqrt(ss * inv_d + eps)
+            x = X[i]
+            m, r, m0, c = _row_stats(x, center, eps, inv_d, shift)
             mean[i] = m
             invstd[i] = r
-            for j in range(D):
-                tmp[j] = (X[i, j] - m) * r * gamma[j] + beta[j]
-            act_row(code, alpha, tmp)
-            for j in range(D):
-                Y[i, j] = tmp[j]
+            if code == 0:
+                coef[0] = r
+                coef[1] = c
+                rr = coef[0]
+                cc = coef[1]
+                y = Y[i]
+                for j in range(D):
+                    y[j] = ((x[j] - m0) * rr - cc) * gamma[j] + beta[j]
+            else:
+                for j in range(D):
+                    tmp[j] = ((x[j] - m0) * r - c) * gamma[j] + beta[j]
+                act_row(code, alpha, tmp)
+                for j in range(D):
+                    Y[i, j] = tmp[j]
 
 
 @kernel
@@ -70,7 +151,9 @@ def row_backward(X, dY, mean, invstd, gamma, beta, center, code, alpha, rows_per
         dx = invstd * (h - xhat * mean(h * xhat))             (RMSNorm)
 
     ``partial_dgamma[k] = sum over the chunk's rows of g * xhat``, ``partial_dbeta[k] =
-    sum of g`` (float64, merged by :func:`merge_partial_sums`).
+    sum of g`` (float64, merged by :func:`merge_partial_sums`). ``xhat`` is formed as
+    ``(x - m0) * invstd - c`` with the shift ``m0 = mean`` rounded to X's dtype (see the
+    module notes).
     """
     R, D = X.shape
     n_chunks = partial_dgamma.shape[0]
@@ -83,68 +166,87 @@ def row_backward(X, dY, mean, invstd, gamma, beta, center, code, alpha, rows_per
         for j in range(D):
             pdg[j] = 0.0
             pdb[j] = 0.0
-        g = np.empty(D, np.float64)
         first = start
         if code == 0:
-            # No activation: read dY directly, two rows per pass over the partials, so
-            # the float64 read-modify-write of pdg/pdb (the bulk of this kernel's work)
-            # is paid once per pair of rows.
-            first = start + (stop - start) // 2 * 2
-            for i in range(start, first, 2):
-                x0, x1 = X[i], X[i + 1]
-                dy0, dy1 = dY[i], dY[i + 1]
-                m0, r0, m1, r1 = mean[i], invstd[i], mean[i + 1], invstd[i + 1]
-                s_h0 = 0.0
-                s_hx0 = 0.0
-                s_h1 = 0.0
-                s_hx1 = 0.0
+            # No activation: one row at a time in X's dtype. The parameter-gradient sums
+            # go into block accumulators of X's dtype, flushed into the float64 partials
+            # every _ROW_BLOCK rows (so the float64 read-modify-write is paid once per
+            # block); the row sums run in blocks of _SUM_BLOCK columns.
+            first = stop
+            k = np.empty(5, X.dtype)  # per-row constants rounded once to X's dtype
+            acc_g = np.empty(D, X.dtype)
+            acc_gx = np.empty(D, X.dtype)
+            for i0 in range(start, stop, _ROW_BLOCK):
                 for j in range(D):
-                    g0 = np.float64(dy0[j])
-                    g1 = np.float64(dy1[j])
-                    xh0 = (x0[j] - m0) * r0
-                    xh1 = (x1[j] - m1) * r1
-                    gm = np.float64(gamma[j])
-                    s_h0 += g0 * gm
-                    s_hx0 += g0 * gm * xh0
-                    s_h1 += g1 * gm
-                    s_hx1 += g1 * gm * xh1
-                    pdg[j] += g0 * xh0 + g1 * xh1
-                    pdb[j] += g0 + g1
-                mh0 = s_h0 * inv_d if center else 0.0
-                mh1 = s_h1 * inv_d if center else 0.0
-                mhx0 = s_hx0 * inv_d
-                mhx1 = s_hx1 * inv_d
-                dx0, dx1 = dX[i], dX[i + 1]
+                    acc_g[j] = 0.0
+                    acc_gx[j] = 0.0
+                for i in range(i0, min(i0 + _ROW_BLOCK, stop)):
+                    ri = invstd[i]
+                    k[0] = mean[i]  # the shift m0
+                    k[1] = ri
+                    k[2] = (mean[i] - k[0]) * ri  # c: xhat = (x - m0) * r - c
+                    m0, rr, cc = k[0], k[1], k[2]
+                    x, gy, dx = X[i], dY[i], dX[i]
+                    s_h = 0.0
+                    s_hx = 0.0
+                    for b in range(0, D, _SUM_BLOCK):
+                        e = min(b + _SUM_BLOCK, D)
+                        # slices, so that the block loop vectorises
+                        xb, gb, gmb = x[b:e], gy[b:e], gamma[b:e]
+                        h = m0 - m0
+                        hx = m0 - m0
+                        for j in range(e - b):
+                            hh = gb[j] * gmb[j]
+                            h += hh
+                            hx += hh * ((xb[j] - m0) * rr - cc)
+                        s_h += h
+                        s_hx += hx
+                    # dx = r * (h - mh - xhat * mhx) = (g * gamma) * r + k0 - k1 * (x - m0)
+                    # with k0 = r * (c * mhx - mh), k1 = r * r * mhx (x - m0 stays explicit)
+                    mh = s_h * inv_d if center else 0.0
+                    mhx = s_hx * inv_d
+                    k[3] = ri * ((mean[i] - k[0]) * ri * mhx - mh)
+                    k[4] = ri * ri * mhx
+                    k0, k1 = k[3], k[4]
+                    # the dx loop also feeds the block accumulators: it is elementwise (no
+                    # reduction), so it vectorises; mixing the stores into the reduction
+                    # loop above stopped that one vectorising.
+                    for j in range(D):
+                        g = gy[j]
+                        d = x[j] - m0
+                        dx[j] = ((g * gamma[j]) * rr + k0) - k1 * d
+                        acc_g[j] += g
+                        acc_gx[j] += g * (d * rr - cc)
                 for j in range(D):
-                    gm = np.float64(gamma[j])
-                    dx0[j] = r0 * (dy0[j] * gm - mh0 - (x0[j] - m0) * r0 * mhx0)
-                    dx1[j] = r1 * (dy1[j] * gm - mh1 - (x1[j] - m1) * r1 * mhx1)
+                    pdg[j] += acc_gx[j]
+                    pdb[j] += acc_g[j]
+        g = np.empty(D, np.float64)
         for i in range(first, stop):
-            m = mean[i]
-            r = invstd[i]
+            mi = mean[i]
+            ri = invstd[i]
             if code == 0:
                 for j in range(D):
                     g[j] = dY[i, j]
             else:
                 for j in range(D):
-                    g[j] = (X[i, j] - m) * r * gamma[j] + beta[j]
+                    g[j] = (X[i, j] - mi) * ri * gamma[j] + beta[j]
                 slope_inplace(code, alpha, g)  # branch-free for ReLU-like codes
                 for j in range(D):
                     g[j] *= dY[i, j]
-            s_h = 0.0
-            s_hx = 0.0
+            sh = 0.0
+            shx = 0.0
             for j in range(D):
-                xhat = (X[i, j] - m) * r
+                xhat = (X[i, j] - mi) * ri
                 h = g[j] * gamma[j]
-                s_h += h
-                s_hx += h * xhat
+                sh += h
+                shx += h * xhat
                 pdg[j] += g[j] * xhat
                 pdb[j] += g[j]
-            mh = s_h * inv_d if center else 0.0
-            mhx = s_hx * inv_d
+            mh = sh * inv_d if center else 0.0
+            mhx = shx * inv_d
             for j in range(D):
-                xhat = (X[i, j] - m) * r
-                dX[i, j] = r * (g[j] * gamma[j] - mh - xhat * mhx)
+                xhat = (X[i, j] - mi) * ri
+                dX[i, j] = ri * (g[j] * gamma[j] - mh - xhat * mhx)
 
 
 KERNELS = {
