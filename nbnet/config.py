@@ -54,6 +54,14 @@ MAX_CHUNK_ROWS = _env_int("NBNET_MAX_CHUNK_ROWS", 1024)
 #: loaded after nbnet in the process (PyTorch's too); 0 leaves the environment alone.
 GOMP_SPINCOUNT = _env_int("NBNET_GOMP_SPINCOUNT", 10000)
 
+#: Row-pattern backward (LayerNorm, RMSNorm) on CPU: when the per-chunk float64
+#: parameter-gradient partials would reach this fraction of the input's bytes (few rows,
+#: very wide), the parameter gradients are reduced by column blocks of
+#: PARAM_GRAD_COLUMNS columns instead (no partials, no merge). LayerNorm2D (32,32,32,64)
+#: float32 has partials as large as X (ratio 1.0); LayerNorm1D (4096, 1024) 1/16.
+WIDE_PARTIALS_RATIO = float(os.environ.get("NBNET_WIDE_PARTIALS_RATIO", "0.5"))
+PARAM_GRAD_COLUMNS = _env_int("NBNET_PARAM_GRAD_COLUMNS", 2048)
+
 #: Below this many elements a kernel's serial twin runs instead of the parallel one:
 #: starting and joining a parallel region costs microseconds, and a thread descheduled
 #: by another process stalls the whole region for a scheduler tick. Measured on the

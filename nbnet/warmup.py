@@ -58,6 +58,10 @@ def warm(dtypes=("float32", "float64"), verbose=True):
                 Y = layer.forward(X)
                 layer.backward(rng.normal(size=Y.shape).astype(dtype))
                 layer.forward(X, retain_derived=False)
+        # few, very wide rows: the column-block parameter gradients, parallel twin
+        X = rng.normal(size=(4, 64, 64, 16)).astype(dtype)
+        layer = nbnet.LayerNorm2D()
+        layer.backward(layer.forward(X))
         for spec in ("sgd(momentum=0.9, clip_norm=1.0)", "adagrad", "rmsprop", "adam"):
             for n in (8, 1 << 17):
                 opt = nbnet.get_optimizer(spec)

@@ -16,6 +16,7 @@ import pytest
 
 import nbnet
 import reference as ref
+from conftest import rel_err
 
 ACTS = {  # nbnet spelling -> reference name
     None: None, "relu": "relu", "leaky_relu": "leaky_relu", "elu": "elu",
@@ -450,3 +451,36 @@ def test_instancenorm_running_stats_used_in_eval():
     rm, rv = inn.parameters["running_mean"], inn.parameters["running_var"]
     np.testing.assert_allclose(inn.forward(X), (X - rm) / np.sqrt(rv + 1e-5), rtol=1e-12, atol=1e-12)
     assert len(inn.X) == 1  # inference retained nothing new
+
+
+# ------------------------------------------- row-pattern parameter gradients, both paths
+@pytest.mark.parametrize("center", [True, False])
+@pytest.mark.parametrize("ratio", [0.0, float("inf")])
+def test_row_parameter_gradients_by_columns_and_by_partials(monkeypatch, center, ratio, rng):
+    """LayerNorm/RMSNorm reduce their parameter gradients either by column blocks
+    (row_param_grads, chosen for wide, short inputs) or by per-chunk partials; ratio 0
+    forces the first, inf the second. Both must match the float64 reference, and both
+    must *accumulate* over two backward calls."""
+    from nbnet import config
+    monkeypatch.setattr(config, "WIDE_PARTIALS_RATIO", ratio)
+    monkeypatch.setattr(config, "PARAM_GRAD_COLUMNS", 7)  # several column tasks, a ragged last one
+    X = rng.normal(3.0, 2.0, (37, 45))
+    dY = rng.normal(size=X.shape)
+    layer = nbnet.LayerNorm1D(epsilon=1e-4) if center else nbnet.RMSNorm(epsilon=1e-4)
+    layer.forward(X[:2], retain_derived=False)
+    gamma = rng.uniform(0.5, 1.5, X.shape[1])
+    params = {"scaler": gamma}
+    if center:
+        params["intercept"] = rng.normal(size=X.shape[1])
+    layer.set_params({"parameters": params})
+    beta = params.get("intercept", np.zeros(X.shape[1]))
+    layer.forward(X)
+    layer.forward(X)
+    dX, dX2 = layer.backward([dY, dY])  # numpy-ml: one gradient per forward call
+    np.testing.assert_array_equal(dX, dX2)
+    dXr, dgr, dbr = ref.norm_backward_ref(X, dY, (1,), gamma, beta, 1e-4, center=center,
+                                          param_axes=(0,))
+    assert rel_err(dX, dXr) < 1e-10
+    assert rel_err(layer.gradients["scaler"], 2 * dgr) < 1e-10
+    if center:
+        assert rel_err(layer.gradients["intercept"], 2 * dbr) < 1e-10

@@ -512,6 +512,16 @@ class LayerNorm1D(_NormBase):
             self.derived_variables["invstd"].append(invstd)
         return Y
 
+    def _wide_param_grads(self, R, D, code):
+        """True when the parameter gradients are cheaper by column blocks
+        (:func:`~nbnet.kernels.cpu.row_stats.row_param_grads`) than by per-chunk
+        partials: CPU, no activation, and partials at least ``config.WIDE_PARTIALS_RATIO``
+        of the input's bytes (few rows, very wide: LayerNorm2D on images)."""
+        if self.device != "cpu" or code != 0:
+            return False
+        n_chunks = -(-R // config.rows_per_chunk(D, 4))
+        return 2 * n_chunks * D * 8 >= config.WIDE_PARTIALS_RATIO * R * D * 4
+
     def backward(self, dLdy, retain_grads=True):
         """dL/dX per example, plus the parameter gradients, in one pass."""
         grads, was_list = self._check_grads(dLdy)
@@ -524,7 +534,19 @@ class LayerNorm1D(_NormBase):
             dy2 = dy.reshape(X2.shape)
             R, D = X2.shape
             dX = self._empty(X.shape, X.dtype)
-            if R > 0 and D > 0:
+            if R > 0 and D > 0 and self._wide_param_grads(R, D, code):
+                # wide, short input: parameter gradients by column blocks, no partials
+                empty = self._empty((0, D), _F64)
+                self._kernel("row_backward")(R * D, X2, dy2, mean, invstd, gamma, beta, self._center,
+                                             code, alpha, config.rows_per_chunk(D, X.dtype.itemsize),
+                                             dX.reshape(X2.shape), empty, empty)
+                if retain_grads:  # summed straight into the gradient arrays
+                    dgamma = self.gradients["scaler"].reshape(D)
+                    dbeta = (self.gradients["intercept"].reshape(D) if "intercept" in self.gradients
+                             else np.zeros(D, dgamma.dtype))  # RMSNorm: no intercept
+                    self._kernel("row_param_grads")(R * D, X2, dy2, mean, invstd,
+                                                    config.PARAM_GRAD_COLUMNS, True, dgamma, dbeta)
+            elif R > 0 and D > 0:
                 rpc = config.rows_per_chunk(D, X.dtype.itemsize)
                 n_chunks = -(-R // rpc)
                 pdg = self._empty((n_chunks, D), _F64)

@@ -153,17 +153,21 @@ def row_backward(X, dY, mean, invstd, gamma, beta, center, code, alpha, rows_per
     ``partial_dgamma[k] = sum over the chunk's rows of g * xhat``, ``partial_dbeta[k] =
     sum of g`` (float64, merged by :func:`merge_partial_sums`). ``xhat`` is formed as
     ``(x - m0) * invstd - c`` with the shift ``m0 = mean`` rounded to X's dtype (see the
-    module notes).
+    module notes). Partial buffers of shape ``(0, D)`` skip the parameter-gradient sums
+    (the caller runs :func:`row_param_grads`; allowed only without an activation).
     """
     R, D = X.shape
-    n_chunks = partial_dgamma.shape[0]
+    n_chunks = (R + rows_per_chunk - 1) // rows_per_chunk
     inv_d = 1.0 / D
     for k in prange(n_chunks):
         start = k * rows_per_chunk
         stop = min(start + rows_per_chunk, R)
-        pdg = partial_dgamma[k]
-        pdb = partial_dbeta[k]
-        for j in range(D):
+        # Empty partial buffers (shape (0, D)): the parameter gradients come from
+        # row_param_grads instead (no activation only).
+        with_partials = partial_dgamma.shape[0] > 0
+        pdg = partial_dgamma[k] if with_partials else partial_dgamma.ravel()
+        pdb = partial_dbeta[k] if with_partials else partial_dbeta.ravel()
+        for j in range(pdg.shape[0]):
             pdg[j] = 0.0
             pdb[j] = 0.0
         first = start
@@ -217,9 +221,10 @@ def row_backward(X, dY, mean, invstd, gamma, beta, center, code, alpha, rows_per
                         dx[j] = ((g * gamma[j]) * rr + k0) - k1 * d
                         acc_g[j] += g
                         acc_gx[j] += g * (d * rr - cc)
-                for j in range(D):
-                    pdg[j] += acc_gx[j]
-                    pdb[j] += acc_g[j]
+                if with_partials:
+                    for j in range(D):
+                        pdg[j] += acc_gx[j]
+                        pdb[j] += acc_g[j]
         g = np.empty(D, np.float64)
         for i in range(first, stop):
             mi = mean[i]
@@ -249,7 +254,62 @@ def row_backward(X, dY, mean, invstd, gamma, beta, center, code, alpha, rows_per
                 dX[i, j] = ri * (g[j] * gamma[j] - mh - xhat * mhx)
 
 
+@kernel
+def row_param_grads(X, dY, mean, invstd, cols_per_task, accumulate, dgamma, dbeta):
+    """Parameter gradients of the row pattern, reduced over rows by column blocks.
+
+    ``dgamma[j] (+)= sum_i dY[i, j] * xhat[i, j]``, ``dbeta[j] (+)= sum_i dY[i, j]`` (no
+    activation), summed in float64 and stored in the outputs' dtype: added to them when
+    ``accumulate`` is true (the layer's gradient arrays), written otherwise.
+
+    For wide, short inputs (LayerNorm2D: 32 rows of 65,536 values) per-chunk
+    ``[n_chunks, D]`` partials cost as much memory traffic as X itself; here each task
+    owns ``cols_per_task`` columns and walks every row in order, so there are no
+    partials and no merge, and the result is the same for any thread count.
+    :func:`row_backward` then runs with empty partial buffers and skips these sums.
+    """
+    R, D = X.shape
+    n_tasks = (D + cols_per_task - 1) // cols_per_task
+    for t in prange(n_tasks):
+        j0 = t * cols_per_task
+        j1 = min(j0 + cols_per_task, D)
+        w = j1 - j0
+        sg = np.zeros(w, np.float64)
+        sgx = np.zeros(w, np.float64)
+        acc_g = np.empty(w, X.dtype)
+        acc_gx = np.empty(w, X.dtype)
+        k = np.empty(3, X.dtype)
+        for i0 in range(0, R, _ROW_BLOCK):
+            for j in range(w):
+                acc_g[j] = 0.0
+                acc_gx[j] = 0.0
+            for i in range(i0, min(i0 + _ROW_BLOCK, R)):
+                k[0] = mean[i]
+                k[1] = invstd[i]
+                k[2] = (mean[i] - k[0]) * invstd[i]
+                m0, rr, cc = k[0], k[1], k[2]
+                x = X[i, j0:j1]
+                g = dY[i, j0:j1]
+                for j in range(w):
+                    acc_g[j] += g[j]
+                    acc_gx[j] += g[j] * ((x[j] - m0) * rr - cc)
+            for j in range(w):
+                sg[j] += acc_g[j]
+                sgx[j] += acc_gx[j]
+        og = dgamma[j0:j1]
+        ob = dbeta[j0:j1]
+        if accumulate:
+            for j in range(w):
+                og[j] = og[j] + sgx[j]
+                ob[j] = ob[j] + sg[j]
+        else:
+            for j in range(w):
+                og[j] = sgx[j]
+                ob[j] = sg[j]
+
+
 KERNELS = {
     "row_forward": row_forward,
     "row_backward": row_backward,
+    "row_param_grads": row_param_grads,
 }
