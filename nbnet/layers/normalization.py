@@ -222,7 +222,7 @@ class _BatchNormBase(_NormBase):
         """
         if getattr(self, "data_format", "NHWC") == "NCHW":
             N, C = X.shape[0], X.shape[1]
-            L = int(np.prod(X.shape[2:]))
+            L = math.prod(X.shape[2:])
             V = X.reshape(N, C, L)
             chunk = _cf_examples_per_chunk(N, C, L, X.dtype.itemsize)
             return V, "_cf", chunk, chunk * L, -(-N // chunk), N * L
@@ -370,6 +370,8 @@ class _BatchNormBase(_NormBase):
                 self._kernel("merge_partial_sums_pair")(
                     n_chunks * C, psg, psgx, sum_g, sum_gx, self.gradients["intercept"],
                     self.gradients["scaler"], bool(retain_grads))
+            elif n_chunks == 1:  # nothing to merge (small batches: two kernel calls saved)
+                sum_g, sum_gx = psg[0], psgx[0]
             else:
                 merge = self._kernel("merge_partial_sums")
                 merge(n_chunks * C, psg, sum_g)
@@ -478,7 +480,7 @@ class LayerNorm1D(_NormBase):
         }
 
     def _rows(self, X):
-        return X.reshape(X.shape[0], int(np.prod(X.shape[1:])))
+        return X.reshape(X.shape[0], math.prod(X.shape[1:]))
 
     def _build_for(self, X):
         self._ensure_built(self._n_features(X), X.dtype)
@@ -520,7 +522,8 @@ class LayerNorm1D(_NormBase):
         if self.device != "cpu" or code != 0:
             return False
         n_chunks = -(-R // config.rows_per_chunk(D, 4))
-        return 2 * n_chunks * D * 8 >= config.WIDE_PARTIALS_RATIO * R * D * 4
+        # one chunk: the partials would only be copied by the merge (small batches)
+        return n_chunks == 1 or 2 * n_chunks * D * 8 >= config.WIDE_PARTIALS_RATIO * R * D * 4
 
     def backward(self, dLdy, retain_grads=True):
         """dL/dX per example, plus the parameter gradients, in one pass."""
@@ -753,7 +756,7 @@ class RMSNorm(LayerNorm1D):
 
     def _rows(self, X):
         D = int(X.shape[-1])
-        return X.reshape(int(np.prod(X.shape[:-1])), D)
+        return X.reshape(math.prod(X.shape[:-1]), D)
 
 
 # ================================================= group pattern: GroupNorm, InstanceNorm
@@ -843,8 +846,8 @@ class GroupNorm(_NormBase):
         """``(V, channels_first)``: ``(N, C, L)`` for NCHW, else ``(N, P, C)``."""
         N, C = int(X.shape[0]), self._n_features(X)
         if X.ndim == 4 and self.data_format == "NCHW":
-            return X.reshape(N, C, int(np.prod(X.shape[2:]))), True
-        return X.reshape(N, int(np.prod(X.shape[1:-1])), C), False
+            return X.reshape(N, C, math.prod(X.shape[2:])), True
+        return X.reshape(N, math.prod(X.shape[1:-1]), C), False
 
     def _held_keys(self):
         return ("scaler", "intercept") if self.affine else ()
