@@ -129,15 +129,26 @@ def column_partial_stats(X, rows_per_chunk, partial_mean, partial_m2):
         hi = np.empty(C, X.dtype)
         lo = np.empty(C, X.dtype)
         split_mean(pm, hi, lo)
+        # Pass 2 sums d = x - mean and d^2: the shifted moments correct the chunk mean
+        # (+ sum(d) / n) and give M2 = sum(d^2) - sum(d)^2 / n, so the rounding of the
+        # input-dtype blocks of pass 1 cancels out of both.
+        sd = np.zeros(C, np.float64)
+        acc2 = np.empty(C, X.dtype)
         for i0 in range(start, stop, _ROW_BLOCK):
             for j in range(C):
                 acc[j] = 0.0
+                acc2[j] = 0.0
             for i in range(i0, min(i0 + _ROW_BLOCK, stop)):
                 for j in range(C):
                     d = (X[i, j] - hi[j]) - lo[j]
-                    acc[j] += d * d
+                    acc[j] += d
+                    acc2[j] += d * d
             for j in range(C):
-                pm2[j] += acc[j]
+                sd[j] += acc[j]
+                pm2[j] += acc2[j]
+        for j in range(C):
+            pm[j] += sd[j] * inv_n
+            pm2[j] = max(pm2[j] - sd[j] * sd[j] * inv_n, 0.0)
 
 
 @helper

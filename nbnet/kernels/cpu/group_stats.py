@@ -24,6 +24,11 @@ Numerics: float64 accumulation and two passes over the cached example or group (
 then squared deviations around it), never E[x^2] - E[x]^2; for float32 data of mean
 1e4 and unit variance the one-pass form keeps no correct digit of the variance.
 
+Channels-last kernels compute in the input's dtype the way the column kernels do (see
+:mod:`~nbnet.kernels.cpu.column_stats`): per-channel block accumulators of the input's
+dtype flushed into float64 every ``_ROW_BLOCK`` positions, and the two-float group mean
+``hi + lo`` subtracted as ``(x - hi) - lo``; they compile with ``ordered=True``.
+
 NaN containment: a NaN anywhere in group ``g`` of example ``n`` makes ``mean[n, g]``,
 ``invstd[n, g]`` and that group's outputs NaN; other groups and examples stay finite.
 """
@@ -34,10 +39,10 @@ from numba import prange
 
 from ._jit import kernel
 from .activations import act_row
-from .column_stats import slope_inplace
+from .column_stats import _ROW_BLOCK, slope_inplace, split_mean
 
 
-@kernel
+@kernel(ordered=True)
 def group_forward_cl(X, gamma, beta, n_groups, eps, code, alpha, rows_per_chunk, Y, mean,
                      invstd):
     """Y = f((X - mean_ng) * invstd_ng * gamma_c + beta_c), channels-last.
@@ -52,17 +57,27 @@ def group_forward_cl(X, gamma, beta, n_groups, eps, code, alpha, rows_per_chunk,
     for k in prange(n_chunks):
         start = k * rows_per_chunk
         stop = min(start + rows_per_chunk, N)
+        blk = np.empty(C, X.dtype)        # block accumulators in X's dtype
+        blk2 = np.empty(C, X.dtype)
         acc = np.empty(C, np.float64)
         mc = np.empty(C, np.float64)      # the group mean, per channel
-        scale = np.empty(C, np.float64)   # invstd * gamma, per channel
+        hi = np.empty(C, X.dtype)         # ... as two floats of X's dtype
+        lo = np.empty(C, X.dtype)
+        scale = np.empty(C, X.dtype)      # invstd * gamma, per channel
+        shift = np.empty(C, X.dtype)
         tmp = np.empty(C, np.float64)
         for n in range(start, stop):
             # pass 1: per-channel sums along the contiguous axis -> group means
             for c in range(C):
                 acc[c] = 0.0
-            for p in range(P):
+            for p0 in range(0, P, _ROW_BLOCK):
                 for c in range(C):
-                    acc[c] += X[n, p, c]
+                    blk[c] = 0.0
+                for p in range(p0, min(p0 + _ROW_BLOCK, P)):
+                    for c in range(C):
+                        blk[c] += X[n, p, c]
+                for c in range(C):
+                    acc[c] += blk[c]
             for g in range(n_groups):
                 s = 0.0
                 for c in range(g * cg, (g + 1) * cg):
@@ -71,31 +86,55 @@ def group_forward_cl(X, gamma, beta, n_groups, eps, code, alpha, rows_per_chunk,
                 mean[n, g] = m
                 for c in range(g * cg, (g + 1) * cg):
                     mc[c] = m
-            # pass 2 (cached example): squared deviations around the group mean
+            split_mean(mc, hi, lo)
+            # pass 2 (cached example): deviations d from the pass-1 mean, summed and
+            # squared. The shifted moments correct the mean (mean += sum(d) / n) and give
+            # M2 = sum(d^2) - sum(d)^2 / n, so the float32 rounding of pass 1 cancels out.
             for c in range(C):
                 acc[c] = 0.0
-            for p in range(P):
+                tmp[c] = 0.0
+            for p0 in range(0, P, _ROW_BLOCK):
                 for c in range(C):
-                    d = X[n, p, c] - mc[c]
-                    acc[c] += d * d
+                    blk[c] = 0.0
+                    blk2[c] = 0.0
+                for p in range(p0, min(p0 + _ROW_BLOCK, P)):
+                    for c in range(C):
+                        d = (X[n, p, c] - hi[c]) - lo[c]
+                        blk[c] += d
+                        blk2[c] += d * d
+                for c in range(C):
+                    tmp[c] += blk[c]
+                    acc[c] += blk2[c]
             for g in range(n_groups):
-                s = 0.0
+                sd = 0.0
+                sdd = 0.0
                 for c in range(g * cg, (g + 1) * cg):
-                    s += acc[c]
-                r = 1.0 / math.sqrt(s * inv_cnt + eps)
+                    sd += tmp[c]
+                    sdd += acc[c]
+                m = mc[g * cg] + sd * inv_cnt
+                r = 1.0 / math.sqrt(max(sdd - sd * sd * inv_cnt, 0.0) * inv_cnt + eps)
+                mean[n, g] = m
                 invstd[n, g] = r
                 for c in range(g * cg, (g + 1) * cg):
+                    mc[c] = m
                     scale[c] = r * gamma[c]
+                    shift[c] = beta[c]
+            split_mean(mc, hi, lo)
             # pass 3: normalise, affine, activation
-            for p in range(P):
-                for c in range(C):
-                    tmp[c] = (X[n, p, c] - mc[c]) * scale[c] + beta[c]
-                act_row(code, alpha, tmp)
-                for c in range(C):
-                    Y[n, p, c] = tmp[c]
+            if code == 0:
+                for p in range(P):
+                    for c in range(C):
+                        Y[n, p, c] = ((X[n, p, c] - hi[c]) - lo[c]) * scale[c] + shift[c]
+            else:
+                for p in range(P):
+                    for c in range(C):
+                        tmp[c] = (X[n, p, c] - mc[c]) * scale[c] + beta[c]
+                    act_row(code, alpha, tmp)
+                    for c in range(C):
+                        Y[n, p, c] = tmp[c]
 
 
-@kernel
+@kernel(ordered=True)
 def group_backward_cl(X, dY, mean, invstd, gamma, beta, n_groups, code, alpha, rows_per_chunk,
                       dX, partial_dgamma, partial_dbeta):
     """Input gradient per example; parameter-gradient partials per chunk (channels-last).
@@ -127,6 +166,13 @@ def group_backward_cl(X, dY, mean, invstd, gamma, beta, n_groups, code, alpha, r
         ag = np.empty(C, np.float64)
         agx = np.empty(C, np.float64)
         slope = np.empty(C, np.float64)
+        hi = np.empty(C, X.dtype)
+        lo = np.empty(C, X.dtype)
+        bg = np.empty(C, X.dtype)
+        bgx = np.empty(C, X.dtype)
+        fa = np.empty(C, X.dtype)
+        fb = np.empty(C, X.dtype)
+        fq = np.empty(C, X.dtype)
         for n in range(start, stop):
             for g in range(n_groups):
                 for c in range(g * cg, (g + 1) * cg):
@@ -136,11 +182,23 @@ def group_backward_cl(X, dY, mean, invstd, gamma, beta, n_groups, code, alpha, r
                 ag[c] = 0.0
                 agx[c] = 0.0
             if code == 0:
-                for p in range(P):
+                # in X's dtype: sums of g and g * (x - mean) per block of positions,
+                # flushed into float64; times invstd once per channel
+                split_mean(mc, hi, lo)
+                for p0 in range(0, P, _ROW_BLOCK):
                     for c in range(C):
-                        gv = np.float64(dY[n, p, c])
-                        ag[c] += gv
-                        agx[c] += gv * ((X[n, p, c] - mc[c]) * rc[c])
+                        bg[c] = 0.0
+                        bgx[c] = 0.0
+                    for p in range(p0, min(p0 + _ROW_BLOCK, P)):
+                        for c in range(C):
+                            gv = dY[n, p, c]
+                            bg[c] += gv
+                            bgx[c] += gv * ((X[n, p, c] - hi[c]) - lo[c])
+                    for c in range(C):
+                        ag[c] += bg[c]
+                        agx[c] += bgx[c]
+                for c in range(C):
+                    agx[c] *= rc[c]
             else:
                 for p in range(P):
                     for c in range(C):
@@ -165,10 +223,14 @@ def group_backward_cl(X, dY, mean, invstd, gamma, beta, n_groups, code, alpha, r
                     ag[c] = sh * inv_cnt
                     agx[c] = shx * inv_cnt
             if code == 0:
+                # dx = rc * (g * gamma - mh - xhat * mhx) = g * a + b - (x - mean) * q
+                for c in range(C):
+                    fa[c] = rc[c] * gamma[c]
+                    fb[c] = -rc[c] * ag[c]
+                    fq[c] = rc[c] * rc[c] * agx[c]
                 for p in range(P):
                     for c in range(C):
-                        xhat = (X[n, p, c] - mc[c]) * rc[c]
-                        dX[n, p, c] = rc[c] * (dY[n, p, c] * gamma[c] - ag[c] - xhat * agx[c])
+                        dX[n, p, c] = (dY[n, p, c] * fa[c] + fb[c]) - ((X[n, p, c] - hi[c]) - lo[c]) * fq[c]
             else:
                 for p in range(P):
                     for c in range(C):
