@@ -46,7 +46,7 @@ import math
 import numpy as np
 from numba import prange
 
-from ._jit import helper, kernel
+from ._jit import helper, kernel, task_body
 from .activations import act_row, act_slope
 
 
@@ -96,6 +96,54 @@ _ROW_BLOCK = 8
 _MERGE_BLOCK = 256
 
 
+@task_body(ordered=True)
+def _column_partial_stats_task(k, X, rows_per_chunk, partial_mean, partial_m2):
+    """Task ``k`` of :func:`column_partial_stats` (the ``prange`` body; see ``task_body``)."""
+    R, C = X.shape
+    start = k * rows_per_chunk
+    stop = min(start + rows_per_chunk, R)
+    pm = partial_mean[k]
+    pm2 = partial_m2[k]
+    acc = np.empty(C, X.dtype)  # block accumulator in X's dtype
+    for j in range(C):
+        pm[j] = 0.0
+        pm2[j] = 0.0
+    for i0 in range(start, stop, _ROW_BLOCK):
+        for j in range(C):
+            acc[j] = 0.0
+        for i in range(i0, min(i0 + _ROW_BLOCK, stop)):
+            for j in range(C):
+                acc[j] += X[i, j]
+        for j in range(C):
+            pm[j] += acc[j]
+    inv_n = 1.0 / (stop - start)
+    for j in range(C):
+        pm[j] *= inv_n
+    hi = np.empty(C, X.dtype)
+    lo = np.empty(C, X.dtype)
+    split_mean(pm, hi, lo)
+    # Pass 2 sums d = x - mean and d^2: the shifted moments correct the chunk mean
+    # (+ sum(d) / n) and give M2 = sum(d^2) - sum(d)^2 / n, so the rounding of the
+    # input-dtype blocks of pass 1 cancels out of both.
+    sd = np.zeros(C, np.float64)
+    acc2 = np.empty(C, X.dtype)
+    for i0 in range(start, stop, _ROW_BLOCK):
+        for j in range(C):
+            acc[j] = 0.0
+            acc2[j] = 0.0
+        for i in range(i0, min(i0 + _ROW_BLOCK, stop)):
+            for j in range(C):
+                d = (X[i, j] - hi[j]) - lo[j]
+                acc[j] += d
+                acc2[j] += d * d
+        for j in range(C):
+            sd[j] += acc[j]
+            pm2[j] += acc2[j]
+    for j in range(C):
+        pm[j] += sd[j] * inv_n
+        pm2[j] = max(pm2[j] - sd[j] * sd[j] * inv_n, 0.0)
+
+
 @kernel(ordered=True)
 def column_partial_stats(X, rows_per_chunk, partial_mean, partial_m2):
     """Per-chunk mean and sum of squared deviations of each column.
@@ -107,48 +155,7 @@ def column_partial_stats(X, rows_per_chunk, partial_mean, partial_m2):
     R, C = X.shape
     n_chunks = partial_mean.shape[0]
     for k in prange(n_chunks):
-        start = k * rows_per_chunk
-        stop = min(start + rows_per_chunk, R)
-        pm = partial_mean[k]
-        pm2 = partial_m2[k]
-        acc = np.empty(C, X.dtype)  # block accumulator in X's dtype
-        for j in range(C):
-            pm[j] = 0.0
-            pm2[j] = 0.0
-        for i0 in range(start, stop, _ROW_BLOCK):
-            for j in range(C):
-                acc[j] = 0.0
-            for i in range(i0, min(i0 + _ROW_BLOCK, stop)):
-                for j in range(C):
-                    acc[j] += X[i, j]
-            for j in range(C):
-                pm[j] += acc[j]
-        inv_n = 1.0 / (stop - start)
-        for j in range(C):
-            pm[j] *= inv_n
-        hi = np.empty(C, X.dtype)
-        lo = np.empty(C, X.dtype)
-        split_mean(pm, hi, lo)
-        # Pass 2 sums d = x - mean and d^2: the shifted moments correct the chunk mean
-        # (+ sum(d) / n) and give M2 = sum(d^2) - sum(d)^2 / n, so the rounding of the
-        # input-dtype blocks of pass 1 cancels out of both.
-        sd = np.zeros(C, np.float64)
-        acc2 = np.empty(C, X.dtype)
-        for i0 in range(start, stop, _ROW_BLOCK):
-            for j in range(C):
-                acc[j] = 0.0
-                acc2[j] = 0.0
-            for i in range(i0, min(i0 + _ROW_BLOCK, stop)):
-                for j in range(C):
-                    d = (X[i, j] - hi[j]) - lo[j]
-                    acc[j] += d
-                    acc2[j] += d * d
-            for j in range(C):
-                sd[j] += acc[j]
-                pm2[j] += acc2[j]
-        for j in range(C):
-            pm[j] += sd[j] * inv_n
-            pm2[j] = max(pm2[j] - sd[j] * sd[j] * inv_n, 0.0)
+        _column_partial_stats_task(np.int64(k), X, rows_per_chunk, partial_mean, partial_m2)
 
 
 @helper
@@ -174,6 +181,24 @@ def _chan_merge_block(partial_mean, partial_m2, n_rows, rows_per_chunk, j0, j1, 
         n_a = n
 
 
+@task_body
+def _column_merge_stats_task(b, partial_mean, partial_m2, n_rows, rows_per_chunk, eps,
+                             momentum, unbiased, running_mean, running_var, mean, invstd):
+    """Task ``b`` of :func:`column_merge_stats` (the ``prange`` body; see ``task_body``)."""
+    C = partial_mean.shape[1]
+    j0 = b * _MERGE_BLOCK
+    j1 = min(j0 + _MERGE_BLOCK, C)
+    # invstd holds M2 until the end of the merge
+    _chan_merge_block(partial_mean, partial_m2, n_rows, rows_per_chunk, j0, j1, mean, invstd)
+    for j in range(j0, j1):
+        var = invstd[j] / n_rows
+        invstd[j] = 1.0 / math.sqrt(var + eps)
+        if momentum >= 0.0:
+            batch_var = var * n_rows / (n_rows - 1) if unbiased else var
+            running_mean[j] = momentum * running_mean[j] + (1.0 - momentum) * mean[j]
+            running_var[j] = momentum * running_var[j] + (1.0 - momentum) * batch_var
+
+
 @kernel
 def column_merge_stats(partial_mean, partial_m2, n_rows, rows_per_chunk, eps,
                        momentum, unbiased, running_mean, running_var, mean, invstd):
@@ -188,17 +213,18 @@ def column_merge_stats(partial_mean, partial_m2, n_rows, rows_per_chunk, eps,
     C = partial_mean.shape[1]
     n_blocks = (C + _MERGE_BLOCK - 1) // _MERGE_BLOCK
     for b in prange(n_blocks):
-        j0 = b * _MERGE_BLOCK
-        j1 = min(j0 + _MERGE_BLOCK, C)
-        # invstd holds M2 until the end of the merge
-        _chan_merge_block(partial_mean, partial_m2, n_rows, rows_per_chunk, j0, j1, mean, invstd)
-        for j in range(j0, j1):
-            var = invstd[j] / n_rows
-            invstd[j] = 1.0 / math.sqrt(var + eps)
-            if momentum >= 0.0:
-                batch_var = var * n_rows / (n_rows - 1) if unbiased else var
-                running_mean[j] = momentum * running_mean[j] + (1.0 - momentum) * mean[j]
-                running_var[j] = momentum * running_var[j] + (1.0 - momentum) * batch_var
+        _column_merge_stats_task(np.int64(b), partial_mean, partial_m2, n_rows,
+                                 rows_per_chunk, eps, momentum, unbiased, running_mean,
+                                 running_var, mean, invstd)
+
+
+@task_body
+def _column_merge_moments_task(b, partial_mean, partial_m2, n_rows, rows_per_chunk, mean, m2):
+    """Task ``b`` of :func:`column_merge_moments` (the ``prange`` body; see ``task_body``)."""
+    C = partial_mean.shape[1]
+    j0 = b * _MERGE_BLOCK
+    j1 = min(j0 + _MERGE_BLOCK, C)
+    _chan_merge_block(partial_mean, partial_m2, n_rows, rows_per_chunk, j0, j1, mean, m2)
 
 
 @kernel
@@ -209,9 +235,39 @@ def column_merge_moments(partial_mean, partial_m2, n_rows, rows_per_chunk, mean,
     C = partial_mean.shape[1]
     n_blocks = (C + _MERGE_BLOCK - 1) // _MERGE_BLOCK
     for b in prange(n_blocks):
-        j0 = b * _MERGE_BLOCK
-        j1 = min(j0 + _MERGE_BLOCK, C)
-        _chan_merge_block(partial_mean, partial_m2, n_rows, rows_per_chunk, j0, j1, mean, m2)
+        _column_merge_moments_task(np.int64(b), partial_mean, partial_m2, n_rows,
+                                   rows_per_chunk, mean, m2)
+
+
+@task_body(ordered=True)
+def _column_normalize_task(k, X, mean, invstd, gamma, beta, code, alpha, rows_per_chunk, Y):
+    """Task ``k`` of :func:`column_normalize` (the ``prange`` body; see ``task_body``)."""
+    R, C = X.shape
+    start = k * rows_per_chunk
+    stop = min(start + rows_per_chunk, R)
+    if code == 0:
+        hi = np.empty(C, X.dtype)
+        lo = np.empty(C, X.dtype)
+        scale = np.empty(C, X.dtype)
+        shift = np.empty(C, X.dtype)
+        split_mean(mean, hi, lo)
+        for j in range(C):  # hoisted per-column factors (the inner loop is sub, sub, FMA)
+            scale[j] = invstd[j] * gamma[j]
+            shift[j] = beta[j]
+        for i in range(start, stop):
+            for j in range(C):
+                Y[i, j] = ((X[i, j] - hi[j]) - lo[j]) * scale[j] + shift[j]
+    else:
+        scale64 = np.empty(C, np.float64)
+        tmp = np.empty(C, np.float64)
+        for j in range(C):
+            scale64[j] = invstd[j] * gamma[j]
+        for i in range(start, stop):
+            for j in range(C):
+                tmp[j] = (X[i, j] - mean[j]) * scale64[j] + beta[j]
+            act_row(code, alpha, tmp)
+            for j in range(C):
+                Y[i, j] = tmp[j]
 
 
 @kernel(ordered=True)
@@ -228,31 +284,53 @@ def column_normalize(X, mean, invstd, gamma, beta, code, alpha, rows_per_chunk, 
     R, C = X.shape
     n_chunks = (R + rows_per_chunk - 1) // rows_per_chunk
     for k in prange(n_chunks):
-        start = k * rows_per_chunk
-        stop = min(start + rows_per_chunk, R)
-        if code == 0:
-            hi = np.empty(C, X.dtype)
-            lo = np.empty(C, X.dtype)
-            scale = np.empty(C, X.dtype)
-            shift = np.empty(C, X.dtype)
-            split_mean(mean, hi, lo)
-            for j in range(C):  # hoisted per-column factors (the inner loop is sub, sub, FMA)
-                scale[j] = invstd[j] * gamma[j]
-                shift[j] = beta[j]
-            for i in range(start, stop):
-                for j in range(C):
-                    Y[i, j] = ((X[i, j] - hi[j]) - lo[j]) * scale[j] + shift[j]
-        else:
-            scale64 = np.empty(C, np.float64)
-            tmp = np.empty(C, np.float64)
+        _column_normalize_task(np.int64(k), X, mean, invstd, gamma, beta, code, alpha,
+                               rows_per_chunk, Y)
+
+
+@task_body(ordered=True)
+def _column_backward_reduce_task(k, X, dY, mean, invstd, gamma, beta, code, alpha,
+                                 rows_per_chunk, partial_sum_g, partial_sum_gx):
+    """Task ``k`` of :func:`column_backward_reduce` (the ``prange`` body; see ``task_body``)."""
+    R, C = X.shape
+    start = k * rows_per_chunk
+    stop = min(start + rows_per_chunk, R)
+    sg = partial_sum_g[k]
+    sgx = partial_sum_gx[k]
+    for j in range(C):
+        sg[j] = 0.0
+        sgx[j] = 0.0
+    if code == 0:
+        hi = np.empty(C, X.dtype)
+        lo = np.empty(C, X.dtype)
+        split_mean(mean, hi, lo)
+        acc_g = np.empty(C, X.dtype)  # block accumulators in X's dtype
+        acc_gx = np.empty(C, X.dtype)
+        for i0 in range(start, stop, _ROW_BLOCK):
             for j in range(C):
-                scale64[j] = invstd[j] * gamma[j]
-            for i in range(start, stop):
+                acc_g[j] = 0.0
+                acc_gx[j] = 0.0
+            for i in range(i0, min(i0 + _ROW_BLOCK, stop)):
                 for j in range(C):
-                    tmp[j] = (X[i, j] - mean[j]) * scale64[j] + beta[j]
-                act_row(code, alpha, tmp)
-                for j in range(C):
-                    Y[i, j] = tmp[j]
+                    g = dY[i, j]
+                    acc_g[j] += g
+                    acc_gx[j] += g * ((X[i, j] - hi[j]) - lo[j])
+            for j in range(C):
+                sg[j] += acc_g[j]
+                sgx[j] += acc_gx[j]
+        for j in range(C):
+            sgx[j] *= invstd[j]
+    else:
+        slope = np.empty(C, np.float64)
+        for i in range(start, stop):
+            for j in range(C):
+                slope[j] = ((X[i, j] - mean[j]) * invstd[j]) * gamma[j] + beta[j]
+            slope_inplace(code, alpha, slope)
+            for j in range(C):
+                xhat = (X[i, j] - mean[j]) * invstd[j]
+                g = dY[i, j] * slope[j]
+                sg[j] += g
+                sgx[j] += g * xhat
 
 
 @kernel(ordered=True)
@@ -269,44 +347,21 @@ def column_backward_reduce(X, dY, mean, invstd, gamma, beta, code, alpha, rows_p
     R, C = X.shape
     n_chunks = partial_sum_g.shape[0]
     for k in prange(n_chunks):
-        start = k * rows_per_chunk
-        stop = min(start + rows_per_chunk, R)
-        sg = partial_sum_g[k]
-        sgx = partial_sum_gx[k]
-        for j in range(C):
-            sg[j] = 0.0
-            sgx[j] = 0.0
-        if code == 0:
-            hi = np.empty(C, X.dtype)
-            lo = np.empty(C, X.dtype)
-            split_mean(mean, hi, lo)
-            acc_g = np.empty(C, X.dtype)  # block accumulators in X's dtype
-            acc_gx = np.empty(C, X.dtype)
-            for i0 in range(start, stop, _ROW_BLOCK):
-                for j in range(C):
-                    acc_g[j] = 0.0
-                    acc_gx[j] = 0.0
-                for i in range(i0, min(i0 + _ROW_BLOCK, stop)):
-                    for j in range(C):
-                        g = dY[i, j]
-                        acc_g[j] += g
-                        acc_gx[j] += g * ((X[i, j] - hi[j]) - lo[j])
-                for j in range(C):
-                    sg[j] += acc_g[j]
-                    sgx[j] += acc_gx[j]
-            for j in range(C):
-                sgx[j] *= invstd[j]
-        else:
-            slope = np.empty(C, np.float64)
-            for i in range(start, stop):
-                for j in range(C):
-                    slope[j] = ((X[i, j] - mean[j]) * invstd[j]) * gamma[j] + beta[j]
-                slope_inplace(code, alpha, slope)
-                for j in range(C):
-                    xhat = (X[i, j] - mean[j]) * invstd[j]
-                    g = dY[i, j] * slope[j]
-                    sg[j] += g
-                    sgx[j] += g * xhat
+        _column_backward_reduce_task(np.int64(k), X, dY, mean, invstd, gamma, beta, code,
+                                     alpha, rows_per_chunk, partial_sum_g, partial_sum_gx)
+
+
+@task_body
+def _merge_partial_sums_task(b, partial, out):
+    """Task ``b`` of :func:`merge_partial_sums` (the ``prange`` body; see ``task_body``)."""
+    n_chunks, C = partial.shape
+    j0 = b * _MERGE_BLOCK
+    j1 = min(j0 + _MERGE_BLOCK, C)
+    for j in range(j0, j1):
+        out[j] = 0.0
+    for k in range(n_chunks):
+        for j in range(j0, j1):
+            out[j] += partial[k, j]
 
 
 @kernel
@@ -315,13 +370,48 @@ def merge_partial_sums(partial, out):
     n_chunks, C = partial.shape
     n_blocks = (C + _MERGE_BLOCK - 1) // _MERGE_BLOCK
     for b in prange(n_blocks):
-        j0 = b * _MERGE_BLOCK
-        j1 = min(j0 + _MERGE_BLOCK, C)
-        for j in range(j0, j1):
-            out[j] = 0.0
-        for k in range(n_chunks):
-            for j in range(j0, j1):
-                out[j] += partial[k, j]
+        _merge_partial_sums_task(np.int64(b), partial, out)
+
+
+@task_body(ordered=True)
+def _column_backward_dx_task(k, X, dY, mean, invstd, gamma, beta, code, alpha, sum_g,
+                             sum_gx, rows_per_chunk, dX):
+    """Task ``k`` of :func:`column_backward_dx` (the ``prange`` body; see ``task_body``)."""
+    R, C = X.shape
+    inv_r = 1.0 / R
+    start = k * rows_per_chunk
+    stop = min(start + rows_per_chunk, R)
+    if code == 0:
+        hi = np.empty(C, X.dtype)
+        lo = np.empty(C, X.dtype)
+        scale = np.empty(C, X.dtype)
+        mg = np.empty(C, X.dtype)
+        kx = np.empty(C, X.dtype)
+        split_mean(mean, hi, lo)
+        for j in range(C):
+            scale[j] = gamma[j] * invstd[j]
+            mg[j] = sum_g[j] * inv_r
+            kx[j] = sum_gx[j] * inv_r * invstd[j]
+        for i in range(start, stop):
+            for j in range(C):
+                dX[i, j] = scale[j] * ((dY[i, j] - mg[j]) - ((X[i, j] - hi[j]) - lo[j]) * kx[j])
+    else:
+        # hoisted per-column factors: dX = scale * (g - mg - (x - mean) * invstd * mgx)
+        scale64 = np.empty(C, np.float64)
+        mg64 = np.empty(C, np.float64)
+        mgx = np.empty(C, np.float64)
+        for j in range(C):
+            scale64[j] = gamma[j] * invstd[j]
+            mg64[j] = sum_g[j] * inv_r
+            mgx[j] = sum_gx[j] * inv_r
+        slope = np.empty(C, np.float64)
+        for i in range(start, stop):
+            for j in range(C):
+                slope[j] = ((X[i, j] - mean[j]) * invstd[j]) * gamma[j] + beta[j]
+            slope_inplace(code, alpha, slope)
+            for j in range(C):
+                xhat = (X[i, j] - mean[j]) * invstd[j]
+                dX[i, j] = scale64[j] * (dY[i, j] * slope[j] - mg64[j] - xhat * mgx[j])
 
 
 @kernel(ordered=True)
@@ -336,41 +426,9 @@ def column_backward_dx(X, dY, mean, invstd, gamma, beta, code, alpha, sum_g, sum
     """
     R, C = X.shape
     n_chunks = (R + rows_per_chunk - 1) // rows_per_chunk
-    inv_r = 1.0 / R
     for k in prange(n_chunks):
-        start = k * rows_per_chunk
-        stop = min(start + rows_per_chunk, R)
-        if code == 0:
-            hi = np.empty(C, X.dtype)
-            lo = np.empty(C, X.dtype)
-            scale = np.empty(C, X.dtype)
-            mg = np.empty(C, X.dtype)
-            kx = np.empty(C, X.dtype)
-            split_mean(mean, hi, lo)
-            for j in range(C):
-                scale[j] = gamma[j] * invstd[j]
-                mg[j] = sum_g[j] * inv_r
-                kx[j] = sum_gx[j] * inv_r * invstd[j]
-            for i in range(start, stop):
-                for j in range(C):
-                    dX[i, j] = scale[j] * ((dY[i, j] - mg[j]) - ((X[i, j] - hi[j]) - lo[j]) * kx[j])
-        else:
-            # hoisted per-column factors: dX = scale * (g - mg - (x - mean) * invstd * mgx)
-            scale64 = np.empty(C, np.float64)
-            mg64 = np.empty(C, np.float64)
-            mgx = np.empty(C, np.float64)
-            for j in range(C):
-                scale64[j] = gamma[j] * invstd[j]
-                mg64[j] = sum_g[j] * inv_r
-                mgx[j] = sum_gx[j] * inv_r
-            slope = np.empty(C, np.float64)
-            for i in range(start, stop):
-                for j in range(C):
-                    slope[j] = ((X[i, j] - mean[j]) * invstd[j]) * gamma[j] + beta[j]
-                slope_inplace(code, alpha, slope)
-                for j in range(C):
-                    xhat = (X[i, j] - mean[j]) * invstd[j]
-                    dX[i, j] = scale64[j] * (dY[i, j] * slope[j] - mg64[j] - xhat * mgx[j])
+        _column_backward_dx_task(np.int64(k), X, dY, mean, invstd, gamma, beta, code,
+                                 alpha, sum_g, sum_gx, rows_per_chunk, dX)
 
 
 # ------------------------------------------------------------- channels-first (N, C, L)
@@ -406,6 +464,39 @@ def _run_sum(x):
     return s
 
 
+@task_body
+def _column_partial_stats_cf_task(t, X, n_per_chunk, partial_mean, partial_m2):
+    """Task ``t`` of :func:`column_partial_stats_cf` (the ``prange`` body; see ``task_body``)."""
+    N, C, L = X.shape
+    k = t // C
+    c = t - k * C
+    start = k * n_per_chunk
+    stop = min(start + n_per_chunk, N)
+    cnt = (stop - start) * L
+    s = 0.0
+    for n in range(start, stop):
+        s += _run_sum(X[n, c])
+    shift = np.empty(1, X.dtype)
+    shift[0] = s / cnt
+    m0 = shift[0]
+    sd = 0.0
+    sdd = 0.0
+    for n in range(start, stop):
+        x = X[n, c]
+        for b in range(0, L, _RUN_BLOCK):
+            xb = x[b:b + _RUN_BLOCK]
+            p1 = m0 - m0
+            p2 = m0 - m0
+            for j in range(xb.shape[0]):
+                d = xb[j] - m0
+                p1 += d
+                p2 += d * d
+            sd += p1
+            sdd += p2
+    partial_mean[k, c] = m0 + sd / cnt
+    partial_m2[k, c] = max(sdd - sd * sd / cnt, 0.0)
+
+
 @kernel
 def column_partial_stats_cf(X, n_per_chunk, partial_mean, partial_m2):
     """Channels-first twin of :func:`column_partial_stats`.
@@ -423,33 +514,39 @@ def column_partial_stats_cf(X, n_per_chunk, partial_mean, partial_m2):
     N, C, L = X.shape
     n_chunks = partial_mean.shape[0]
     for t in prange(n_chunks * C):
-        k = t // C
-        c = t - k * C
-        start = k * n_per_chunk
-        stop = min(start + n_per_chunk, N)
-        cnt = (stop - start) * L
-        s = 0.0
-        for n in range(start, stop):
-            s += _run_sum(X[n, c])
-        shift = np.empty(1, X.dtype)
-        shift[0] = s / cnt
-        m0 = shift[0]
-        sd = 0.0
-        sdd = 0.0
+        _column_partial_stats_cf_task(np.int64(t), X, n_per_chunk, partial_mean, partial_m2)
+
+
+@task_body
+def _column_normalize_cf_task(t, X, mean, invstd, gamma, beta, code, alpha, n_per_chunk, Y):
+    """Task ``t`` of :func:`column_normalize_cf` (the ``prange`` body; see ``task_body``)."""
+    N, C, L = X.shape
+    k = t // C
+    c = t - k * C
+    start = k * n_per_chunk
+    stop = min(start + n_per_chunk, N)
+    m = mean[c]
+    scale = invstd[c] * gamma[c]
+    if code == 0:
+        f = np.empty(3, X.dtype)
+        f[0] = m
+        f[1] = scale
+        f[2] = beta[c] - (m - f[0]) * scale
+        m0, a, b = f[0], f[1], f[2]
         for n in range(start, stop):
             x = X[n, c]
-            for b in range(0, L, _RUN_BLOCK):
-                xb = x[b:b + _RUN_BLOCK]
-                p1 = m0 - m0
-                p2 = m0 - m0
-                for j in range(xb.shape[0]):
-                    d = xb[j] - m0
-                    p1 += d
-                    p2 += d * d
-                sd += p1
-                sdd += p2
-        partial_mean[k, c] = m0 + sd / cnt
-        partial_m2[k, c] = max(sdd - sd * sd / cnt, 0.0)
+            y = Y[n, c]
+            for j in range(L):
+                y[j] = (x[j] - m0) * a + b
+    else:
+        shift = np.float64(beta[c])
+        tmp = np.empty(L, np.float64)
+        for n in range(start, stop):
+            for j in range(L):
+                tmp[j] = (X[n, c, j] - m) * scale + shift
+            act_row(code, alpha, tmp)
+            for j in range(L):
+                Y[n, c, j] = tmp[j]
 
 
 @kernel
@@ -464,32 +561,57 @@ def column_normalize_cf(X, mean, invstd, gamma, beta, code, alpha, n_per_chunk, 
     N, C, L = X.shape
     n_chunks = (N + n_per_chunk - 1) // n_per_chunk
     for t in prange(n_chunks * C):
-        k = t // C
-        c = t - k * C
-        start = k * n_per_chunk
-        stop = min(start + n_per_chunk, N)
-        m = mean[c]
-        scale = invstd[c] * gamma[c]
-        if code == 0:
-            f = np.empty(3, X.dtype)
-            f[0] = m
-            f[1] = scale
-            f[2] = beta[c] - (m - f[0]) * scale
-            m0, a, b = f[0], f[1], f[2]
-            for n in range(start, stop):
-                x = X[n, c]
-                y = Y[n, c]
-                for j in range(L):
-                    y[j] = (x[j] - m0) * a + b
-        else:
-            shift = np.float64(beta[c])
-            tmp = np.empty(L, np.float64)
-            for n in range(start, stop):
-                for j in range(L):
-                    tmp[j] = (X[n, c, j] - m) * scale + shift
-                act_row(code, alpha, tmp)
-                for j in range(L):
-                    Y[n, c, j] = tmp[j]
+        _column_normalize_cf_task(np.int64(t), X, mean, invstd, gamma, beta, code, alpha,
+                                  n_per_chunk, Y)
+
+
+@task_body
+def _column_backward_reduce_cf_task(t, X, dY, mean, invstd, gamma, beta, code, alpha,
+                                    n_per_chunk, partial_sum_g, partial_sum_gx):
+    """Task ``t`` of :func:`column_backward_reduce_cf` (the ``prange`` body; see ``task_body``)."""
+    N, C, L = X.shape
+    k = t // C
+    c = t - k * C
+    start = k * n_per_chunk
+    stop = min(start + n_per_chunk, N)
+    m = mean[c]
+    r = invstd[c]
+    sg = 0.0
+    sgx = 0.0
+    if code == 0:
+        shift = np.empty(1, X.dtype)
+        shift[0] = m
+        m0 = shift[0]
+        for n in range(start, stop):
+            x = X[n, c]
+            gy = dY[n, c]
+            for b in range(0, L, _RUN_BLOCK):
+                xb = x[b:b + _RUN_BLOCK]
+                gb = gy[b:b + _RUN_BLOCK]
+                p1 = m0 - m0
+                p2 = m0 - m0
+                for j in range(xb.shape[0]):
+                    g = gb[j]
+                    p1 += g
+                    p2 += g * (xb[j] - m0)
+                sg += p1
+                sgx += p2
+        sgx = r * (sgx - (m - m0) * sg)
+    else:
+        gc = np.float64(gamma[c])
+        bc = np.float64(beta[c])
+        slope = np.empty(L, np.float64)
+        for n in range(start, stop):
+            for j in range(L):
+                slope[j] = ((X[n, c, j] - m) * r) * gc + bc
+            slope_inplace(code, alpha, slope)
+            for j in range(L):
+                xhat = (X[n, c, j] - m) * r
+                g = dY[n, c, j] * slope[j]
+                sg += g
+                sgx += g * xhat
+    partial_sum_g[k, c] = sg
+    partial_sum_gx[k, c] = sgx
 
 
 @kernel
@@ -504,48 +626,51 @@ def column_backward_reduce_cf(X, dY, mean, invstd, gamma, beta, code, alpha, n_p
     N, C, L = X.shape
     n_chunks = partial_sum_g.shape[0]
     for t in prange(n_chunks * C):
-        k = t // C
-        c = t - k * C
-        start = k * n_per_chunk
-        stop = min(start + n_per_chunk, N)
-        m = mean[c]
-        r = invstd[c]
-        sg = 0.0
-        sgx = 0.0
-        if code == 0:
-            shift = np.empty(1, X.dtype)
-            shift[0] = m
-            m0 = shift[0]
-            for n in range(start, stop):
-                x = X[n, c]
-                gy = dY[n, c]
-                for b in range(0, L, _RUN_BLOCK):
-                    xb = x[b:b + _RUN_BLOCK]
-                    gb = gy[b:b + _RUN_BLOCK]
-                    p1 = m0 - m0
-                    p2 = m0 - m0
-                    for j in range(xb.shape[0]):
-                        g = gb[j]
-                        p1 += g
-                        p2 += g * (xb[j] - m0)
-                    sg += p1
-                    sgx += p2
-            sgx = r * (sgx - (m - m0) * sg)
-        else:
-            gc = np.float64(gamma[c])
-            bc = np.float64(beta[c])
-            slope = np.empty(L, np.float64)
-            for n in range(start, stop):
-                for j in range(L):
-                    slope[j] = ((X[n, c, j] - m) * r) * gc + bc
-                slope_inplace(code, alpha, slope)
-                for j in range(L):
-                    xhat = (X[n, c, j] - m) * r
-                    g = dY[n, c, j] * slope[j]
-                    sg += g
-                    sgx += g * xhat
-        partial_sum_g[k, c] = sg
-        partial_sum_gx[k, c] = sgx
+        _column_backward_reduce_cf_task(np.int64(t), X, dY, mean, invstd, gamma, beta,
+                                        code, alpha, n_per_chunk, partial_sum_g,
+                                        partial_sum_gx)
+
+
+@task_body
+def _column_backward_dx_cf_task(t, X, dY, mean, invstd, gamma, beta, code, alpha, sum_g,
+                                sum_gx, n_per_chunk, dX):
+    """Task ``t`` of :func:`column_backward_dx_cf` (the ``prange`` body; see ``task_body``)."""
+    N, C, L = X.shape
+    inv_r = 1.0 / (N * L)
+    k = t // C
+    c = t - k * C
+    start = k * n_per_chunk
+    stop = min(start + n_per_chunk, N)
+    m = mean[c]
+    r = invstd[c]
+    gc = np.float64(gamma[c])
+    bc = np.float64(beta[c])
+    scale = gc * r
+    mg = sum_g[c] * inv_r
+    mgx = sum_gx[c] * inv_r
+    if code == 0:
+        f = np.empty(4, X.dtype)
+        f[0] = m
+        cc = (m - f[0]) * r
+        f[1] = scale
+        f[2] = scale * (cc * mgx - mg)
+        f[3] = scale * r * mgx
+        m0, a, k0, k1 = f[0], f[1], f[2], f[3]
+        for n in range(start, stop):
+            x = X[n, c]
+            gy = dY[n, c]
+            dx = dX[n, c]
+            for j in range(L):
+                dx[j] = (gy[j] * a + k0) - k1 * (x[j] - m0)
+    else:
+        slope = np.empty(L, np.float64)
+        for n in range(start, stop):
+            for j in range(L):
+                slope[j] = ((X[n, c, j] - m) * r) * gc + bc
+            slope_inplace(code, alpha, slope)
+            for j in range(L):
+                xhat = (X[n, c, j] - m) * r
+                dX[n, c, j] = scale * (dY[n, c, j] * slope[j] - mg - xhat * mgx)
 
 
 @kernel
@@ -559,42 +684,9 @@ def column_backward_dx_cf(X, dY, mean, invstd, gamma, beta, code, alpha, sum_g, 
     """
     N, C, L = X.shape
     n_chunks = (N + n_per_chunk - 1) // n_per_chunk
-    inv_r = 1.0 / (N * L)
     for t in prange(n_chunks * C):
-        k = t // C
-        c = t - k * C
-        start = k * n_per_chunk
-        stop = min(start + n_per_chunk, N)
-        m = mean[c]
-        r = invstd[c]
-        gc = np.float64(gamma[c])
-        bc = np.float64(beta[c])
-        scale = gc * r
-        mg = sum_g[c] * inv_r
-        mgx = sum_gx[c] * inv_r
-        if code == 0:
-            f = np.empty(4, X.dtype)
-            f[0] = m
-            cc = (m - f[0]) * r
-            f[1] = scale
-            f[2] = scale * (cc * mgx - mg)
-            f[3] = scale * r * mgx
-            m0, a, k0, k1 = f[0], f[1], f[2], f[3]
-            for n in range(start, stop):
-                x = X[n, c]
-                gy = dY[n, c]
-                dx = dX[n, c]
-                for j in range(L):
-                    dx[j] = (gy[j] * a + k0) - k1 * (x[j] - m0)
-        else:
-            slope = np.empty(L, np.float64)
-            for n in range(start, stop):
-                for j in range(L):
-                    slope[j] = ((X[n, c, j] - m) * r) * gc + bc
-                slope_inplace(code, alpha, slope)
-                for j in range(L):
-                    xhat = (X[n, c, j] - m) * r
-                    dX[n, c, j] = scale * (dY[n, c, j] * slope[j] - mg - xhat * mgx)
+        _column_backward_dx_cf_task(np.int64(t), X, dY, mean, invstd, gamma, beta, code,
+                                    alpha, sum_g, sum_gx, n_per_chunk, dX)
 
 
 KERNELS = {

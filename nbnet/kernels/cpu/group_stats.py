@@ -37,9 +37,95 @@ import math
 import numpy as np
 from numba import prange
 
-from ._jit import kernel
+from ._jit import kernel, task_body
 from .activations import act_row
 from .column_stats import _ROW_BLOCK, slope_inplace, split_mean
+
+
+@task_body(ordered=True)
+def _group_forward_cl_task(k, X, gamma, beta, n_groups, eps, code, alpha, rows_per_chunk,
+                           Y, mean, invstd):
+    """Task ``k`` of :func:`group_forward_cl` (the ``prange`` body; see ``task_body``)."""
+    N, P, C = X.shape
+    cg = C // n_groups
+    inv_cnt = 1.0 / (P * cg)
+    start = k * rows_per_chunk
+    stop = min(start + rows_per_chunk, N)
+    blk = np.empty(C, X.dtype)        # block accumulators in X's dtype
+    blk2 = np.empty(C, X.dtype)
+    acc = np.empty(C, np.float64)
+    mc = np.empty(C, np.float64)      # the group mean, per channel
+    hi = np.empty(C, X.dtype)         # ... as two floats of X's dtype
+    lo = np.empty(C, X.dtype)
+    scale = np.empty(C, X.dtype)      # invstd * gamma, per channel
+    shift = np.empty(C, X.dtype)
+    tmp = np.empty(C, np.float64)
+    for n in range(start, stop):
+        # pass 1: per-channel sums along the contiguous axis -> group means
+        for c in range(C):
+            acc[c] = 0.0
+        for p0 in range(0, P, _ROW_BLOCK):
+            for c in range(C):
+                blk[c] = 0.0
+            for p in range(p0, min(p0 + _ROW_BLOCK, P)):
+                for c in range(C):
+                    blk[c] += X[n, p, c]
+            for c in range(C):
+                acc[c] += blk[c]
+        for g in range(n_groups):
+            s = 0.0
+            for c in range(g * cg, (g + 1) * cg):
+                s += acc[c]
+            m = s * inv_cnt
+            mean[n, g] = m
+            for c in range(g * cg, (g + 1) * cg):
+                mc[c] = m
+        split_mean(mc, hi, lo)
+        # pass 2 (cached example): deviations d from the pass-1 mean, summed and
+        # squared. The shifted moments correct the mean (mean += sum(d) / n) and give
+        # M2 = sum(d^2) - sum(d)^2 / n, so the float32 rounding of pass 1 cancels out.
+        for c in range(C):
+            acc[c] = 0.0
+            tmp[c] = 0.0
+        for p0 in range(0, P, _ROW_BLOCK):
+            for c in range(C):
+                blk[c] = 0.0
+                blk2[c] = 0.0
+            for p in range(p0, min(p0 + _ROW_BLOCK, P)):
+                for c in range(C):
+                    d = (X[n, p, c] - hi[c]) - lo[c]
+                    blk[c] += d
+                    blk2[c] += d * d
+            for c in range(C):
+                tmp[c] += blk[c]
+                acc[c] += blk2[c]
+        for g in range(n_groups):
+            sd = 0.0
+            sdd = 0.0
+            for c in range(g * cg, (g + 1) * cg):
+                sd += tmp[c]
+                sdd += acc[c]
+            m = mc[g * cg] + sd * inv_cnt
+            r = 1.0 / math.sqrt(max(sdd - sd * sd * inv_cnt, 0.0) * inv_cnt + eps)
+            mean[n, g] = m
+            invstd[n, g] = r
+            for c in range(g * cg, (g + 1) * cg):
+                mc[c] = m
+                scale[c] = r * gamma[c]
+                shift[c] = beta[c]
+        split_mean(mc, hi, lo)
+        # pass 3: normalise, affine, activation
+        if code == 0:
+            for p in range(P):
+                for c in range(C):
+                    Y[n, p, c] = ((X[n, p, c] - hi[c]) - lo[c]) * scale[c] + shift[c]
+        else:
+            for p in range(P):
+                for c in range(C):
+                    tmp[c] = (X[n, p, c] - mc[c]) * scale[c] + beta[c]
+                act_row(code, alpha, tmp)
+                for c in range(C):
+                    Y[n, p, c] = tmp[c]
 
 
 @kernel(ordered=True)
@@ -51,87 +137,105 @@ def group_forward_cl(X, gamma, beta, n_groups, eps, code, alpha, rows_per_chunk,
     mean, invstd : (N, G) float64, written (biased variance).
     """
     N, P, C = X.shape
-    cg = C // n_groups
-    inv_cnt = 1.0 / (P * cg)
     n_chunks = (N + rows_per_chunk - 1) // rows_per_chunk
     for k in prange(n_chunks):
-        start = k * rows_per_chunk
-        stop = min(start + rows_per_chunk, N)
-        blk = np.empty(C, X.dtype)        # block accumulators in X's dtype
-        blk2 = np.empty(C, X.dtype)
-        acc = np.empty(C, np.float64)
-        mc = np.empty(C, np.float64)      # the group mean, per channel
-        hi = np.empty(C, X.dtype)         # ... as two floats of X's dtype
-        lo = np.empty(C, X.dtype)
-        scale = np.empty(C, X.dtype)      # invstd * gamma, per channel
-        shift = np.empty(C, X.dtype)
-        tmp = np.empty(C, np.float64)
-        for n in range(start, stop):
-            # pass 1: per-channel sums along the contiguous axis -> group means
-            for c in range(C):
-                acc[c] = 0.0
+        _group_forward_cl_task(np.int64(k), X, gamma, beta, n_groups, eps, code, alpha,
+                               rows_per_chunk, Y, mean, invstd)
+
+
+@task_body(ordered=True)
+def _group_backward_cl_task(k, X, dY, mean, invstd, gamma, beta, n_groups, code, alpha,
+                            rows_per_chunk, dX, partial_dgamma, partial_dbeta):
+    """Task ``k`` of :func:`group_backward_cl` (the ``prange`` body; see ``task_body``)."""
+    N, P, C = X.shape
+    cg = C // n_groups
+    inv_cnt = 1.0 / (P * cg)
+    start = k * rows_per_chunk
+    stop = min(start + rows_per_chunk, N)
+    pdg = partial_dgamma[k]
+    pdb = partial_dbeta[k]
+    for c in range(C):
+        pdg[c] = 0.0
+        pdb[c] = 0.0
+    mc = np.empty(C, np.float64)
+    rc = np.empty(C, np.float64)
+    ag = np.empty(C, np.float64)
+    agx = np.empty(C, np.float64)
+    slope = np.empty(C, np.float64)
+    hi = np.empty(C, X.dtype)
+    lo = np.empty(C, X.dtype)
+    bg = np.empty(C, X.dtype)
+    bgx = np.empty(C, X.dtype)
+    fa = np.empty(C, X.dtype)
+    fb = np.empty(C, X.dtype)
+    fq = np.empty(C, X.dtype)
+    for n in range(start, stop):
+        for g in range(n_groups):
+            for c in range(g * cg, (g + 1) * cg):
+                mc[c] = mean[n, g]
+                rc[c] = invstd[n, g]
+        for c in range(C):
+            ag[c] = 0.0
+            agx[c] = 0.0
+        if code == 0:
+            # in X's dtype: sums of g and g * (x - mean) per block of positions,
+            # flushed into float64; times invstd once per channel
+            split_mean(mc, hi, lo)
             for p0 in range(0, P, _ROW_BLOCK):
                 for c in range(C):
-                    blk[c] = 0.0
+                    bg[c] = 0.0
+                    bgx[c] = 0.0
                 for p in range(p0, min(p0 + _ROW_BLOCK, P)):
                     for c in range(C):
-                        blk[c] += X[n, p, c]
+                        gv = dY[n, p, c]
+                        bg[c] += gv
+                        bgx[c] += gv * ((X[n, p, c] - hi[c]) - lo[c])
                 for c in range(C):
-                    acc[c] += blk[c]
-            for g in range(n_groups):
-                s = 0.0
-                for c in range(g * cg, (g + 1) * cg):
-                    s += acc[c]
-                m = s * inv_cnt
-                mean[n, g] = m
-                for c in range(g * cg, (g + 1) * cg):
-                    mc[c] = m
-            split_mean(mc, hi, lo)
-            # pass 2 (cached example): deviations d from the pass-1 mean, summed and
-            # squared. The shifted moments correct the mean (mean += sum(d) / n) and give
-            # M2 = sum(d^2) - sum(d)^2 / n, so the float32 rounding of pass 1 cancels out.
+                    ag[c] += bg[c]
+                    agx[c] += bgx[c]
             for c in range(C):
-                acc[c] = 0.0
-                tmp[c] = 0.0
-            for p0 in range(0, P, _ROW_BLOCK):
+                agx[c] *= rc[c]
+        else:
+            for p in range(P):
                 for c in range(C):
-                    blk[c] = 0.0
-                    blk2[c] = 0.0
-                for p in range(p0, min(p0 + _ROW_BLOCK, P)):
-                    for c in range(C):
-                        d = (X[n, p, c] - hi[c]) - lo[c]
-                        blk[c] += d
-                        blk2[c] += d * d
+                    slope[c] = ((X[n, p, c] - mc[c]) * rc[c]) * gamma[c] + beta[c]
+                slope_inplace(code, alpha, slope)
                 for c in range(C):
-                    tmp[c] += blk[c]
-                    acc[c] += blk2[c]
-            for g in range(n_groups):
-                sd = 0.0
-                sdd = 0.0
-                for c in range(g * cg, (g + 1) * cg):
-                    sd += tmp[c]
-                    sdd += acc[c]
-                m = mc[g * cg] + sd * inv_cnt
-                r = 1.0 / math.sqrt(max(sdd - sd * sd * inv_cnt, 0.0) * inv_cnt + eps)
-                mean[n, g] = m
-                invstd[n, g] = r
-                for c in range(g * cg, (g + 1) * cg):
-                    mc[c] = m
-                    scale[c] = r * gamma[c]
-                    shift[c] = beta[c]
-            split_mean(mc, hi, lo)
-            # pass 3: normalise, affine, activation
-            if code == 0:
-                for p in range(P):
-                    for c in range(C):
-                        Y[n, p, c] = ((X[n, p, c] - hi[c]) - lo[c]) * scale[c] + shift[c]
-            else:
-                for p in range(P):
-                    for c in range(C):
-                        tmp[c] = (X[n, p, c] - mc[c]) * scale[c] + beta[c]
-                    act_row(code, alpha, tmp)
-                    for c in range(C):
-                        Y[n, p, c] = tmp[c]
+                    xhat = (X[n, p, c] - mc[c]) * rc[c]
+                    gv = dY[n, p, c] * slope[c]
+                    ag[c] += gv
+                    agx[c] += gv * xhat
+        for c in range(C):
+            pdg[c] += agx[c]
+            pdb[c] += ag[c]
+        # per-group means of h and h * xhat, spread back per channel (reuse ag/agx)
+        for g in range(n_groups):
+            sh = 0.0
+            shx = 0.0
+            for c in range(g * cg, (g + 1) * cg):
+                sh += gamma[c] * ag[c]
+                shx += gamma[c] * agx[c]
+            for c in range(g * cg, (g + 1) * cg):
+                ag[c] = sh * inv_cnt
+                agx[c] = shx * inv_cnt
+        if code == 0:
+            # dx = rc * (g * gamma - mh - xhat * mhx) = g * a + b - (x - mean) * q
+            for c in range(C):
+                fa[c] = rc[c] * gamma[c]
+                fb[c] = -rc[c] * ag[c]
+                fq[c] = rc[c] * rc[c] * agx[c]
+            for p in range(P):
+                for c in range(C):
+                    dX[n, p, c] = (dY[n, p, c] * fa[c] + fb[c]) - ((X[n, p, c] - hi[c]) - lo[c]) * fq[c]
+        else:
+            for p in range(P):
+                for c in range(C):
+                    slope[c] = ((X[n, p, c] - mc[c]) * rc[c]) * gamma[c] + beta[c]
+                slope_inplace(code, alpha, slope)
+                for c in range(C):
+                    xhat = (X[n, p, c] - mc[c]) * rc[c]
+                    gv = dY[n, p, c] * slope[c]
+                    dX[n, p, c] = rc[c] * (gv * gamma[c] - ag[c] - xhat * agx[c])
 
 
 @kernel(ordered=True)
@@ -150,96 +254,52 @@ def group_backward_cl(X, dY, mean, invstd, gamma, beta, n_groups, code, alpha, r
     sum of g`` over the chunk's examples.
     """
     N, P, C = X.shape
-    cg = C // n_groups
-    inv_cnt = 1.0 / (P * cg)
     n_chunks = partial_dgamma.shape[0]
     for k in prange(n_chunks):
-        start = k * rows_per_chunk
-        stop = min(start + rows_per_chunk, N)
-        pdg = partial_dgamma[k]
-        pdb = partial_dbeta[k]
-        for c in range(C):
-            pdg[c] = 0.0
-            pdb[c] = 0.0
-        mc = np.empty(C, np.float64)
-        rc = np.empty(C, np.float64)
-        ag = np.empty(C, np.float64)
-        agx = np.empty(C, np.float64)
-        slope = np.empty(C, np.float64)
-        hi = np.empty(C, X.dtype)
-        lo = np.empty(C, X.dtype)
-        bg = np.empty(C, X.dtype)
-        bgx = np.empty(C, X.dtype)
-        fa = np.empty(C, X.dtype)
-        fb = np.empty(C, X.dtype)
-        fq = np.empty(C, X.dtype)
-        for n in range(start, stop):
-            for g in range(n_groups):
-                for c in range(g * cg, (g + 1) * cg):
-                    mc[c] = mean[n, g]
-                    rc[c] = invstd[n, g]
-            for c in range(C):
-                ag[c] = 0.0
-                agx[c] = 0.0
-            if code == 0:
-                # in X's dtype: sums of g and g * (x - mean) per block of positions,
-                # flushed into float64; times invstd once per channel
-                split_mean(mc, hi, lo)
-                for p0 in range(0, P, _ROW_BLOCK):
-                    for c in range(C):
-                        bg[c] = 0.0
-                        bgx[c] = 0.0
-                    for p in range(p0, min(p0 + _ROW_BLOCK, P)):
-                        for c in range(C):
-                            gv = dY[n, p, c]
-                            bg[c] += gv
-                            bgx[c] += gv * ((X[n, p, c] - hi[c]) - lo[c])
-                    for c in range(C):
-                        ag[c] += bg[c]
-                        agx[c] += bgx[c]
-                for c in range(C):
-                    agx[c] *= rc[c]
-            else:
-                for p in range(P):
-                    for c in range(C):
-                        slope[c] = ((X[n, p, c] - mc[c]) * rc[c]) * gamma[c] + beta[c]
-                    slope_inplace(code, alpha, slope)
-                    for c in range(C):
-                        xhat = (X[n, p, c] - mc[c]) * rc[c]
-                        gv = dY[n, p, c] * slope[c]
-                        ag[c] += gv
-                        agx[c] += gv * xhat
-            for c in range(C):
-                pdg[c] += agx[c]
-                pdb[c] += ag[c]
-            # per-group means of h and h * xhat, spread back per channel (reuse ag/agx)
-            for g in range(n_groups):
-                sh = 0.0
-                shx = 0.0
-                for c in range(g * cg, (g + 1) * cg):
-                    sh += gamma[c] * ag[c]
-                    shx += gamma[c] * agx[c]
-                for c in range(g * cg, (g + 1) * cg):
-                    ag[c] = sh * inv_cnt
-                    agx[c] = shx * inv_cnt
-            if code == 0:
-                # dx = rc * (g * gamma - mh - xhat * mhx) = g * a + b - (x - mean) * q
-                for c in range(C):
-                    fa[c] = rc[c] * gamma[c]
-                    fb[c] = -rc[c] * ag[c]
-                    fq[c] = rc[c] * rc[c] * agx[c]
-                for p in range(P):
-                    for c in range(C):
-                        dX[n, p, c] = (dY[n, p, c] * fa[c] + fb[c]) - ((X[n, p, c] - hi[c]) - lo[c]) * fq[c]
-            else:
-                for p in range(P):
-                    for c in range(C):
-                        slope[c] = ((X[n, p, c] - mc[c]) * rc[c]) * gamma[c] + beta[c]
-                    slope_inplace(code, alpha, slope)
-                    for c in range(C):
-                        xhat = (X[n, p, c] - mc[c]) * rc[c]
-                        gv = dY[n, p, c] * slope[c]
-                        dX[n, p, c] = rc[c] * (gv * gamma[c] - ag[c] - xhat * agx[c])
+        _group_backward_cl_task(np.int64(k), X, dY, mean, invstd, gamma, beta, n_groups,
+                                code, alpha, rows_per_chunk, dX, partial_dgamma,
+                                partial_dbeta)
+
+
+@task_body
+def _group_forward_cf_task(t, X, gamma, beta, n_groups, eps, code, alpha, Y, mean, invstd):
+    """Task ``t`` of :func:`group_forward_cf` (the ``prange`` body; see ``task_body``)."""
+    N, C, L = X.shape
+    cg = C // n_groups
+    inv_cnt = 1.0 / (L * cg)
+    n = t // n_groups
+    g = t - n * n_groups
+    c0 = g * cg
+    c1 = c0 + cg
+    s = 0.0
+    for c in range(c0, c1):
+        for j in range(L):
+            s += X[n, c, j]
+    m = s * inv_cnt
+    s2 = 0.0
+    for c in range(c0, c1):
+        for j in range(L):
+            d = X[n, c, j] - m
+            s2 += d * d
+    r = 1.0 / math.sqrt(s2 * inv_cnt + eps)
+    mean[n, g] = m
+    invstd[n, g] = r
+    if code == 0:
+        for c in range(c0, c1):
+            sc = r * gamma[c]
+            bc = np.float64(beta[c])
+            for j in range(L):
+                Y[n, c, j] = (X[n, c, j] - m) * sc + bc
+    else:
+        tmp = np.empty(L, np.float64)
+        for c in range(c0, c1):
+            sc = r * gamma[c]
+            bc = np.float64(beta[c])
+            for j in range(L):
+                tmp[j] = (X[n, c, j] - m) * sc + bc
+            act_row(code, alpha, tmp)
+            for j in range(L):
+                Y[n, c, j] = tmp[j]
 
 
 @kernel
@@ -250,42 +310,72 @@ def group_forward_cf(X, gamma, beta, n_groups, eps, code, alpha, Y, mean, invstd
     from memory and twice more from cache.
     """
     N, C, L = X.shape
+    for t in prange(N * n_groups):
+        _group_forward_cf_task(np.int64(t), X, gamma, beta, n_groups, eps, code, alpha, Y,
+                               mean, invstd)
+
+
+@task_body
+def _group_backward_cf_task(t, X, dY, mean, invstd, gamma, beta, n_groups, code, alpha,
+                            rows_per_chunk, dX, partial_dgamma, partial_dbeta):
+    """Task ``t`` of :func:`group_backward_cf` (the ``prange`` body; see ``task_body``)."""
+    N, C, L = X.shape
     cg = C // n_groups
     inv_cnt = 1.0 / (L * cg)
-    for t in prange(N * n_groups):
-        n = t // n_groups
-        g = t - n * n_groups
-        c0 = g * cg
-        c1 = c0 + cg
-        s = 0.0
+    k = t // n_groups
+    g = t - k * n_groups
+    c0 = g * cg
+    c1 = c0 + cg
+    start = k * rows_per_chunk
+    stop = min(start + rows_per_chunk, N)
+    for c in range(c0, c1):
+        partial_dgamma[k, c] = 0.0
+        partial_dbeta[k, c] = 0.0
+    slope = np.empty(L, np.float64)
+    for n in range(start, stop):
+        m = mean[n, g]
+        r = invstd[n, g]
+        sh = 0.0
+        shx = 0.0
         for c in range(c0, c1):
-            for j in range(L):
-                s += X[n, c, j]
-        m = s * inv_cnt
-        s2 = 0.0
+            gc = np.float64(gamma[c])
+            bc = np.float64(beta[c])
+            sg = 0.0
+            sgx = 0.0
+            if code == 0:
+                for j in range(L):
+                    gv = np.float64(dY[n, c, j])
+                    sg += gv
+                    sgx += gv * ((X[n, c, j] - m) * r)
+            else:
+                for j in range(L):
+                    slope[j] = ((X[n, c, j] - m) * r) * gc + bc
+                slope_inplace(code, alpha, slope)
+                for j in range(L):
+                    xhat = (X[n, c, j] - m) * r
+                    gv = dY[n, c, j] * slope[j]
+                    sg += gv
+                    sgx += gv * xhat
+            partial_dgamma[k, c] += sgx
+            partial_dbeta[k, c] += sg
+            sh += gc * sg
+            shx += gc * sgx
+        mh = sh * inv_cnt
+        mhx = shx * inv_cnt
         for c in range(c0, c1):
-            for j in range(L):
-                d = X[n, c, j] - m
-                s2 += d * d
-        r = 1.0 / math.sqrt(s2 * inv_cnt + eps)
-        mean[n, g] = m
-        invstd[n, g] = r
-        if code == 0:
-            for c in range(c0, c1):
-                sc = r * gamma[c]
-                bc = np.float64(beta[c])
+            gc = np.float64(gamma[c])
+            bc = np.float64(beta[c])
+            if code == 0:
                 for j in range(L):
-                    Y[n, c, j] = (X[n, c, j] - m) * sc + bc
-        else:
-            tmp = np.empty(L, np.float64)
-            for c in range(c0, c1):
-                sc = r * gamma[c]
-                bc = np.float64(beta[c])
+                    xhat = (X[n, c, j] - m) * r
+                    dX[n, c, j] = r * (dY[n, c, j] * gc - mh - xhat * mhx)
+            else:
                 for j in range(L):
-                    tmp[j] = (X[n, c, j] - m) * sc + bc
-                act_row(code, alpha, tmp)
+                    slope[j] = ((X[n, c, j] - m) * r) * gc + bc
+                slope_inplace(code, alpha, slope)
                 for j in range(L):
-                    Y[n, c, j] = tmp[j]
+                    xhat = (X[n, c, j] - m) * r
+                    dX[n, c, j] = r * (dY[n, c, j] * slope[j] * gc - mh - xhat * mhx)
 
 
 @kernel
@@ -297,64 +387,11 @@ def group_backward_cf(X, dY, mean, invstd, gamma, beta, n_groups, code, alpha, r
     ``g*cg:(g+1)*cg`` of row ``k`` of the partial buffers.
     """
     N, C, L = X.shape
-    cg = C // n_groups
-    inv_cnt = 1.0 / (L * cg)
     n_chunks = partial_dgamma.shape[0]
     for t in prange(n_chunks * n_groups):
-        k = t // n_groups
-        g = t - k * n_groups
-        c0 = g * cg
-        c1 = c0 + cg
-        start = k * rows_per_chunk
-        stop = min(start + rows_per_chunk, N)
-        for c in range(c0, c1):
-            partial_dgamma[k, c] = 0.0
-            partial_dbeta[k, c] = 0.0
-        slope = np.empty(L, np.float64)
-        for n in range(start, stop):
-            m = mean[n, g]
-            r = invstd[n, g]
-            sh = 0.0
-            shx = 0.0
-            for c in range(c0, c1):
-                gc = np.float64(gamma[c])
-                bc = np.float64(beta[c])
-                sg = 0.0
-                sgx = 0.0
-                if code == 0:
-                    for j in range(L):
-                        gv = np.float64(dY[n, c, j])
-                        sg += gv
-                        sgx += gv * ((X[n, c, j] - m) * r)
-                else:
-                    for j in range(L):
-                        slope[j] = ((X[n, c, j] - m) * r) * gc + bc
-                    slope_inplace(code, alpha, slope)
-                    for j in range(L):
-                        xhat = (X[n, c, j] - m) * r
-                        gv = dY[n, c, j] * slope[j]
-                        sg += gv
-                        sgx += gv * xhat
-                partial_dgamma[k, c] += sgx
-                partial_dbeta[k, c] += sg
-                sh += gc * sg
-                shx += gc * sgx
-            mh = sh * inv_cnt
-            mhx = shx * inv_cnt
-            for c in range(c0, c1):
-                gc = np.float64(gamma[c])
-                bc = np.float64(beta[c])
-                if code == 0:
-                    for j in range(L):
-                        xhat = (X[n, c, j] - m) * r
-                        dX[n, c, j] = r * (dY[n, c, j] * gc - mh - xhat * mhx)
-                else:
-                    for j in range(L):
-                        slope[j] = ((X[n, c, j] - m) * r) * gc + bc
-                    slope_inplace(code, alpha, slope)
-                    for j in range(L):
-                        xhat = (X[n, c, j] - m) * r
-                        dX[n, c, j] = r * (dY[n, c, j] * slope[j] * gc - mh - xhat * mhx)
+        _group_backward_cf_task(np.int64(t), X, dY, mean, invstd, gamma, beta, n_groups,
+                                code, alpha, rows_per_chunk, dX, partial_dgamma,
+                                partial_dbeta)
 
 
 KERNELS = {

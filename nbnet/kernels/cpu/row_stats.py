@@ -35,7 +35,7 @@ import math
 import numpy as np
 from numba import prange
 
-from ._jit import helper, kernel
+from ._jit import helper, kernel, task_body
 from .activations import act_row
 from .column_stats import slope_inplace
 
@@ -102,6 +102,38 @@ def _row_stats(x, center, eps, inv_d, shift):
     return mean, r, m0, (mean - m0) * r
 
 
+@task_body
+def _row_forward_task(k, X, gamma, beta, eps, center, code, alpha, rows_per_chunk, Y, mean,
+                      invstd):
+    """Task ``k`` of :func:`row_forward` (the ``prange`` body; see ``task_body``)."""
+    R, D = X.shape
+    inv_d = 1.0 / D
+    start = k * rows_per_chunk
+    stop = min(start + rows_per_chunk, R)
+    shift = np.empty(1, X.dtype)
+    coef = np.empty(2, X.dtype)  # invstd and c in X's dtype
+    tmp = np.empty(D if code != 0 else 0, np.float64)
+    for i in range(start, stop):
+        x = X[i]
+        m, r, m0, c = _row_stats(x, center, eps, inv_d, shift)
+        mean[i] = m
+        invstd[i] = r
+        if code == 0:
+            coef[0] = r
+            coef[1] = c
+            rr = coef[0]
+            cc = coef[1]
+            y = Y[i]
+            for j in range(D):
+                y[j] = ((x[j] - m0) * rr - cc) * gamma[j] + beta[j]
+        else:
+            for j in range(D):
+                tmp[j] = ((x[j] - m0) * r - c) * gamma[j] + beta[j]
+            act_row(code, alpha, tmp)
+            for j in range(D):
+                Y[i, j] = tmp[j]
+
+
 @kernel
 def row_forward(X, gamma, beta, eps, center, code, alpha, rows_per_chunk, Y, mean, invstd):
     """Y[i] = f((X[i] - mean_i) * invstd_i * gamma + beta), elementwise affine.
@@ -111,32 +143,109 @@ def row_forward(X, gamma, beta, eps, center, code, alpha, rows_per_chunk, Y, mea
     """
     R, D = X.shape
     n_chunks = (R + rows_per_chunk - 1) // rows_per_chunk
-    inv_d = 1.0 / D
     for k in prange(n_chunks):
-        start = k * rows_per_chunk
-        stop = min(start + rows_per_chunk, R)
-        shift = np.empty(1, X.dtype)
-        coef = np.empty(2, X.dtype)  # invstd and c in X's dtype
-        tmp = np.empty(D if code != 0 else 0, np.float64)
-        for i in range(start, stop):
-            x = X[i]
-            m, r, m0, c = _row_stats(x, center, eps, inv_d, shift)
-            mean[i] = m
-            invstd[i] = r
-            if code == 0:
-                coef[0] = r
-                coef[1] = c
-                rr = coef[0]
-                cc = coef[1]
-                y = Y[i]
+        _row_forward_task(np.int64(k), X, gamma, beta, eps, center, code, alpha,
+                          rows_per_chunk, Y, mean, invstd)
+
+
+@task_body
+def _row_backward_task(k, X, dY, mean, invstd, gamma, beta, center, code, alpha,
+                       rows_per_chunk, dX, partial_dgamma, partial_dbeta):
+    """Task ``k`` of :func:`row_backward` (the ``prange`` body; see ``task_body``)."""
+    R, D = X.shape
+    inv_d = 1.0 / D
+    start = k * rows_per_chunk
+    stop = min(start + rows_per_chunk, R)
+    # Empty partial buffers (shape (0, D)): the parameter gradients come from
+    # row_param_grads instead (no activation only).
+    with_partials = partial_dgamma.shape[0] > 0
+    pdg = partial_dgamma[k] if with_partials else partial_dgamma.ravel()
+    pdb = partial_dbeta[k] if with_partials else partial_dbeta.ravel()
+    for j in range(pdg.shape[0]):
+        pdg[j] = 0.0
+        pdb[j] = 0.0
+    first = start
+    if code == 0:
+        # No activation: one row at a time in X's dtype. The parameter-gradient sums
+        # go into block accumulators of X's dtype, flushed into the float64 partials
+        # every _ROW_BLOCK rows (so the float64 read-modify-write is paid once per
+        # block); the row sums run in blocks of _SUM_BLOCK columns.
+        first = stop
+        k = np.empty(5, X.dtype)  # per-row constants rounded once to X's dtype
+        acc_g = np.empty(D, X.dtype)
+        acc_gx = np.empty(D, X.dtype)
+        for i0 in range(start, stop, _ROW_BLOCK):
+            for j in range(D):
+                acc_g[j] = 0.0
+                acc_gx[j] = 0.0
+            for i in range(i0, min(i0 + _ROW_BLOCK, stop)):
+                ri = invstd[i]
+                k[0] = mean[i]  # the shift m0
+                k[1] = ri
+                k[2] = (mean[i] - k[0]) * ri  # c: xhat = (x - m0) * r - c
+                m0, rr, cc = k[0], k[1], k[2]
+                x, gy, dx = X[i], dY[i], dX[i]
+                s_h = 0.0
+                s_hx = 0.0
+                for b in range(0, D, _SUM_BLOCK):
+                    e = min(b + _SUM_BLOCK, D)
+                    # slices, so that the block loop vectorises
+                    xb, gb, gmb = x[b:e], gy[b:e], gamma[b:e]
+                    h = m0 - m0
+                    hx = m0 - m0
+                    for j in range(e - b):
+                        hh = gb[j] * gmb[j]
+                        h += hh
+                        hx += hh * ((xb[j] - m0) * rr - cc)
+                    s_h += h
+                    s_hx += hx
+                # dx = r * (h - mh - xhat * mhx) = (g * gamma) * r + k0 - k1 * (x - m0)
+                # with k0 = r * (c * mhx - mh), k1 = r * r * mhx (x - m0 stays explicit)
+                mh = s_h * inv_d if center else 0.0
+                mhx = s_hx * inv_d
+                k[3] = ri * ((mean[i] - k[0]) * ri * mhx - mh)
+                k[4] = ri * ri * mhx
+                k0, k1 = k[3], k[4]
+                # the dx loop also feeds the block accumulators: it is elementwise (no
+                # reduction), so it vectorises; mixing the stores into the reduction
+                # loop above stopped that one vectorising.
                 for j in range(D):
-                    y[j] = ((x[j] - m0) * rr - cc) * gamma[j] + beta[j]
-            else:
+                    g = gy[j]
+                    d = x[j] - m0
+                    dx[j] = ((g * gamma[j]) * rr + k0) - k1 * d
+                    acc_g[j] += g
+                    acc_gx[j] += g * (d * rr - cc)
+            if with_partials:
                 for j in range(D):
-                    tmp[j] = ((x[j] - m0) * r - c) * gamma[j] + beta[j]
-                act_row(code, alpha, tmp)
-                for j in range(D):
-                    Y[i, j] = tmp[j]
+                    pdg[j] += acc_gx[j]
+                    pdb[j] += acc_g[j]
+    g = np.empty(D, np.float64)
+    for i in range(first, stop):
+        mi = mean[i]
+        ri = invstd[i]
+        if code == 0:
+            for j in range(D):
+                g[j] = dY[i, j]
+        else:
+            for j in range(D):
+                g[j] = (X[i, j] - mi) * ri * gamma[j] + beta[j]
+            slope_inplace(code, alpha, g)  # branch-free for ReLU-like codes
+            for j in range(D):
+                g[j] *= dY[i, j]
+        sh = 0.0
+        shx = 0.0
+        for j in range(D):
+            xhat = (X[i, j] - mi) * ri
+            h = g[j] * gamma[j]
+            sh += h
+            shx += h * xhat
+            pdg[j] += g[j] * xhat
+            pdb[j] += g[j]
+        mh = sh * inv_d if center else 0.0
+        mhx = shx * inv_d
+        for j in range(D):
+            xhat = (X[i, j] - mi) * ri
+            dX[i, j] = ri * (g[j] * gamma[j] - mh - xhat * mhx)
 
 
 @kernel
@@ -158,100 +267,50 @@ def row_backward(X, dY, mean, invstd, gamma, beta, center, code, alpha, rows_per
     """
     R, D = X.shape
     n_chunks = (R + rows_per_chunk - 1) // rows_per_chunk
-    inv_d = 1.0 / D
     for k in prange(n_chunks):
-        start = k * rows_per_chunk
-        stop = min(start + rows_per_chunk, R)
-        # Empty partial buffers (shape (0, D)): the parameter gradients come from
-        # row_param_grads instead (no activation only).
-        with_partials = partial_dgamma.shape[0] > 0
-        pdg = partial_dgamma[k] if with_partials else partial_dgamma.ravel()
-        pdb = partial_dbeta[k] if with_partials else partial_dbeta.ravel()
-        for j in range(pdg.shape[0]):
-            pdg[j] = 0.0
-            pdb[j] = 0.0
-        first = start
-        if code == 0:
-            # No activation: one row at a time in X's dtype. The parameter-gradient sums
-            # go into block accumulators of X's dtype, flushed into the float64 partials
-            # every _ROW_BLOCK rows (so the float64 read-modify-write is paid once per
-            # block); the row sums run in blocks of _SUM_BLOCK columns.
-            first = stop
-            k = np.empty(5, X.dtype)  # per-row constants rounded once to X's dtype
-            acc_g = np.empty(D, X.dtype)
-            acc_gx = np.empty(D, X.dtype)
-            for i0 in range(start, stop, _ROW_BLOCK):
-                for j in range(D):
-                    acc_g[j] = 0.0
-                    acc_gx[j] = 0.0
-                for i in range(i0, min(i0 + _ROW_BLOCK, stop)):
-                    ri = invstd[i]
-                    k[0] = mean[i]  # the shift m0
-                    k[1] = ri
-                    k[2] = (mean[i] - k[0]) * ri  # c: xhat = (x - m0) * r - c
-                    m0, rr, cc = k[0], k[1], k[2]
-                    x, gy, dx = X[i], dY[i], dX[i]
-                    s_h = 0.0
-                    s_hx = 0.0
-                    for b in range(0, D, _SUM_BLOCK):
-                        e = min(b + _SUM_BLOCK, D)
-                        # slices, so that the block loop vectorises
-                        xb, gb, gmb = x[b:e], gy[b:e], gamma[b:e]
-                        h = m0 - m0
-                        hx = m0 - m0
-                        for j in range(e - b):
-                            hh = gb[j] * gmb[j]
-                            h += hh
-                            hx += hh * ((xb[j] - m0) * rr - cc)
-                        s_h += h
-                        s_hx += hx
-                    # dx = r * (h - mh - xhat * mhx) = (g * gamma) * r + k0 - k1 * (x - m0)
-                    # with k0 = r * (c * mhx - mh), k1 = r * r * mhx (x - m0 stays explicit)
-                    mh = s_h * inv_d if center else 0.0
-                    mhx = s_hx * inv_d
-                    k[3] = ri * ((mean[i] - k[0]) * ri * mhx - mh)
-                    k[4] = ri * ri * mhx
-                    k0, k1 = k[3], k[4]
-                    # the dx loop also feeds the block accumulators: it is elementwise (no
-                    # reduction), so it vectorises; mixing the stores into the reduction
-                    # loop above stopped that one vectorising.
-                    for j in range(D):
-                        g = gy[j]
-                        d = x[j] - m0
-                        dx[j] = ((g * gamma[j]) * rr + k0) - k1 * d
-                        acc_g[j] += g
-                        acc_gx[j] += g * (d * rr - cc)
-                if with_partials:
-                    for j in range(D):
-                        pdg[j] += acc_gx[j]
-                        pdb[j] += acc_g[j]
-        g = np.empty(D, np.float64)
-        for i in range(first, stop):
-            mi = mean[i]
-            ri = invstd[i]
-            if code == 0:
-                for j in range(D):
-                    g[j] = dY[i, j]
-            else:
-                for j in range(D):
-                    g[j] = (X[i, j] - mi) * ri * gamma[j] + beta[j]
-                slope_inplace(code, alpha, g)  # branch-free for ReLU-like codes
-                for j in range(D):
-                    g[j] *= dY[i, j]
-            sh = 0.0
-            shx = 0.0
-            for j in range(D):
-                xhat = (X[i, j] - mi) * ri
-                h = g[j] * gamma[j]
-                sh += h
-                shx += h * xhat
-                pdg[j] += g[j] * xhat
-                pdb[j] += g[j]
-            mh = sh * inv_d if center else 0.0
-            mhx = shx * inv_d
-            for j in range(D):
-                xhat = (X[i, j] - mi) * ri
-                dX[i, j] = ri * (g[j] * gamma[j] - mh - xhat * mhx)
+        _row_backward_task(np.int64(k), X, dY, mean, invstd, gamma, beta, center, code,
+                           alpha, rows_per_chunk, dX, partial_dgamma, partial_dbeta)
+
+
+@task_body
+def _row_param_grads_task(t, X, dY, mean, invstd, cols_per_task, accumulate, dgamma, dbeta):
+    """Task ``t`` of :func:`row_param_grads` (the ``prange`` body; see ``task_body``)."""
+    R, D = X.shape
+    j0 = t * cols_per_task
+    j1 = min(j0 + cols_per_task, D)
+    w = j1 - j0
+    sg = np.zeros(w, np.float64)
+    sgx = np.zeros(w, np.float64)
+    acc_g = np.empty(w, X.dtype)
+    acc_gx = np.empty(w, X.dtype)
+    k = np.empty(3, X.dtype)
+    for i0 in range(0, R, _ROW_BLOCK):
+        for j in range(w):
+            acc_g[j] = 0.0
+            acc_gx[j] = 0.0
+        for i in range(i0, min(i0 + _ROW_BLOCK, R)):
+            k[0] = mean[i]
+            k[1] = invstd[i]
+            k[2] = (mean[i] - k[0]) * invstd[i]
+            m0, rr, cc = k[0], k[1], k[2]
+            x = X[i, j0:j1]
+            g = dY[i, j0:j1]
+            for j in range(w):
+                acc_g[j] += g[j]
+                acc_gx[j] += g[j] * ((x[j] - m0) * rr - cc)
+        for j in range(w):
+            sg[j] += acc_g[j]
+            sgx[j] += acc_gx[j]
+    og = dgamma[j0:j1]
+    ob = dbeta[j0:j1]
+    if accumulate:
+        for j in range(w):
+            og[j] = og[j] + sgx[j]
+            ob[j] = ob[j] + sg[j]
+    else:
+        for j in range(w):
+            og[j] = sgx[j]
+            ob[j] = sg[j]
 
 
 @kernel
@@ -271,41 +330,8 @@ def row_param_grads(X, dY, mean, invstd, cols_per_task, accumulate, dgamma, dbet
     R, D = X.shape
     n_tasks = (D + cols_per_task - 1) // cols_per_task
     for t in prange(n_tasks):
-        j0 = t * cols_per_task
-        j1 = min(j0 + cols_per_task, D)
-        w = j1 - j0
-        sg = np.zeros(w, np.float64)
-        sgx = np.zeros(w, np.float64)
-        acc_g = np.empty(w, X.dtype)
-        acc_gx = np.empty(w, X.dtype)
-        k = np.empty(3, X.dtype)
-        for i0 in range(0, R, _ROW_BLOCK):
-            for j in range(w):
-                acc_g[j] = 0.0
-                acc_gx[j] = 0.0
-            for i in range(i0, min(i0 + _ROW_BLOCK, R)):
-                k[0] = mean[i]
-                k[1] = invstd[i]
-                k[2] = (mean[i] - k[0]) * invstd[i]
-                m0, rr, cc = k[0], k[1], k[2]
-                x = X[i, j0:j1]
-                g = dY[i, j0:j1]
-                for j in range(w):
-                    acc_g[j] += g[j]
-                    acc_gx[j] += g[j] * ((x[j] - m0) * rr - cc)
-            for j in range(w):
-                sg[j] += acc_g[j]
-                sgx[j] += acc_gx[j]
-        og = dgamma[j0:j1]
-        ob = dbeta[j0:j1]
-        if accumulate:
-            for j in range(w):
-                og[j] = og[j] + sgx[j]
-                ob[j] = ob[j] + sg[j]
-        else:
-            for j in range(w):
-                og[j] = sgx[j]
-                ob[j] = sg[j]
+        _row_param_grads_task(np.int64(t), X, dY, mean, invstd, cols_per_task, accumulate,
+                              dgamma, dbeta)
 
 
 KERNELS = {
