@@ -91,6 +91,18 @@ def split_mean(mean, hi, lo):
 #: float64 partials (see the module notes).
 _ROW_BLOCK = 8
 
+@helper
+def _slopes(code, alpha, like):
+    """``(one, neg)`` in the dtype of ``like``: the slopes right and left of 0 for ReLU
+    (code 1: 1, 0), leaky ReLU (code 2: 1, ``alpha``) and identity (1, 1). The
+    native-dtype paths of the column kernels apply these activations as selects, with
+    both arms in X's dtype (a float64 literal arm would turn the loop float64)."""
+    buf = np.empty(2, like.dtype)
+    buf[0] = 1.0
+    buf[1] = 0.0 if code == 1 else (alpha if code == 2 else 1.0)
+    return buf[0], buf[1]
+
+
 # Columns per task in the merge kernels: merges run in parallel over column blocks, each
 # block walking the chunks in order, so the merge order is fixed too.
 _MERGE_BLOCK = 256
@@ -245,7 +257,7 @@ def _column_normalize_task(k, X, mean, invstd, gamma, beta, code, alpha, rows_pe
     R, C = X.shape
     start = k * rows_per_chunk
     stop = min(start + rows_per_chunk, R)
-    if code == 0:
+    if code <= 2:  # identity, ReLU, leaky ReLU: in X's dtype
         hi = np.empty(C, X.dtype)
         lo = np.empty(C, X.dtype)
         scale = np.empty(C, X.dtype)
@@ -254,9 +266,16 @@ def _column_normalize_task(k, X, mean, invstd, gamma, beta, code, alpha, rows_pe
         for j in range(C):  # hoisted per-column factors (the inner loop is sub, sub, FMA)
             scale[j] = invstd[j] * gamma[j]
             shift[j] = beta[j]
-        for i in range(start, stop):
-            for j in range(C):
-                Y[i, j] = ((X[i, j] - hi[j]) - lo[j]) * scale[j] + shift[j]
+        if code == 0:
+            for i in range(start, stop):
+                for j in range(C):
+                    Y[i, j] = ((X[i, j] - hi[j]) - lo[j]) * scale[j] + shift[j]
+        else:
+            one, neg = _slopes(code, alpha, hi)
+            for i in range(start, stop):
+                for j in range(C):
+                    z = ((X[i, j] - hi[j]) - lo[j]) * scale[j] + shift[j]
+                    Y[i, j] = z if z > 0.0 else z * neg  # z * neg keeps NaN a NaN
     else:
         scale64 = np.empty(C, np.float64)
         tmp = np.empty(C, np.float64)
@@ -300,21 +319,36 @@ def _column_backward_reduce_task(k, X, dY, mean, invstd, gamma, beta, code, alph
     for j in range(C):
         sg[j] = 0.0
         sgx[j] = 0.0
-    if code == 0:
+    if code <= 2:  # identity, ReLU, leaky ReLU: in X's dtype
         hi = np.empty(C, X.dtype)
         lo = np.empty(C, X.dtype)
         split_mean(mean, hi, lo)
         acc_g = np.empty(C, X.dtype)  # block accumulators in X's dtype
         acc_gx = np.empty(C, X.dtype)
+        scale = np.empty(C, X.dtype)
+        shift = np.empty(C, X.dtype)
+        for j in range(C):
+            scale[j] = invstd[j] * gamma[j]
+            shift[j] = beta[j]
+        one, neg = _slopes(code, alpha, hi)
         for i0 in range(start, stop, _ROW_BLOCK):
             for j in range(C):
                 acc_g[j] = 0.0
                 acc_gx[j] = 0.0
-            for i in range(i0, min(i0 + _ROW_BLOCK, stop)):
-                for j in range(C):
-                    g = dY[i, j]
-                    acc_g[j] += g
-                    acc_gx[j] += g * ((X[i, j] - hi[j]) - lo[j])
+            if code == 0:
+                for i in range(i0, min(i0 + _ROW_BLOCK, stop)):
+                    for j in range(C):
+                        g = dY[i, j]
+                        acc_g[j] += g
+                        acc_gx[j] += g * ((X[i, j] - hi[j]) - lo[j])
+            else:  # g = dY * f'(z), the slope as a select (NaN z gives NaN)
+                for i in range(i0, min(i0 + _ROW_BLOCK, stop)):
+                    for j in range(C):
+                        d = (X[i, j] - hi[j]) - lo[j]
+                        z = d * scale[j] + shift[j]
+                        g = dY[i, j] * (one if z > 0.0 else neg + (z - z))
+                        acc_g[j] += g
+                        acc_gx[j] += g * d
             for j in range(C):
                 sg[j] += acc_g[j]
                 sgx[j] += acc_gx[j]
@@ -381,7 +415,7 @@ def _column_backward_dx_task(k, X, dY, mean, invstd, gamma, beta, code, alpha, s
     inv_r = 1.0 / R
     start = k * rows_per_chunk
     stop = min(start + rows_per_chunk, R)
-    if code == 0:
+    if code <= 2:  # identity, ReLU, leaky ReLU: in X's dtype
         hi = np.empty(C, X.dtype)
         lo = np.empty(C, X.dtype)
         scale = np.empty(C, X.dtype)
@@ -392,9 +426,21 @@ def _column_backward_dx_task(k, X, dY, mean, invstd, gamma, beta, code, alpha, s
             scale[j] = gamma[j] * invstd[j]
             mg[j] = sum_g[j] * inv_r
             kx[j] = sum_gx[j] * inv_r * invstd[j]
-        for i in range(start, stop):
+        if code == 0:
+            for i in range(start, stop):
+                for j in range(C):
+                    dX[i, j] = scale[j] * ((dY[i, j] - mg[j]) - ((X[i, j] - hi[j]) - lo[j]) * kx[j])
+        else:
+            one, neg = _slopes(code, alpha, hi)
+            shift = np.empty(C, X.dtype)
             for j in range(C):
-                dX[i, j] = scale[j] * ((dY[i, j] - mg[j]) - ((X[i, j] - hi[j]) - lo[j]) * kx[j])
+                shift[j] = beta[j]
+            for i in range(start, stop):
+                for j in range(C):
+                    d = (X[i, j] - hi[j]) - lo[j]
+                    z = d * scale[j] + shift[j]
+                    g = dY[i, j] * (one if z > 0.0 else neg + (z - z))
+                    dX[i, j] = scale[j] * ((g - mg[j]) - d * kx[j])
     else:
         # hoisted per-column factors: dX = scale * (g - mg - (x - mean) * invstd * mgx)
         scale64 = np.empty(C, np.float64)
