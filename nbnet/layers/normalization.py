@@ -514,16 +514,16 @@ class LayerNorm1D(_NormBase):
             self.derived_variables["invstd"].append(invstd)
         return Y
 
-    def _wide_param_grads(self, R, D, code):
+    def _wide_param_grads(self, R, D, code, itemsize):
         """True when the parameter gradients are cheaper by column blocks
         (:func:`~nbnet.kernels.cpu.row_stats.row_param_grads`) than by per-chunk
         partials: CPU, no activation, and partials at least ``config.WIDE_PARTIALS_RATIO``
         of the input's bytes (few rows, very wide: LayerNorm2D on images)."""
         if self.device != "cpu" or code != 0:
             return False
-        n_chunks = -(-R // config.rows_per_chunk(D, 4))
+        n_chunks = -(-R // config.rows_per_chunk(D, itemsize))
         # one chunk: the partials would only be copied by the merge (small batches)
-        return n_chunks == 1 or 2 * n_chunks * D * 8 >= config.WIDE_PARTIALS_RATIO * R * D * 4
+        return n_chunks == 1 or 2 * n_chunks * D * 8 >= config.WIDE_PARTIALS_RATIO * R * D * itemsize
 
     def backward(self, dLdy, retain_grads=True):
         """dL/dX per example, plus the parameter gradients, in one pass."""
@@ -537,7 +537,7 @@ class LayerNorm1D(_NormBase):
             dy2 = dy.reshape(X2.shape)
             R, D = X2.shape
             dX = self._empty(X.shape, X.dtype)
-            if R > 0 and D > 0 and self._wide_param_grads(R, D, code):
+            if R > 0 and D > 0 and self._wide_param_grads(R, D, code, X.dtype.itemsize):
                 # wide, short input: parameter gradients by column blocks, no partials
                 empty = self._empty((0, D), _F64)
                 self._kernel("row_backward")(R * D, X2, dy2, mean, invstd, gamma, beta, self._center,

@@ -172,10 +172,11 @@ def _row_backward_task(k, X, dY, mean, invstd, gamma, beta, center, code, alpha,
         # block); the row sums run in blocks of _SUM_BLOCK columns.
         first = stop
         k = np.empty(5, X.dtype)  # per-row constants rounded once to X's dtype
-        acc_g = np.empty(D, X.dtype)
-        acc_gx = np.empty(D, X.dtype)
+        n_acc = D if with_partials else 0
+        acc_g = np.empty(n_acc, X.dtype)
+        acc_gx = np.empty(n_acc, X.dtype)
         for i0 in range(start, stop, _ROW_BLOCK):
-            for j in range(D):
+            for j in range(n_acc):
                 acc_g[j] = 0.0
                 acc_gx[j] = 0.0
             for i in range(i0, min(i0 + _ROW_BLOCK, stop)):
@@ -209,12 +210,16 @@ def _row_backward_task(k, X, dY, mean, invstd, gamma, beta, center, code, alpha,
                 # the dx loop also feeds the block accumulators: it is elementwise (no
                 # reduction), so it vectorises; mixing the stores into the reduction
                 # loop above stopped that one vectorising.
-                for j in range(D):
-                    g = gy[j]
-                    d = x[j] - m0
-                    dx[j] = ((g * gamma[j]) * rr + k0) - k1 * d
-                    acc_g[j] += g
-                    acc_gx[j] += g * (d * rr - cc)
+                if with_partials:
+                    for j in range(D):
+                        g = gy[j]
+                        d = x[j] - m0
+                        dx[j] = ((g * gamma[j]) * rr + k0) - k1 * d
+                        acc_g[j] += g
+                        acc_gx[j] += g * (d * rr - cc)
+                else:  # parameter gradients come from row_param_grads
+                    for j in range(D):
+                        dx[j] = ((gy[j] * gamma[j]) * rr + k0) - k1 * (x[j] - m0)
             if with_partials:
                 for j in range(D):
                     pdg[j] += acc_gx[j]
