@@ -174,22 +174,30 @@ def column_partial_stats(X, rows_per_chunk, partial_mean, partial_m2):
 def _chan_merge_block(partial_mean, partial_m2, n_rows, rows_per_chunk, j0, j1, mean, m2):
     """Chan-merge the chunks of columns ``j0:j1`` in chunk order into ``mean``/``m2``.
 
-    Every chunk holds ``rows_per_chunk`` rows except the last (``n_rows`` in all).
+    Every chunk holds ``rows_per_chunk`` rows except the last (``n_rows`` in all). The
+    column loops run over slices (indexing ``range(j0, j1)`` does not vectorise).
     """
     n_chunks = partial_mean.shape[0]
-    for j in range(j0, j1):
-        mean[j] = partial_mean[0, j]
-        m2[j] = partial_m2[0, j]
+    mb = mean[j0:j1]
+    m2b = m2[j0:j1]
+    w0 = j1 - j0
+    pm0 = partial_mean[0, j0:j1]
+    pq0 = partial_m2[0, j0:j1]
+    for j in range(w0):
+        mb[j] = pm0[j]
+        m2b[j] = pq0[j]
     n_a = float(min(rows_per_chunk, n_rows))
     for k in range(1, n_chunks):
         n_b = float(min(rows_per_chunk, n_rows - k * rows_per_chunk))
         n = n_a + n_b
         w = n_b / n
         c = n_a * n_b / n
-        for j in range(j0, j1):
-            delta = partial_mean[k, j] - mean[j]
-            mean[j] += delta * w
-            m2[j] += partial_m2[k, j] + delta * delta * c
+        pmk = partial_mean[k, j0:j1]
+        pqk = partial_m2[k, j0:j1]
+        for j in range(w0):
+            delta = pmk[j] - mb[j]
+            mb[j] += delta * w
+            m2b[j] += pqk[j] + delta * delta * c
         n_a = n
 
 
@@ -391,11 +399,13 @@ def _merge_partial_sums_task(b, partial, out):
     n_chunks, C = partial.shape
     j0 = b * _MERGE_BLOCK
     j1 = min(j0 + _MERGE_BLOCK, C)
-    for j in range(j0, j1):
-        out[j] = 0.0
+    ob = out[j0:j1]  # slices: indexing range(j0, j1) does not vectorise
+    for j in range(j1 - j0):
+        ob[j] = 0.0
     for k in range(n_chunks):
-        for j in range(j0, j1):
-            out[j] += partial[k, j]
+        pk = partial[k, j0:j1]
+        for j in range(j1 - j0):
+            ob[j] += pk[j]
 
 
 @kernel
