@@ -62,6 +62,14 @@ GOMP_SPINCOUNT = _env_int("NBNET_GOMP_SPINCOUNT", 10000)
 WIDE_PARTIALS_RATIO = float(os.environ.get("NBNET_WIDE_PARTIALS_RATIO", "0.5"))
 PARAM_GRAD_COLUMNS = _env_int("NBNET_PARAM_GRAD_COLUMNS", 2048)
 
+#: CPU layer outputs (Y, dX) of at least OUTPUT_REUSE_BYTES are taken from a per-layer
+#: pool of up to OUTPUT_POOL buffers, reused once nothing outside the pool refers to them
+#: (see LayerBase._output). glibc serves allocations of 32 MiB and more with a fresh
+#: mmap that the kernel zero-fills on first touch; that cost ~4 ms per 64 MiB output
+#: on the reference machine. OUTPUT_POOL=0 turns the pool off.
+OUTPUT_REUSE_BYTES = _env_int("NBNET_OUTPUT_REUSE_BYTES", 8 << 20)
+OUTPUT_POOL = _env_int("NBNET_OUTPUT_POOL", 2)
+
 #: Below this many elements a kernel's serial twin runs instead of the parallel one:
 #: starting and joining a parallel region costs microseconds, and a thread descheduled
 #: by another process stalls the whole region for a scheduler tick. Measured on the

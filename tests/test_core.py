@@ -474,3 +474,50 @@ def test_second_process_loads_kernels_from_cache(tmp_path):
                                       text=True, check=True).stdout.strip().splitlines()[-1]) for _ in range(2)]
     assert runs[0]["misses"] > 0 and runs[0]["hits"] == 0
     assert runs[1]["misses"] == 0 and runs[1]["hits"] == runs[0]["misses"]
+
+
+# ----------------------------------------------------------------- output buffer pool
+def test_output_pool_never_hands_out_a_buffer_someone_holds(monkeypatch, rng):
+    """Large outputs are reused only once nothing outside the layer refers to them."""
+    from nbnet import config
+    monkeypatch.setattr(config, "OUTPUT_REUSE_BYTES", 0)  # pool every output
+    X = rng.normal(size=(64, 8))
+    dY = rng.normal(size=(64, 8))
+    for make in (nbnet.BatchNorm1D, nbnet.LayerNorm1D):
+        layer = make()
+        Y1 = layer.forward(X)
+        dX1 = layer.backward(dY)
+        layer.flush_gradients()
+        Y1_copy, dX1_copy = Y1.copy(), dX1.copy()
+        Y2 = layer.forward(X)          # Y1 is held by the caller: a new buffer
+        dX2 = layer.backward(dY)
+        layer.flush_gradients()
+        assert not np.shares_memory(Y1, Y2) and not np.shares_memory(dX1, dX2)
+        view = Y2[:3]                  # a view keeps its base alive: not reused either
+        addr = Y1.__array_interface__["data"][0]
+        del Y1, Y2, dX1, dX2
+        Y3 = layer.forward(X)
+        assert not np.shares_memory(Y3, view)
+        # the buffer nobody holds any more is the one handed out again
+        assert Y3.__array_interface__["data"][0] == addr
+        np.testing.assert_array_equal(Y3, Y1_copy)
+        np.testing.assert_array_equal(layer.backward(dY), dX1_copy)
+
+
+def test_output_pool_off_gives_the_same_results(monkeypatch, rng):
+    from nbnet import config
+    X = rng.normal(size=(300, 40)).astype(np.float32)
+    dY = rng.normal(size=X.shape).astype(np.float32)
+    outs = []
+    for pool, reuse in ((0, 0), (2, 0)):
+        monkeypatch.setattr(config, "OUTPUT_POOL", pool)
+        monkeypatch.setattr(config, "OUTPUT_REUSE_BYTES", reuse)
+        layer = nbnet.BatchNorm1D()
+        res = []
+        for _ in range(3):
+            res.append(layer.forward(X).copy())
+            res.append(layer.backward(dY).copy())
+            layer.update()
+        outs.append(res)
+    for a, b in zip(*outs):
+        np.testing.assert_array_equal(a, b)

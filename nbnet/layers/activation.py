@@ -62,7 +62,7 @@ class _ElementwiseActivation(LayerBase):
     # layer API
     def forward(self, X, retain_derived=True):
         X = check_float_array(X, "X", device=self.device)
-        Y = self._empty(X.shape, X.dtype)
+        Y = self._output("Y", X.shape, X.dtype)
         n = X.size
         if n:
             a = self.activation
@@ -83,7 +83,7 @@ class _ElementwiseActivation(LayerBase):
         return out if was_list else out[0]
 
     def _apply_backward(self, X, dy):
-        dX = self._empty(X.shape, X.dtype)
+        dX = self._output("dX", X.shape, X.dtype)
         n = X.size
         if n:
             a = self.activation

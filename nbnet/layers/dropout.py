@@ -59,7 +59,7 @@ class Dropout(LayerBase):
         U = self._rng.random(X.shape, dtype=X.dtype)
         if self.device != "cpu":
             U = devices.to_device(U, self.device)
-        Y = self._empty(X.shape, X.dtype)
+        Y = self._output("Y", X.shape, X.dtype)
         mask = self._empty(X.shape, np.uint8)
         if X.size:
             self._kernel("dropout_forward")(X.size, X.reshape(-1), U.reshape(-1), self.p,
@@ -80,7 +80,7 @@ class Dropout(LayerBase):
             if mask is None:
                 out.append(dy)
                 continue
-            dX = self._empty(X.shape, X.dtype)
+            dX = self._output("dX", X.shape, X.dtype)
             if X.size:
                 self._kernel("dropout_backward")(X.size, dy.reshape(-1), mask.reshape(-1),
                                                  1.0 / (1.0 - self.p), _BLOCK, dX.reshape(-1))

@@ -252,7 +252,7 @@ class _BatchNormBase(_NormBase):
         p = self.parameters
         gamma, beta = p["scaler"], p["intercept"]
         code, alpha = self._act
-        Y = self._empty(X.shape, X.dtype)
+        Y = self._output("Y", X.shape, X.dtype)
         fused = train and self._cuda_fused(sfx, R)
         if fused:
             # CUDA: batch statistics, running-stat update and normalisation in one fused op
@@ -345,7 +345,7 @@ class _BatchNormBase(_NormBase):
             C = self._n_features(X)
             V, sfx, chunk, _, n_chunks, R = self._column_layout(X)
             dyv = dy.reshape(V.shape)
-            dX = self._empty(X.shape, X.dtype)
+            dX = self._output("dX", X.shape, X.dtype)
             if R == 0:  # an empty batch (or an empty rank under SyncBatchNorm)
                 self._sums_for_dx(np.zeros(C), np.zeros(C), R)
                 out.append(dX)
@@ -501,7 +501,7 @@ class LayerNorm1D(_NormBase):
         self._build_for(X)
         gamma, beta = self._gamma_beta()
         code, alpha = self._act
-        Y = self._empty(X.shape, X.dtype)
+        Y = self._output("Y", X.shape, X.dtype)
         mean = self._empty(R, _F64)
         invstd = self._empty(R, _F64)
         if R > 0 and D > 0:
@@ -536,7 +536,7 @@ class LayerNorm1D(_NormBase):
             X2 = self._rows(X)
             dy2 = dy.reshape(X2.shape)
             R, D = X2.shape
-            dX = self._empty(X.shape, X.dtype)
+            dX = self._output("dX", X.shape, X.dtype)
             if R > 0 and D > 0 and self._wide_param_grads(R, D, code, X.dtype.itemsize):
                 # wide, short input: parameter gradients by column blocks, no partials
                 empty = self._empty((0, D), _F64)
@@ -931,7 +931,7 @@ class GroupNorm(_NormBase):
         self._ensure_built(C, X.dtype)
         gamma, beta = self._gamma_beta(C, X.dtype)
         code, alpha = self._act
-        Y = self._empty(X.shape, X.dtype)
+        Y = self._output("Y", X.shape, X.dtype)
         Yv = Y.reshape(V.shape)
         if running:
             mean, invstd = self._running_mean_invstd()
@@ -983,7 +983,7 @@ class GroupNorm(_NormBase):
             V, cf = self._view(X)
             N = V.shape[0]
             gamma, beta = self._gamma_beta(C, X.dtype)
-            dX = self._empty(X.shape, X.dtype)
+            dX = self._output("dX", X.shape, X.dtype)
             if V.size > 0:
                 rpc = config.rows_per_chunk(V.size // N, X.dtype.itemsize)
                 n_chunks = -(-N // rpc)
