@@ -37,74 +37,138 @@ import math
 import numpy as np
 from numba import prange
 
-from ._jit import kernel, task_body
+from ._jit import helper, kernel, task_body
 from .activations import act_row
 from .column_stats import _ROW_BLOCK, slope_inplace, split_mean
+
+
+#: Values per tile in the channels-last kernels (a whole number of positions, see
+#: _group_forward_cl_task).
+_TILE = 512
+
+
+@helper
+def _tile(src, dst):
+    """dst[t * C + c] = src[c] for every whole copy of ``src`` (length C) in ``dst``."""
+    C = src.shape[0]
+    for t in range(dst.shape[0] // C):
+        d = dst[t * C:(t + 1) * C]
+        for c in range(C):
+            d[c] = src[c]
+
+
+@helper
+def _fold(src, dst):
+    """dst[c] = sum over t of src[t * C + c] (float64), for a tiled accumulator."""
+    C = dst.shape[0]
+    for c in range(C):
+        dst[c] = 0.0
+    for t in range(src.shape[0] // C):
+        s = src[t * C:(t + 1) * C]
+        for c in range(C):
+            dst[c] += s[c]
 
 
 @task_body(ordered=True)
 def _group_forward_cl_task(k, X, gamma, beta, n_groups, eps, code, alpha, rows_per_chunk,
                            Y, mean, invstd):
-    """Task ``k`` of :func:`group_forward_cl` (the ``prange`` body; see ``task_body``)."""
+    """Task ``k`` of :func:`group_forward_cl` (the ``prange`` body; see ``task_body``).
+
+    An example's ``(P, C)`` values are walked as *tiles* of ``kp`` consecutive positions
+    (``W = kp * C`` contiguous values, about ``_TILE``) with the per-channel factors and
+    accumulators tiled ``kp`` times, so the inner loops run ``W`` long instead of ``C``
+    (with C = 64 loop overhead bounded the short loops: GroupNorm(32) (32,32,32,64)
+    float32 forward on 2 cores 0.50 -> 0.41 ms). Positions past the last whole tile take
+    the per-position loops.
+    """
     N, P, C = X.shape
     cg = C // n_groups
     inv_cnt = 1.0 / (P * cg)
     start = k * rows_per_chunk
     stop = min(start + rows_per_chunk, N)
-    blk = np.empty(C, X.dtype)        # block accumulators in X's dtype
-    blk2 = np.empty(C, X.dtype)
+    kp = max(1, min(P, _TILE // C))
+    W = kp * C
+    n_tiles = P // kp
+    tail = n_tiles * kp
+    blk = np.empty(W, X.dtype)        # tiled block accumulators in X's dtype
+    blk2 = np.empty(W, X.dtype)
+    acc_t = np.empty(W, np.float64)   # tiled float64 accumulators
+    acc2_t = np.empty(W, np.float64)
     acc = np.empty(C, np.float64)
+    acc2 = np.empty(C, np.float64)
     mc = np.empty(C, np.float64)      # the group mean, per channel
     hi = np.empty(C, X.dtype)         # ... as two floats of X's dtype
     lo = np.empty(C, X.dtype)
     scale = np.empty(C, X.dtype)      # invstd * gamma, per channel
     shift = np.empty(C, X.dtype)
+    hi_t = np.empty(W, X.dtype)
+    lo_t = np.empty(W, X.dtype)
+    scale_t = np.empty(W, X.dtype)
+    shift_t = np.empty(W, X.dtype)
     tmp = np.empty(C, np.float64)
     for n in range(start, stop):
-        # pass 1: per-channel sums along the contiguous axis -> group means
-        for c in range(C):
-            acc[c] = 0.0
-        for p0 in range(0, P, _ROW_BLOCK):
+        xf = X[n].reshape(P * C)
+        yf = Y[n].reshape(P * C)
+        # pass 1: per-channel sums -> group means (tiles, then the tail positions)
+        for j in range(W):
+            acc_t[j] = 0.0
+        for t0 in range(0, n_tiles, _ROW_BLOCK):
+            for j in range(W):
+                blk[j] = 0.0
+            for t in range(t0, min(t0 + _ROW_BLOCK, n_tiles)):
+                xs = xf[t * W:(t + 1) * W]
+                for j in range(W):
+                    blk[j] += xs[j]
+            for j in range(W):
+                acc_t[j] += blk[j]
+        _fold(acc_t, acc)
+        for p in range(tail, P):
+            xs = xf[p * C:(p + 1) * C]
             for c in range(C):
-                blk[c] = 0.0
-            for p in range(p0, min(p0 + _ROW_BLOCK, P)):
-                for c in range(C):
-                    blk[c] += X[n, p, c]
-            for c in range(C):
-                acc[c] += blk[c]
+                acc[c] += xs[c]
         for g in range(n_groups):
             s = 0.0
             for c in range(g * cg, (g + 1) * cg):
                 s += acc[c]
             m = s * inv_cnt
-            mean[n, g] = m
             for c in range(g * cg, (g + 1) * cg):
                 mc[c] = m
         split_mean(mc, hi, lo)
+        _tile(hi, hi_t)
+        _tile(lo, lo_t)
         # pass 2 (cached example): deviations d from the pass-1 mean, summed and
         # squared. The shifted moments correct the mean (mean += sum(d) / n) and give
         # M2 = sum(d^2) - sum(d)^2 / n, so the float32 rounding of pass 1 cancels out.
-        for c in range(C):
-            acc[c] = 0.0
-            tmp[c] = 0.0
-        for p0 in range(0, P, _ROW_BLOCK):
+        for j in range(W):
+            acc_t[j] = 0.0
+            acc2_t[j] = 0.0
+        for t0 in range(0, n_tiles, _ROW_BLOCK):
+            for j in range(W):
+                blk[j] = 0.0
+                blk2[j] = 0.0
+            for t in range(t0, min(t0 + _ROW_BLOCK, n_tiles)):
+                xs = xf[t * W:(t + 1) * W]
+                for j in range(W):
+                    d = (xs[j] - hi_t[j]) - lo_t[j]
+                    blk[j] += d
+                    blk2[j] += d * d
+            for j in range(W):
+                acc_t[j] += blk[j]
+                acc2_t[j] += blk2[j]
+        _fold(acc_t, acc)
+        _fold(acc2_t, acc2)
+        for p in range(tail, P):
+            xs = xf[p * C:(p + 1) * C]
             for c in range(C):
-                blk[c] = 0.0
-                blk2[c] = 0.0
-            for p in range(p0, min(p0 + _ROW_BLOCK, P)):
-                for c in range(C):
-                    d = (X[n, p, c] - hi[c]) - lo[c]
-                    blk[c] += d
-                    blk2[c] += d * d
-            for c in range(C):
-                tmp[c] += blk[c]
-                acc[c] += blk2[c]
+                d = (xs[c] - hi[c]) - lo[c]
+                acc[c] += d
+                acc2[c] += d * d
         for g in range(n_groups):
             sd = 0.0
             sdd = 0.0
             for c in range(g * cg, (g + 1) * cg):
-                sd += tmp[c]
-                sdd += acc[c]
+                sd += acc[c]
+                sdd += acc2[c]
             m = mc[g * cg] + sd * inv_cnt
             r = 1.0 / math.sqrt(max(sdd - sd * sd * inv_cnt, 0.0) * inv_cnt + eps)
             mean[n, g] = m
@@ -116,9 +180,20 @@ def _group_forward_cl_task(k, X, gamma, beta, n_groups, eps, code, alpha, rows_p
         split_mean(mc, hi, lo)
         # pass 3: normalise, affine, activation
         if code == 0:
-            for p in range(P):
+            _tile(hi, hi_t)
+            _tile(lo, lo_t)
+            _tile(scale, scale_t)
+            _tile(shift, shift_t)
+            for t in range(n_tiles):
+                xs = xf[t * W:(t + 1) * W]
+                ys = yf[t * W:(t + 1) * W]
+                for j in range(W):
+                    ys[j] = ((xs[j] - hi_t[j]) - lo_t[j]) * scale_t[j] + shift_t[j]
+            for p in range(tail, P):
+                xs = xf[p * C:(p + 1) * C]
+                ys = yf[p * C:(p + 1) * C]
                 for c in range(C):
-                    Y[n, p, c] = ((X[n, p, c] - hi[c]) - lo[c]) * scale[c] + shift[c]
+                    ys[c] = ((xs[c] - hi[c]) - lo[c]) * scale[c] + shift[c]
         else:
             for p in range(P):
                 for c in range(C):
