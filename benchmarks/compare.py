@@ -25,7 +25,8 @@ What is measured
   done; interpreter exit is not counted), next to ``import torch`` (torch column) and
   ``import numpy`` (floor column), measured the same way; once as installed here, once
   with scipy hidden (a plain ``pip install nbnet`` has no scipy; numba imports it at its
-  first dispatch when it is present).
+  first dispatch when it is present). Children run with bytecode caching on, as an
+  installed package does.
 
 The **floor** is what the memory system allows: a training step must at least read X and
 dY and write Y and dX -- the time of two ``np.copyto`` of the input; an inference forward
@@ -521,6 +522,10 @@ def _process_until_done(code, env=None):
 
 def cold_start_rows(torch, threads):
     env = dict(os.environ, NUMBA_NUM_THREADS=str(threads))
+    # Bytecode caching on, as for any installed package (pip compiles a wheel's .pyc at
+    # install time): with PYTHONDONTWRITEBYTECODE set (as on the reference machine) every
+    # new process would recompile nbnet's sources, ~70 ms that no installed copy pays.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     rows = []
     for label, prefix in (("", ""), (", scipy hidden", _WITHOUT_SCIPY)):
         name = ("new process until its first BatchNorm1D training step (4096,256) is done, "
