@@ -296,8 +296,27 @@ class OptimizerBase:
         out = devices.empty((1,), np.float64, self.device)
         _kernel("sum_of_squares", self.device)(n, flat_grad, chunk, partial, out)
         norm = math.sqrt(float(devices.to_host(out)[0]))
+        if math.isinf(norm):
+            return self._clip_scale_overflowed(flat_grad)
         if norm > self.clip_norm:  # False for a NaN norm: the NaN then propagates
             return float(self.clip_norm) / norm
+        return 1.0
+
+    def _clip_scale_overflowed(self, flat_grad):
+        """The clip scale when ``sum(g**2)`` overflowed float64 (|g| beyond ~1e154).
+
+        Rescaled by the largest magnitude: ``||g|| = amax * sqrt(sum((g / amax)**2))``, and
+        the scale ``clip_norm / ||g||`` formed as ``(clip_norm / amax) / sqrt(...)`` so it
+        never overflows either. An infinite entry keeps numpy-ml's result (scale 0 turns
+        it into NaN, which propagates). Rare, so on the host in NumPy.
+        """
+        g = np.asarray(devices.to_host(flat_grad), dtype=np.float64)
+        amax = float(np.max(np.abs(g)))
+        if not math.isfinite(amax):
+            return 0.0
+        root = math.sqrt(float(np.sum(np.square(g / amax))))
+        if amax * root > self.clip_norm:
+            return (float(self.clip_norm) / amax) / root
         return 1.0
 
     def _apply(self, flat_param, flat_grad, state, lr, scale):

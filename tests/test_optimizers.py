@@ -509,3 +509,26 @@ def test_sum_of_squares_value():
     np.testing.assert_allclose(partial, [np.dot(c, c) for c in chunks], rtol=1e-13)
     sum_of_squares.serial(x[:0], chunk, partial[:0], out)
     assert out[0] == 0.0
+
+
+def test_clip_norm_of_huge_float64_gradients_does_not_overflow():
+    """sum(g**2) overflows float64 beyond |g| ~ 1e154; the clipped step must still be the
+    gradient scaled to norm clip_norm (not zeroed by clip_norm / inf)."""
+    rng = np.random.default_rng(3)
+    g = rng.normal(size=50) * 1e200
+    amax = np.abs(g).max()
+    norm_over_amax = np.sqrt(np.sum((g / amax) ** 2))  # ||g|| / amax, without overflow
+    with np.errstate(over="ignore"):
+        assert not np.isfinite(np.sum(g * g))  # the naive reduction does overflow
+    opt = SGD(lr=1.0, clip_norm=2.0)
+    param = np.zeros_like(g)
+    opt(param, g.copy(), "W")
+    expected = -(2.0 / amax) / norm_over_amax * g
+    np.testing.assert_allclose(param, expected, rtol=1e-12)
+    assert np.linalg.norm(param) == pytest.approx(2.0, rel=1e-12)
+    # an infinite entry still poisons the step (numpy-ml's behaviour), it is not hidden
+    g_inf = g.copy()
+    g_inf[0] = np.inf
+    param = np.zeros_like(g)
+    opt(param, g_inf, "W2")
+    assert not np.all(np.isfinite(param))
