@@ -25,9 +25,11 @@ unit variance (the two terms agree to ~8 digits, float32 has ~7).
 Inputs are computed in their own dtype (float32 runs 8-16 lanes wide with no
 conversions): each pass walks one row at a time and adds into per-column accumulators of
 the input's dtype, which are flushed into the float64 partial rows every
-``_ROW_BLOCK`` rows. A block adds at most ``_ROW_BLOCK`` roundings of its own magnitude,
-so at mean 1e4 a float32 chunk mean is off by ~1e-4 of a standard deviation, far inside
-the 1e-4 variance and 1e-3 output-mean bounds the stability tests hold. One row per pass
+``ROW_BLOCK`` rows (:mod:`~nbnet.kernels.cpu.block_sums`). A block adds at most
+``ROW_BLOCK`` roundings of its own magnitude, so at mean 1e4 the first pass's float32
+chunk mean is off by ~1e-4 of a standard deviation; the second pass sums ``d = x - mean``
+as well as ``d * d`` and the shifted moments (``mean += sum(d) / n``, ``M2 = sum(d * d) -
+sum(d)**2 / n``) remove that error from both. One row per pass
 (not several rows interleaved) keeps every stream sequential for the hardware
 prefetcher: interleaving four rows was 1.3x faster in cache ((4096, 1024)) but 2x slower
 from DRAM ((65536, 256)) on the 2-core Zen 4 reference machine; the block accumulators
@@ -47,6 +49,7 @@ import numpy as np
 from numba import prange
 
 from ._jit import helper, kernel, task_body
+from .block_sums import ROW_BLOCK, SUM_BLOCK, block_shifted_moments, block_sum
 from .activations import act_row, act_slope
 
 
@@ -87,10 +90,6 @@ def split_mean(mean, hi, lo):
         lo[j] = m - hi[j]
 
 
-#: Rows added into the input-dtype block accumulators before they are flushed into the
-#: float64 partials (see the module notes).
-_ROW_BLOCK = 8
-
 @helper
 def _slopes(code, alpha, like):
     """``(one, neg)`` in the dtype of ``like``: the slopes right and left of 0 for ReLU
@@ -120,10 +119,10 @@ def _column_partial_stats_task(k, X, rows_per_chunk, partial_mean, partial_m2):
     for j in range(C):
         pm[j] = 0.0
         pm2[j] = 0.0
-    for i0 in range(start, stop, _ROW_BLOCK):
+    for i0 in range(start, stop, ROW_BLOCK):
         for j in range(C):
             acc[j] = 0.0
-        for i in range(i0, min(i0 + _ROW_BLOCK, stop)):
+        for i in range(i0, min(i0 + ROW_BLOCK, stop)):
             for j in range(C):
                 acc[j] += X[i, j]
         for j in range(C):
@@ -139,11 +138,11 @@ def _column_partial_stats_task(k, X, rows_per_chunk, partial_mean, partial_m2):
     # input-dtype blocks of pass 1 cancels out of both.
     sd = np.zeros(C, np.float64)
     acc2 = np.empty(C, X.dtype)
-    for i0 in range(start, stop, _ROW_BLOCK):
+    for i0 in range(start, stop, ROW_BLOCK):
         for j in range(C):
             acc[j] = 0.0
             acc2[j] = 0.0
-        for i in range(i0, min(i0 + _ROW_BLOCK, stop)):
+        for i in range(i0, min(i0 + ROW_BLOCK, stop)):
             for j in range(C):
                 d = (X[i, j] - hi[j]) - lo[j]
                 acc[j] += d
@@ -339,18 +338,18 @@ def _column_backward_reduce_task(k, X, dY, mean, invstd, gamma, beta, code, alph
             scale[j] = invstd[j] * gamma[j]
             shift[j] = beta[j]
         one, neg = _slopes(code, alpha, hi)
-        for i0 in range(start, stop, _ROW_BLOCK):
+        for i0 in range(start, stop, ROW_BLOCK):
             for j in range(C):
                 acc_g[j] = 0.0
                 acc_gx[j] = 0.0
             if code == 0:
-                for i in range(i0, min(i0 + _ROW_BLOCK, stop)):
+                for i in range(i0, min(i0 + ROW_BLOCK, stop)):
                     for j in range(C):
                         g = dY[i, j]
                         acc_g[j] += g
                         acc_gx[j] += g * ((X[i, j] - hi[j]) - lo[j])
             else:  # g = dY * f'(z), the slope as a select (NaN z gives NaN)
-                for i in range(i0, min(i0 + _ROW_BLOCK, stop)):
+                for i in range(i0, min(i0 + ROW_BLOCK, stop)):
                     for j in range(C):
                         d = (X[i, j] - hi[j]) - lo[j]
                         z = d * scale[j] + shift[j]
@@ -383,7 +382,7 @@ def column_backward_reduce(X, dY, mean, invstd, gamma, beta, code, alpha, rows_p
     ``xhat = (x - mean) * invstd``; ``g = dY * f'(xhat * gamma + beta)`` is the gradient
     at the normalised-and-scaled value (``g = dY`` without an activation). Without an
     activation, in the input's dtype (``sum(g * (x - mean))``, with the two-float mean) over
-    blocks of ``_ROW_BLOCK`` rows, accumulated in float64 and scaled by ``invstd`` once
+    blocks of ``ROW_BLOCK`` rows, accumulated in float64 and scaled by ``invstd`` once
     per chunk.
     """
     R, C = X.shape
@@ -501,25 +500,6 @@ def column_backward_dx(X, dY, mean, invstd, gamma, beta, code, alpha, sum_g, sum
 # count. The innermost loop always runs along a contiguous run (vectorised).
 
 
-#: Values per input-dtype partial sum along a contiguous run (channels-first kernels),
-#: then accumulated in float64: with 8-lane vectors unrolled 4 ways each lane adds ~16.
-_RUN_BLOCK = 512
-
-
-@helper
-def _run_sum(x):
-    """sum(x) as float64 for a contiguous run: blocks of ``_RUN_BLOCK`` in x's dtype."""
-    L = x.shape[0]
-    s = 0.0
-    for b in range(0, L, _RUN_BLOCK):
-        xb = x[b:b + _RUN_BLOCK]
-        part = xb[0] - xb[0]
-        for j in range(xb.shape[0]):
-            part += xb[j]
-        s += part
-    return s
-
-
 @task_body
 def _column_partial_stats_cf_task(t, X, n_per_chunk, partial_mean, partial_m2):
     """Task ``t`` of :func:`column_partial_stats_cf` (the ``prange`` body; see ``task_body``)."""
@@ -531,24 +511,16 @@ def _column_partial_stats_cf_task(t, X, n_per_chunk, partial_mean, partial_m2):
     cnt = (stop - start) * L
     s = 0.0
     for n in range(start, stop):
-        s += _run_sum(X[n, c])
+        s += block_sum(X[n, c])
     shift = np.empty(1, X.dtype)
     shift[0] = s / cnt
     m0 = shift[0]
     sd = 0.0
     sdd = 0.0
     for n in range(start, stop):
-        x = X[n, c]
-        for b in range(0, L, _RUN_BLOCK):
-            xb = x[b:b + _RUN_BLOCK]
-            p1 = m0 - m0
-            p2 = m0 - m0
-            for j in range(xb.shape[0]):
-                d = xb[j] - m0
-                p1 += d
-                p2 += d * d
-            sd += p1
-            sdd += p2
+        s1, s2 = block_shifted_moments(X[n, c], m0)
+        sd += s1
+        sdd += s2
     partial_mean[k, c] = m0 + sd / cnt
     partial_m2[k, c] = max(sdd - sd * sd / cnt, 0.0)
 
@@ -641,9 +613,9 @@ def _column_backward_reduce_cf_task(t, X, dY, mean, invstd, gamma, beta, code, a
         for n in range(start, stop):
             x = X[n, c]
             gy = dY[n, c]
-            for b in range(0, L, _RUN_BLOCK):
-                xb = x[b:b + _RUN_BLOCK]
-                gb = gy[b:b + _RUN_BLOCK]
+            for b in range(0, L, SUM_BLOCK):
+                xb = x[b:b + SUM_BLOCK]
+                gb = gy[b:b + SUM_BLOCK]
                 p1 = m0 - m0
                 p2 = m0 - m0
                 for j in range(xb.shape[0]):

@@ -26,7 +26,7 @@ then squared deviations around it), never E[x^2] - E[x]^2; for float32 data of m
 
 Channels-last kernels compute in the input's dtype the way the column kernels do (see
 :mod:`~nbnet.kernels.cpu.column_stats`): per-channel block accumulators of the input's
-dtype flushed into float64 every ``_ROW_BLOCK`` positions, and the two-float group mean
+dtype flushed into float64 every ``ROW_BLOCK`` positions, and the two-float group mean
 ``hi + lo`` subtracted as ``(x - hi) - lo``; they compile with ``ordered=True``.
 
 NaN containment: a NaN anywhere in group ``g`` of example ``n`` makes ``mean[n, g]``,
@@ -39,7 +39,8 @@ from numba import prange
 
 from ._jit import helper, kernel, task_body
 from .activations import act_row
-from .column_stats import _ROW_BLOCK, slope_inplace, split_mean
+from .block_sums import ROW_BLOCK
+from .column_stats import slope_inplace, split_mean
 
 
 #: Values per tile in the channels-last kernels (a whole number of positions, see
@@ -112,10 +113,10 @@ def _group_forward_cl_task(k, X, gamma, beta, n_groups, eps, code, alpha, rows_p
         # pass 1: per-channel sums -> group means (tiles, then the tail positions)
         for j in range(W):
             acc_t[j] = 0.0
-        for t0 in range(0, n_tiles, _ROW_BLOCK):
+        for t0 in range(0, n_tiles, ROW_BLOCK):
             for j in range(W):
                 blk[j] = 0.0
-            for t in range(t0, min(t0 + _ROW_BLOCK, n_tiles)):
+            for t in range(t0, min(t0 + ROW_BLOCK, n_tiles)):
                 xs = xf[t * W:(t + 1) * W]
                 for j in range(W):
                     blk[j] += xs[j]
@@ -142,11 +143,11 @@ def _group_forward_cl_task(k, X, gamma, beta, n_groups, eps, code, alpha, rows_p
         for j in range(W):
             acc_t[j] = 0.0
             acc2_t[j] = 0.0
-        for t0 in range(0, n_tiles, _ROW_BLOCK):
+        for t0 in range(0, n_tiles, ROW_BLOCK):
             for j in range(W):
                 blk[j] = 0.0
                 blk2[j] = 0.0
-            for t in range(t0, min(t0 + _ROW_BLOCK, n_tiles)):
+            for t in range(t0, min(t0 + ROW_BLOCK, n_tiles)):
                 xs = xf[t * W:(t + 1) * W]
                 for j in range(W):
                     d = (xs[j] - hi_t[j]) - lo_t[j]
@@ -256,11 +257,11 @@ def _group_backward_cl_task(k, X, dY, mean, invstd, gamma, beta, n_groups, code,
             # in X's dtype: sums of g and g * (x - mean) per block of positions,
             # flushed into float64; times invstd once per channel
             split_mean(mc, hi, lo)
-            for p0 in range(0, P, _ROW_BLOCK):
+            for p0 in range(0, P, ROW_BLOCK):
                 for c in range(C):
                     bg[c] = 0.0
                     bgx[c] = 0.0
-                for p in range(p0, min(p0 + _ROW_BLOCK, P)):
+                for p in range(p0, min(p0 + ROW_BLOCK, P)):
                     for c in range(C):
                         gv = dY[n, p, c]
                         bg[c] += gv

@@ -24,7 +24,7 @@ computed in the input's dtype and accumulated in float64:
    *after* the scaling, so no reassociation can fold it into ``m0`` (there is no
    ``x - (m0 + ...)`` to form) and the kernels keep "reassoc" for their row sums.
 
-Sums over a row run in blocks of ``_SUM_BLOCK`` columns in the input's dtype (vectorised,
+Sums over a row run in blocks of ``SUM_BLOCK`` columns in the input's dtype (vectorised,
 about 16 terms per SIMD lane) and are accumulated in float64 across blocks, so the
 float32 rounding of a sum never grows with the row length. Everything runs 8 or 16 lanes
 wide without float32 <-> float64 conversions in the inner loops; for float64 inputs it is
@@ -37,49 +37,8 @@ from numba import prange
 
 from ._jit import helper, kernel, task_body
 from .activations import act_row
+from .block_sums import ROW_BLOCK, SUM_BLOCK, block_shifted_moments, block_sum
 from .column_stats import slope_inplace
-
-#: Rows per block accumulator of the parameter-gradient sums (as in column_stats).
-_ROW_BLOCK = 8
-
-#: Columns per float32 partial sum (then accumulated in float64): with 8-lane vectors and
-#: 4-way unrolling each lane adds about 16 values, so a block's relative rounding is
-#: ~1e-7 whatever the row length.
-_SUM_BLOCK = 512
-
-
-@helper
-def _row_sum(x):
-    """sum(x) as float64: blocks of ``_SUM_BLOCK`` summed in x's dtype."""
-    D = x.shape[0]
-    s = 0.0
-    for b in range(0, D, _SUM_BLOCK):
-        xb = x[b:b + _SUM_BLOCK]  # a slice: range(b, stop) indexing does not vectorise
-        part = xb[0] - xb[0]
-        for j in range(xb.shape[0]):
-            part += xb[j]
-        s += part
-    return s
-
-
-@helper
-def _row_shifted_moments(x, m0):
-    """(sum(x - m0), sum((x - m0)**2)) as float64, blockwise like :func:`_row_sum`."""
-    D = x.shape[0]
-    sd = 0.0
-    sdd = 0.0
-    for b in range(0, D, _SUM_BLOCK):
-        xb = x[b:b + _SUM_BLOCK]
-        p1 = m0 - m0
-        p2 = m0 - m0
-        for j in range(xb.shape[0]):
-            d = xb[j] - m0
-            p1 += d
-            p2 += d * d
-        sd += p1
-        sdd += p2
-    return sd, sdd
-
 
 @helper
 def _row_stats(x, center, eps, inv_d, shift):
@@ -89,9 +48,9 @@ def _row_stats(x, center, eps, inv_d, shift):
     makes ``(x - m0) * invstd - c`` the exact ``xhat``. RMSNorm (``center`` false):
     ``mean = m0 = 0``, ``invstd = 1/sqrt(mean(x^2) + eps)``.
     """
-    shift[0] = _row_sum(x) * inv_d if center else 0.0
+    shift[0] = block_sum(x) * inv_d if center else 0.0
     m0 = shift[0]
-    sd, sdd = _row_shifted_moments(x, m0)
+    sd, sdd = block_shifted_moments(x, m0)
     if center:
         mean = m0 + sd * inv_d
         var = max((sdd - sd * sd * inv_d) * inv_d, 0.0)
@@ -168,18 +127,18 @@ def _row_backward_task(k, X, dY, mean, invstd, gamma, beta, center, code, alpha,
     if code == 0:
         # No activation: one row at a time in X's dtype. The parameter-gradient sums
         # go into block accumulators of X's dtype, flushed into the float64 partials
-        # every _ROW_BLOCK rows (so the float64 read-modify-write is paid once per
-        # block); the row sums run in blocks of _SUM_BLOCK columns.
+        # every ROW_BLOCK rows (so the float64 read-modify-write is paid once per
+        # block); the row sums run in blocks of SUM_BLOCK columns.
         first = stop
         k = np.empty(5, X.dtype)  # per-row constants rounded once to X's dtype
         n_acc = D if with_partials else 0
         acc_g = np.empty(n_acc, X.dtype)
         acc_gx = np.empty(n_acc, X.dtype)
-        for i0 in range(start, stop, _ROW_BLOCK):
+        for i0 in range(start, stop, ROW_BLOCK):
             for j in range(n_acc):
                 acc_g[j] = 0.0
                 acc_gx[j] = 0.0
-            for i in range(i0, min(i0 + _ROW_BLOCK, stop)):
+            for i in range(i0, min(i0 + ROW_BLOCK, stop)):
                 ri = invstd[i]
                 k[0] = mean[i]  # the shift m0
                 k[1] = ri
@@ -188,8 +147,8 @@ def _row_backward_task(k, X, dY, mean, invstd, gamma, beta, center, code, alpha,
                 x, gy, dx = X[i], dY[i], dX[i]
                 s_h = 0.0
                 s_hx = 0.0
-                for b in range(0, D, _SUM_BLOCK):
-                    e = min(b + _SUM_BLOCK, D)
+                for b in range(0, D, SUM_BLOCK):
+                    e = min(b + SUM_BLOCK, D)
                     # slices, so that the block loop vectorises
                     xb, gb, gmb = x[b:e], gy[b:e], gamma[b:e]
                     h = m0 - m0
@@ -289,11 +248,11 @@ def _row_param_grads_task(t, X, dY, mean, invstd, cols_per_task, accumulate, dga
     acc_g = np.empty(w, X.dtype)
     acc_gx = np.empty(w, X.dtype)
     k = np.empty(3, X.dtype)
-    for i0 in range(0, R, _ROW_BLOCK):
+    for i0 in range(0, R, ROW_BLOCK):
         for j in range(w):
             acc_g[j] = 0.0
             acc_gx[j] = 0.0
-        for i in range(i0, min(i0 + _ROW_BLOCK, R)):
+        for i in range(i0, min(i0 + ROW_BLOCK, R)):
             k[0] = mean[i]
             k[1] = invstd[i]
             k[2] = (mean[i] - k[0]) * invstd[i]

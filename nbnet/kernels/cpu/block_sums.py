@@ -1,0 +1,61 @@
+"""Block sums: input-dtype arithmetic over short blocks, accumulated in float64.
+
+The normalization kernels compute float32 inputs in float32 (8-16 SIMD lanes, no
+conversions) and keep every *running* sum in float64. Two block shapes serve them:
+
+* along a contiguous run (a LayerNorm row, a channels-first channel): blocks of
+  ``SUM_BLOCK`` values, summed in the input's dtype with "reassoc" vectorisation (each
+  lane adds about 16 values), then added to a float64 total (:func:`block_sum`,
+  :func:`block_shifted_moments`);
+* across rows (per-column accumulators: BatchNorm, GroupNorm channels-last, parameter
+  gradients): accumulators of the input's dtype over ``ROW_BLOCK`` rows, flushed into
+  float64 (the loops live in the kernels).
+
+Either way a float32 partial sum holds at most a few dozen terms, so its rounding
+(relative ~1e-7 of its own magnitude) never grows with the array.
+"""
+from ._jit import helper
+
+#: Values per input-dtype partial sum along a contiguous run.
+SUM_BLOCK = 512
+
+#: Rows added into an input-dtype accumulator before it is flushed into float64.
+ROW_BLOCK = 8
+
+
+@helper
+def block_sum(x):
+    """sum(x) as float64 for a contiguous 1-D ``x``: blocks of ``SUM_BLOCK`` in x's dtype."""
+    n = x.shape[0]
+    s = 0.0
+    for b in range(0, n, SUM_BLOCK):
+        xb = x[b:b + SUM_BLOCK]  # a slice: indexing with range(b, stop) does not vectorise
+        part = xb[0] - xb[0]
+        for j in range(xb.shape[0]):
+            part += xb[j]
+        s += part
+    return s
+
+
+@helper
+def block_shifted_moments(x, m0):
+    """``(sum(x - m0), sum((x - m0)**2))`` as float64, blockwise like :func:`block_sum`.
+
+    With ``m0`` any shift of x's dtype near the mean, ``mean = m0 + s1 / n`` and
+    ``M2 = s2 - s1**2 / n`` are exact algebra, and lose nothing while the shift is within
+    a few standard deviations of the mean (``x - m0`` is then exact, Sterbenz).
+    """
+    n = x.shape[0]
+    s1 = 0.0
+    s2 = 0.0
+    for b in range(0, n, SUM_BLOCK):
+        xb = x[b:b + SUM_BLOCK]
+        p1 = m0 - m0
+        p2 = m0 - m0
+        for j in range(xb.shape[0]):
+            d = xb[j] - m0
+            p1 += d
+            p2 += d * d
+        s1 += p1
+        s2 += p2
+    return s1, s2
