@@ -91,6 +91,17 @@ def split_mean(mean, hi, lo):
 
 
 @helper
+def _affine_factors(mean, invstd, gamma, beta, hi, lo, scale, shift):
+    """The per-column factors of ``z = ((x - hi) - lo) * scale + shift`` in X's dtype:
+    the two-float mean (:func:`split_mean`), ``scale = invstd * gamma``, ``shift = beta``.
+    Hoisted once per chunk, so the inner loops are sub, sub, FMA."""
+    split_mean(mean, hi, lo)
+    for j in range(mean.shape[0]):
+        scale[j] = invstd[j] * gamma[j]
+        shift[j] = beta[j]
+
+
+@helper
 def _slopes(code, alpha, like):
     """``(one, neg)`` in the dtype of ``like``: the slopes right and left of 0 for ReLU
     (code 1: 1, 0), leaky ReLU (code 2: 1, ``alpha``) and identity (1, 1). The
@@ -269,10 +280,7 @@ def _column_normalize_task(k, X, mean, invstd, gamma, beta, code, alpha, rows_pe
         lo = np.empty(C, X.dtype)
         scale = np.empty(C, X.dtype)
         shift = np.empty(C, X.dtype)
-        split_mean(mean, hi, lo)
-        for j in range(C):  # hoisted per-column factors (the inner loop is sub, sub, FMA)
-            scale[j] = invstd[j] * gamma[j]
-            shift[j] = beta[j]
+        _affine_factors(mean, invstd, gamma, beta, hi, lo, scale, shift)
         if code == 0:
             for i in range(start, stop):
                 for j in range(C):
@@ -329,14 +337,11 @@ def _column_backward_reduce_task(k, X, dY, mean, invstd, gamma, beta, code, alph
     if code <= 2:  # identity, ReLU, leaky ReLU: in X's dtype
         hi = np.empty(C, X.dtype)
         lo = np.empty(C, X.dtype)
-        split_mean(mean, hi, lo)
-        acc_g = np.empty(C, X.dtype)  # block accumulators in X's dtype
-        acc_gx = np.empty(C, X.dtype)
         scale = np.empty(C, X.dtype)
         shift = np.empty(C, X.dtype)
-        for j in range(C):
-            scale[j] = invstd[j] * gamma[j]
-            shift[j] = beta[j]
+        _affine_factors(mean, invstd, gamma, beta, hi, lo, scale, shift)
+        acc_g = np.empty(C, X.dtype)  # block accumulators in X's dtype
+        acc_gx = np.empty(C, X.dtype)
         one, neg = _slopes(code, alpha, hi)
         for i0 in range(start, stop, ROW_BLOCK):
             for j in range(C):
@@ -428,11 +433,11 @@ def _column_backward_dx_task(k, X, dY, mean, invstd, gamma, beta, code, alpha, s
         hi = np.empty(C, X.dtype)
         lo = np.empty(C, X.dtype)
         scale = np.empty(C, X.dtype)
+        shift = np.empty(C, X.dtype)
         mg = np.empty(C, X.dtype)
         kx = np.empty(C, X.dtype)
-        split_mean(mean, hi, lo)
+        _affine_factors(mean, invstd, gamma, beta, hi, lo, scale, shift)
         for j in range(C):
-            scale[j] = gamma[j] * invstd[j]
             mg[j] = sum_g[j] * inv_r
             kx[j] = sum_gx[j] * inv_r * invstd[j]
         if code == 0:
@@ -441,9 +446,6 @@ def _column_backward_dx_task(k, X, dY, mean, invstd, gamma, beta, code, alpha, s
                     dX[i, j] = scale[j] * ((dY[i, j] - mg[j]) - ((X[i, j] - hi[j]) - lo[j]) * kx[j])
         else:
             one, neg = _slopes(code, alpha, hi)
-            shift = np.empty(C, X.dtype)
-            for j in range(C):
-                shift[j] = beta[j]
             for i in range(start, stop):
                 for j in range(C):
                     d = (X[i, j] - hi[j]) - lo[j]

@@ -41,6 +41,17 @@ from .block_sums import ROW_BLOCK, SUM_BLOCK, block_shifted_moments, block_sum
 from .column_stats import slope_inplace
 
 @helper
+def _row_shift(m, r, buf):
+    """``(m0, r, c)`` of one row in the dtype of ``buf`` (written to ``buf[0:3]``): the
+    shift ``m0 = mean`` rounded, ``invstd``, and ``c = (mean - m0) * invstd``, so that
+    ``xhat = (x - m0) * r - c`` (see the module notes)."""
+    buf[0] = m
+    buf[1] = r
+    buf[2] = (m - buf[0]) * r
+    return buf[0], buf[1], buf[2]
+
+
+@helper
 def _row_stats(x, center, eps, inv_d, shift):
     """(mean, invstd, m0, c) of one row; ``shift`` is a 1-element buffer of x's dtype.
 
@@ -140,10 +151,7 @@ def _row_backward_task(k, X, dY, mean, invstd, gamma, beta, center, code, alpha,
                 acc_gx[j] = 0.0
             for i in range(i0, min(i0 + ROW_BLOCK, stop)):
                 ri = invstd[i]
-                k[0] = mean[i]  # the shift m0
-                k[1] = ri
-                k[2] = (mean[i] - k[0]) * ri  # c: xhat = (x - m0) * r - c
-                m0, rr, cc = k[0], k[1], k[2]
+                m0, rr, cc = _row_shift(mean[i], ri, k)
                 x, gy, dx = X[i], dY[i], dX[i]
                 s_h = 0.0
                 s_hx = 0.0
@@ -253,10 +261,7 @@ def _row_param_grads_task(t, X, dY, mean, invstd, cols_per_task, accumulate, dga
             acc_g[j] = 0.0
             acc_gx[j] = 0.0
         for i in range(i0, min(i0 + ROW_BLOCK, R)):
-            k[0] = mean[i]
-            k[1] = invstd[i]
-            k[2] = (mean[i] - k[0]) * invstd[i]
-            m0, rr, cc = k[0], k[1], k[2]
+            m0, rr, cc = _row_shift(mean[i], invstd[i], k)
             x = X[i, j0:j1]
             g = dY[i, j0:j1]
             for j in range(w):
