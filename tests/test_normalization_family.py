@@ -484,3 +484,71 @@ def test_row_parameter_gradients_by_columns_and_by_partials(monkeypatch, center,
     assert rel_err(layer.gradients["scaler"], 2 * dgr) < 1e-10
     if center:
         assert rel_err(layer.gradients["intercept"], 2 * dbr) < 1e-10
+
+
+# ------------------------------------------- channels-first tasks: chunks and channel blocks
+@pytest.mark.parametrize("chunk_bytes,shape", [(300, (5, 7, 3, 4)),      # 3 channels a task: 3, 3, 1
+                                               (2000, (130, 7, 3, 4))])  # 2 whole examples a chunk
+@pytest.mark.parametrize("act", [None, "relu", "tanh"])
+def test_batchnorm2d_nchw_channel_blocks_and_chunks(monkeypatch, chunk_bytes, shape, act, rng):
+    """BatchNorm2D NCHW splits its (N, C, H*W) view into tasks of a block of channels of a
+    chunk of examples; a small CHUNK_BYTES forces ragged channel blocks or multi-example
+    chunks. Training, backward, running statistics and inference must still match the
+    float64 reference."""
+    from nbnet import config
+    from nbnet.layers.normalization import _cf_chunking
+    monkeypatch.setattr(config, "CHUNK_BYTES", chunk_bytes)
+    n, per_task = _cf_chunking(shape[0], shape[1], shape[2] * shape[3], 8)
+    assert (per_task < shape[1]) if chunk_bytes == 300 else (n > 1 and per_task == shape[1])
+    X = rng.normal(1.5, 2.0, shape)
+    dY = rng.normal(size=shape)
+    gamma = rng.uniform(0.5, 1.5, shape[1])
+    beta = rng.normal(0, 0.5, shape[1])
+    layer = nbnet.BatchNorm2D(act_fn=act, data_format="NCHW")
+    layer.forward(X[:2], retain_derived=False)
+    layer.set_params({"parameters": {"scaler": gamma, "intercept": beta}})
+    Y = layer.forward(X)
+    dX = layer.backward(dY)
+    Xc, dYc = _nchw(X), _nchw(dY)
+    Yr, mean, var = ref.norm_forward_ref(Xc, (0, 1, 2), gamma, beta, 1e-5, ACTS[act])
+    dXr, dgr, dbr = ref.norm_backward_ref(Xc, dYc, (0, 1, 2), gamma, beta, 1e-5, ACTS[act])
+    assert _rel(_nchw(Y), Yr) < 1e-10
+    assert _rel(_nchw(dX), dXr) < 1e-10
+    assert _rel(layer.gradients["scaler"], dgr) < 1e-10
+    assert _rel(layer.gradients["intercept"], dbr) < 1e-10
+    assert _rel(layer.parameters["running_mean"], 0.1 * mean.ravel()) < 1e-10
+    Yi = layer.forward(X, retain_derived=False)
+    rm, rv = layer.parameters["running_mean"], layer.parameters["running_var"]
+    zi = (Xc - rm) / np.sqrt(rv + 1e-5) * gamma + beta
+    assert _rel(_nchw(Yi), ref.act_ref(ACTS[act], zi)) < 1e-10
+
+
+def test_channels_first_partials_do_not_depend_on_channel_blocks(rng):
+    """Each channel's sums run over its runs in example order whatever the channel blocks,
+    so the partial statistics and gradient sums are bit-identical for any
+    ``channels_per_task`` (given the chunking of the examples)."""
+    from nbnet.registry import get_kernel
+    X = rng.normal(1e3, 1.0, (9, 7, 33)).astype(np.float32)
+    dY = rng.normal(size=X.shape).astype(np.float32)
+    mean = X.mean(axis=(0, 2), dtype=np.float64)
+    invstd = 1.0 / X.std(axis=(0, 2), dtype=np.float64)
+    g, b = np.ones(7, np.float32), np.zeros(7, np.float32)
+    n_per = 4
+    results = []
+    for per_task in (1, 3, 7):
+        pm, pm2 = np.empty((3, 7)), np.empty((3, 7))
+        sg, sgx = np.empty((3, 7)), np.empty((3, 7))
+        Y = np.empty_like(X)
+        get_kernel("column_partial_stats_cf", "cpu")(X.size, X, n_per, per_task, pm, pm2)
+        get_kernel("column_backward_reduce_cf", "cpu")(X.size, X, dY, mean, invstd, g, b, 0, 0.0,
+                                                       n_per, per_task, sg, sgx)
+        get_kernel("column_normalize_cf", "cpu")(X.size, X, mean, invstd, g, b, 0, 0.0, n_per,
+                                                 per_task, Y)
+        results.append((pm, pm2, sg, sgx, Y))
+    for other in results[1:]:
+        for a, c in zip(results[0], other):
+            np.testing.assert_array_equal(a, c)
+    # and the chunk statistics are right
+    for k in range(3):
+        chunk = X[k * n_per:(k + 1) * n_per].astype(np.float64)
+        np.testing.assert_allclose(results[0][0][k], chunk.mean(axis=(0, 2)), rtol=1e-12)

@@ -54,19 +54,24 @@ def _check_data_format(data_format):
     return fmt
 
 
-def _cf_examples_per_chunk(N, C, L, itemsize):
-    """Examples per chunk for the channels-first ``(N, C, L)`` column kernels.
+def _cf_chunking(N, C, L, itemsize):
+    """``(examples per chunk, channels per task)`` for the channels-first ``(N, C, L)``
+    column kernels (see the notes above the ``*_cf`` kernels in ``column_stats``).
 
-    A task reduces one channel of one chunk: ``chunk * L`` values read twice (sum, then
-    squared deviations), so the slab stays within ``config.CHUNK_BYTES`` (cache); and the
-    chunk is small enough to leave at least 64 ``(chunk, channel)`` tasks when ``N``
-    allows, so that every core has work even for few channels. Shape-only, so the
-    summation order (and every bit of the result) is independent of the thread count.
+    A task walks a block of channels of a chunk of examples in memory order. Whole
+    examples when one fits ``config.CHUNK_BYTES`` (a reduction task reads its data twice,
+    the second time from L2), else one example and as many channel planes as fit; then
+    chunks small enough to leave about 64 tasks when ``N`` allows, so that every core has
+    work. Shape-only, so the summation order (and every bit of the result) is independent
+    of the thread count.
     """
-    per = max(1, config.CHUNK_BYTES // max(1, L * itemsize))
-    want_chunks = -(-64 // max(1, C))
+    plane = max(1, L * itemsize)
+    budget = config.CHUNK_BYTES
+    per_task = C if C * plane <= budget else max(1, budget // plane)
+    per = max(1, budget // (per_task * plane))
+    want_chunks = -(-64 // -(-C // per_task))
     per = min(per, max(1, -(-N // want_chunks)))
-    return int(max(1, min(per, N)))
+    return int(max(1, min(per, N))), int(per_task)
 
 
 class _NormBase(LayerBase):
@@ -217,19 +222,20 @@ class _BatchNormBase(_NormBase):
 
         Channels-last: the ``(rows, C)`` view and the column kernels, chunks of rows.
         Channels-first (BatchNorm2D NCHW): the ``(N, C, L)`` view and the ``*_cf`` kernels,
-        chunks of ``chunk`` examples, i.e. ``chunk * L`` rows as far as the merge is
-        concerned. ``rows`` is the number of values per channel.
+        chunks of ``n`` examples, i.e. ``n * L`` rows as far as the merge is concerned.
+        ``chunk`` is the tuple of chunking arguments the kernels take: ``(rows_per_chunk,)``
+        or ``(n, channels_per_task)``. ``rows`` is the number of values per channel.
         """
         if getattr(self, "data_format", "NHWC") == "NCHW":
             N, C = X.shape[0], X.shape[1]
             L = math.prod(X.shape[2:])
             V = X.reshape(N, C, L)
-            chunk = _cf_examples_per_chunk(N, C, L, X.dtype.itemsize)
-            return V, "_cf", chunk, chunk * L, -(-N // chunk), N * L
+            n, per_task = _cf_chunking(N, C, L, X.dtype.itemsize)
+            return V, "_cf", (n, per_task), n * L, -(-N // n), N * L
         V = self._rows(X)
         R, C = V.shape
         rpc = config.rows_per_chunk(C, X.dtype.itemsize)
-        return V, "", rpc, rpc, -(-R // rpc), R
+        return V, "", (rpc,), rpc, -(-R // rpc), R
 
     # -------------------------------------------------------------- forward
     def forward(self, X, retain_derived=True):
@@ -268,7 +274,7 @@ class _BatchNormBase(_NormBase):
             mean, invstd = self._running_mean_invstd()
         if R > 0 and not fused:
             self._kernel("column_normalize" + sfx)(V.size, V, mean, invstd, gamma, beta, code, alpha,
-                                                   chunk, Y.reshape(V.shape))
+                                                   *chunk, Y.reshape(V.shape))
         if train:
             self.X.append(X)
             self.derived_variables["mean"].append(mean)
@@ -301,7 +307,7 @@ class _BatchNormBase(_NormBase):
         if R > 0:
             pm = self._empty((n_chunks, C), _F64)
             pm2 = self._empty((n_chunks, C), _F64)
-            self._kernel("column_partial_stats" + sfx)(V.size, V, chunk, pm, pm2)
+            self._kernel("column_partial_stats" + sfx)(V.size, V, *chunk, pm, pm2)
             self._kernel("column_merge_stats")(n_chunks * C, pm, pm2, R, merge_rpc, self.epsilon,
                                                self.momentum, self.unbiased_running_var,
                                                p["running_mean"], p["running_var"], mean, invstd)
@@ -361,7 +367,7 @@ class _BatchNormBase(_NormBase):
             psg = self._empty((n_chunks, C), _F64)
             psgx = self._empty((n_chunks, C), _F64)
             self._kernel("column_backward_reduce" + sfx)(V.size, V, dyv, mean, invstd, gamma,
-                                                         beta, code, alpha, chunk, psg, psgx)
+                                                         beta, code, alpha, *chunk, psg, psgx)
             sum_g = self._empty(C, _F64)
             sum_gx = self._empty(C, _F64)
             if self.device == "cuda":
@@ -378,7 +384,7 @@ class _BatchNormBase(_NormBase):
                 merge(n_chunks * C, psgx, sum_gx)
             dx_sum_g, dx_sum_gx = self._sums_for_dx(sum_g, sum_gx, R)
             self._kernel("column_backward_dx" + sfx)(V.size, V, dyv, mean, invstd, gamma, beta,
-                                                     code, alpha, dx_sum_g, dx_sum_gx, chunk,
+                                                     code, alpha, dx_sum_g, dx_sum_gx, *chunk,
                                                      dX.reshape(V.shape))
             if retain_grads and self.device != "cuda":
                 self._accumulate("scaler", sum_gx)
@@ -937,9 +943,9 @@ class GroupNorm(_NormBase):
             mean, invstd = self._running_mean_invstd()
             if V.size > 0:
                 if cf:
-                    chunk = _cf_examples_per_chunk(N, C, V.shape[2], X.dtype.itemsize)
+                    n, per_task = _cf_chunking(N, C, V.shape[2], X.dtype.itemsize)
                     self._kernel("column_normalize_cf")(V.size, V, mean, invstd, gamma, beta,
-                                                        code, alpha, chunk, Yv)
+                                                        code, alpha, n, per_task, Yv)
                 else:
                     V2 = V.reshape(-1, C)
                     rpc = config.rows_per_chunk(C, X.dtype.itemsize)

@@ -50,7 +50,7 @@ class _SyncMixin:
         if R > 0:
             pm = np.empty((n_chunks, C), _F64)
             pm2 = np.empty((n_chunks, C), _F64)
-            self._kernel("column_partial_stats" + sfx)(V.size, V, chunk, pm, pm2)
+            self._kernel("column_partial_stats" + sfx)(V.size, V, *chunk, pm, pm2)
             self._kernel("column_merge_moments")(n_chunks * C, pm, pm2, R, merge_rpc,
                                                  local[1:C + 1], local[C + 1:])
         gathered = np.empty((ctx.world_size, 2 * C + 1), _F64)

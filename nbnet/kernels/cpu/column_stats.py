@@ -492,43 +492,71 @@ def column_backward_dx(X, dY, mean, invstd, gamma, beta, code, alpha, sum_g, sum
 #
 # BatchNorm2D NCHW views its input as ``(N, C, L)`` (``L = H*W``): channel ``c`` of
 # example ``n`` is the contiguous run ``X[n, c, :]``. Transposing to ``(N*L, C)`` would
-# cost a full copy per call, so these kernels reduce the runs in place. A *task* is one
-# channel of one chunk of ``n_per_chunk`` examples: task ``t = k * C + c`` reads
-# ``X[k*n_per_chunk : (k+1)*n_per_chunk, c, :]`` (``n_per_chunk`` contiguous runs),
-# twice while they sit in L1/L2, and owns element ``[k, c]`` of every partial buffer.
-# ``n_per_chunk`` is chosen from the shape alone, and the merge is the column pattern's
-# :func:`column_merge_stats` / :func:`merge_partial_sums` with ``rows = N * L`` and
-# ``rows_per_chunk = n_per_chunk * L``, so results are bit-identical for any thread
-# count. The innermost loop always runs along a contiguous run (vectorised).
+# cost a full copy per call, so these kernels reduce the runs in place.
+#
+# A *task* is a block of ``channels_per_task`` channels of a chunk of ``n_per_chunk``
+# examples: task ``t = k * n_blocks + b`` owns channels ``c0 = b * channels_per_task`` up
+# to ``c1`` of examples ``k * n_per_chunk`` up to the chunk's end, and element ``[k, c]``
+# of every partial buffer for those channels. It walks its values in *memory order*:
+# example by example, the slab ``X[n, c0:c1, :]`` (contiguous) channel after channel, so
+# every stream is sequential for the hardware prefetcher. (A task of one channel across
+# the chunk's examples reads runs ``C * L`` values apart; with runs of 1 KiB
+# ((64, 256, 16, 16) float32) that made inference 2x slower than PyTorch on the 2-core
+# reference machine.) The layer picks both sizes from the shape alone
+# (``_cf_chunking`` in :mod:`nbnet.layers.normalization`): whole examples when one fits
+# ``config.CHUNK_BYTES``, so that a reduction task's data stays in L2 for its second
+# pass. The merge is the column pattern's :func:`column_merge_stats` /
+# :func:`merge_partial_sums` with ``rows = N * L`` and ``rows_per_chunk = n_per_chunk *
+# L``; each channel's sums run over its runs in example order whatever the channel
+# blocks, so results are bit-identical for any thread count. The innermost loop always
+# runs along a contiguous run (vectorised).
+
+
+@helper
+def _cf_task(t, C, n_per_chunk, channels_per_task, N):
+    """``(k, start, stop, c0, c1)``: the chunk, its examples and the channels of task ``t``."""
+    n_blocks = (C + channels_per_task - 1) // channels_per_task
+    k = t // n_blocks
+    c0 = (t - k * n_blocks) * channels_per_task
+    start = k * n_per_chunk
+    return k, start, min(start + n_per_chunk, N), c0, min(c0 + channels_per_task, C)
+
+
+@helper
+def _cf_n_tasks(N, C, n_per_chunk, channels_per_task):
+    return (((N + n_per_chunk - 1) // n_per_chunk)
+            * ((C + channels_per_task - 1) // channels_per_task))
 
 
 @task_body
-def _column_partial_stats_cf_task(t, X, n_per_chunk, partial_mean, partial_m2):
+def _column_partial_stats_cf_task(t, X, n_per_chunk, channels_per_task, partial_mean,
+                                  partial_m2):
     """Task ``t`` of :func:`column_partial_stats_cf` (the ``prange`` body; see ``task_body``)."""
     N, C, L = X.shape
-    k = t // C
-    c = t - k * C
-    start = k * n_per_chunk
-    stop = min(start + n_per_chunk, N)
+    k, start, stop, c0, c1 = _cf_task(t, C, n_per_chunk, channels_per_task, N)
+    w = c1 - c0
     cnt = (stop - start) * L
-    s = 0.0
+    s = np.zeros(w, np.float64)
     for n in range(start, stop):
-        s += block_sum(X[n, c])
-    shift = np.empty(1, X.dtype)
-    shift[0] = s / cnt
-    m0 = shift[0]
-    sd = 0.0
-    sdd = 0.0
+        for c in range(w):
+            s[c] += block_sum(X[n, c0 + c])
+    m0 = np.empty(w, X.dtype)  # the pass-1 mean rounded to X's dtype: the shift
+    for c in range(w):
+        m0[c] = s[c] / cnt
+    sd = np.zeros(w, np.float64)
+    sdd = np.zeros(w, np.float64)
     for n in range(start, stop):
-        s1, s2 = block_shifted_moments(X[n, c], m0)
-        sd += s1
-        sdd += s2
-    partial_mean[k, c] = m0 + sd / cnt
-    partial_m2[k, c] = max(sdd - sd * sd / cnt, 0.0)
+        for c in range(w):
+            s1, s2 = block_shifted_moments(X[n, c0 + c], m0[c])
+            sd[c] += s1
+            sdd[c] += s2
+    for c in range(w):
+        partial_mean[k, c0 + c] = m0[c] + sd[c] / cnt
+        partial_m2[k, c0 + c] = max(sdd[c] - sd[c] * sd[c] / cnt, 0.0)
 
 
 @kernel
-def column_partial_stats_cf(X, n_per_chunk, partial_mean, partial_m2):
+def column_partial_stats_cf(X, n_per_chunk, channels_per_task, partial_mean, partial_m2):
     """Channels-first twin of :func:`column_partial_stats`.
 
     X : (N, C, L) float32/float64, C-contiguous.
@@ -542,45 +570,52 @@ def column_partial_stats_cf(X, n_per_chunk, partial_mean, partial_m2):
     blocks, float64 across blocks) give the exact mean and M2 around any shift.
     """
     N, C, L = X.shape
-    n_chunks = partial_mean.shape[0]
-    for t in prange(n_chunks * C):
-        _column_partial_stats_cf_task(np.int64(t), X, n_per_chunk, partial_mean, partial_m2)
+    for t in prange(_cf_n_tasks(N, C, n_per_chunk, channels_per_task)):
+        _column_partial_stats_cf_task(np.int64(t), X, n_per_chunk, channels_per_task,
+                                      partial_mean, partial_m2)
 
 
 @task_body
-def _column_normalize_cf_task(t, X, mean, invstd, gamma, beta, code, alpha, n_per_chunk, Y):
+def _column_normalize_cf_task(t, X, mean, invstd, gamma, beta, code, alpha, n_per_chunk,
+                              channels_per_task, Y):
     """Task ``t`` of :func:`column_normalize_cf` (the ``prange`` body; see ``task_body``)."""
     N, C, L = X.shape
-    k = t // C
-    c = t - k * C
-    start = k * n_per_chunk
-    stop = min(start + n_per_chunk, N)
-    m = mean[c]
-    scale = invstd[c] * gamma[c]
+    k, start, stop, c0, c1 = _cf_task(t, C, n_per_chunk, channels_per_task, N)
+    w = c1 - c0
     if code == 0:
-        f = np.empty(3, X.dtype)
-        f[0] = m
-        f[1] = scale
-        f[2] = beta[c] - (m - f[0]) * scale
-        m0, a, b = f[0], f[1], f[2]
+        m0 = np.empty(w, X.dtype)
+        a = np.empty(w, X.dtype)
+        b = np.empty(w, X.dtype)
+        for c in range(w):
+            m = mean[c0 + c]
+            scale = invstd[c0 + c] * gamma[c0 + c]
+            m0[c] = m
+            a[c] = scale
+            b[c] = beta[c0 + c] - (m - m0[c]) * scale
         for n in range(start, stop):
-            x = X[n, c]
-            y = Y[n, c]
-            for j in range(L):
-                y[j] = (x[j] - m0) * a + b
+            for c in range(w):
+                x = X[n, c0 + c]
+                y = Y[n, c0 + c]
+                mc, ac, bc = m0[c], a[c], b[c]
+                for j in range(L):
+                    y[j] = (x[j] - mc) * ac + bc
     else:
-        shift = np.float64(beta[c])
         tmp = np.empty(L, np.float64)
         for n in range(start, stop):
-            for j in range(L):
-                tmp[j] = (X[n, c, j] - m) * scale + shift
-            act_row(code, alpha, tmp)
-            for j in range(L):
-                Y[n, c, j] = tmp[j]
+            for c in range(c0, c1):
+                m = mean[c]
+                scale = invstd[c] * gamma[c]
+                shift = np.float64(beta[c])
+                for j in range(L):
+                    tmp[j] = (X[n, c, j] - m) * scale + shift
+                act_row(code, alpha, tmp)
+                for j in range(L):
+                    Y[n, c, j] = tmp[j]
 
 
 @kernel
-def column_normalize_cf(X, mean, invstd, gamma, beta, code, alpha, n_per_chunk, Y):
+def column_normalize_cf(X, mean, invstd, gamma, beta, code, alpha, n_per_chunk,
+                        channels_per_task, Y):
     """Channels-first twin of :func:`column_normalize`: Y = f((X - mean) * invstd * gamma + beta).
 
     X, Y : (N, C, L); mean, invstd : (C,) float64; gamma, beta : (C,). Without an
@@ -589,64 +624,67 @@ def column_normalize_cf(X, mean, invstd, gamma, beta, code, alpha, n_per_chunk, 
     enters after the scaling, see :func:`column_partial_stats_cf`).
     """
     N, C, L = X.shape
-    n_chunks = (N + n_per_chunk - 1) // n_per_chunk
-    for t in prange(n_chunks * C):
+    for t in prange(_cf_n_tasks(N, C, n_per_chunk, channels_per_task)):
         _column_normalize_cf_task(np.int64(t), X, mean, invstd, gamma, beta, code, alpha,
-                                  n_per_chunk, Y)
+                                  n_per_chunk, channels_per_task, Y)
 
 
 @task_body
 def _column_backward_reduce_cf_task(t, X, dY, mean, invstd, gamma, beta, code, alpha,
-                                    n_per_chunk, partial_sum_g, partial_sum_gx):
+                                    n_per_chunk, channels_per_task, partial_sum_g,
+                                    partial_sum_gx):
     """Task ``t`` of :func:`column_backward_reduce_cf` (the ``prange`` body; see ``task_body``)."""
     N, C, L = X.shape
-    k = t // C
-    c = t - k * C
-    start = k * n_per_chunk
-    stop = min(start + n_per_chunk, N)
-    m = mean[c]
-    r = invstd[c]
-    sg = 0.0
-    sgx = 0.0
+    k, start, stop, c0, c1 = _cf_task(t, C, n_per_chunk, channels_per_task, N)
+    w = c1 - c0
+    sg = np.zeros(w, np.float64)
+    sgx = np.zeros(w, np.float64)
     if code == 0:
-        shift = np.empty(1, X.dtype)
-        shift[0] = m
-        m0 = shift[0]
+        m0 = np.empty(w, X.dtype)
+        for c in range(w):
+            m0[c] = mean[c0 + c]
         for n in range(start, stop):
-            x = X[n, c]
-            gy = dY[n, c]
-            for b in range(0, L, SUM_BLOCK):
-                xb = x[b:b + SUM_BLOCK]
-                gb = gy[b:b + SUM_BLOCK]
-                p1 = m0 - m0
-                p2 = m0 - m0
-                for j in range(xb.shape[0]):
-                    g = gb[j]
-                    p1 += g
-                    p2 += g * (xb[j] - m0)
-                sg += p1
-                sgx += p2
-        sgx = r * (sgx - (m - m0) * sg)
+            for c in range(w):
+                x = X[n, c0 + c]
+                gy = dY[n, c0 + c]
+                mc = m0[c]
+                for b in range(0, L, SUM_BLOCK):
+                    xb = x[b:b + SUM_BLOCK]
+                    gb = gy[b:b + SUM_BLOCK]
+                    p1 = mc - mc
+                    p2 = mc - mc
+                    for j in range(xb.shape[0]):
+                        g = gb[j]
+                        p1 += g
+                        p2 += g * (xb[j] - mc)
+                    sg[c] += p1
+                    sgx[c] += p2
+        for c in range(w):
+            sgx[c] = invstd[c0 + c] * (sgx[c] - (mean[c0 + c] - m0[c]) * sg[c])
     else:
-        gc = np.float64(gamma[c])
-        bc = np.float64(beta[c])
         slope = np.empty(L, np.float64)
         for n in range(start, stop):
-            for j in range(L):
-                slope[j] = ((X[n, c, j] - m) * r) * gc + bc
-            slope_inplace(code, alpha, slope)
-            for j in range(L):
-                xhat = (X[n, c, j] - m) * r
-                g = dY[n, c, j] * slope[j]
-                sg += g
-                sgx += g * xhat
-    partial_sum_g[k, c] = sg
-    partial_sum_gx[k, c] = sgx
+            for c in range(c0, c1):
+                m = mean[c]
+                r = invstd[c]
+                gc = np.float64(gamma[c])
+                bc = np.float64(beta[c])
+                for j in range(L):
+                    slope[j] = ((X[n, c, j] - m) * r) * gc + bc
+                slope_inplace(code, alpha, slope)
+                for j in range(L):
+                    xhat = (X[n, c, j] - m) * r
+                    g = dY[n, c, j] * slope[j]
+                    sg[c - c0] += g
+                    sgx[c - c0] += g * xhat
+    for c in range(w):
+        partial_sum_g[k, c0 + c] = sg[c]
+        partial_sum_gx[k, c0 + c] = sgx[c]
 
 
 @kernel
 def column_backward_reduce_cf(X, dY, mean, invstd, gamma, beta, code, alpha, n_per_chunk,
-                              partial_sum_g, partial_sum_gx):
+                              channels_per_task, partial_sum_g, partial_sum_gx):
     """Channels-first twin of :func:`column_backward_reduce` (X, dY : (N, C, L)).
 
     Without an activation: ``sum(g)`` and ``sum(g * (x - m0))`` in input-dtype blocks
@@ -654,58 +692,67 @@ def column_backward_reduce_cf(X, dY, mean, invstd, gamma, beta, code, alpha, n_p
     m0)) - (mean - m0) * sum(g))`` in float64.
     """
     N, C, L = X.shape
-    n_chunks = partial_sum_g.shape[0]
-    for t in prange(n_chunks * C):
+    for t in prange(_cf_n_tasks(N, C, n_per_chunk, channels_per_task)):
         _column_backward_reduce_cf_task(np.int64(t), X, dY, mean, invstd, gamma, beta,
-                                        code, alpha, n_per_chunk, partial_sum_g,
-                                        partial_sum_gx)
+                                        code, alpha, n_per_chunk, channels_per_task,
+                                        partial_sum_g, partial_sum_gx)
 
 
 @task_body
 def _column_backward_dx_cf_task(t, X, dY, mean, invstd, gamma, beta, code, alpha, sum_g,
-                                sum_gx, n_per_chunk, dX):
+                                sum_gx, n_per_chunk, channels_per_task, dX):
     """Task ``t`` of :func:`column_backward_dx_cf` (the ``prange`` body; see ``task_body``)."""
     N, C, L = X.shape
+    k, start, stop, c0, c1 = _cf_task(t, C, n_per_chunk, channels_per_task, N)
+    w = c1 - c0
     inv_r = 1.0 / (N * L)
-    k = t // C
-    c = t - k * C
-    start = k * n_per_chunk
-    stop = min(start + n_per_chunk, N)
-    m = mean[c]
-    r = invstd[c]
-    gc = np.float64(gamma[c])
-    bc = np.float64(beta[c])
-    scale = gc * r
-    mg = sum_g[c] * inv_r
-    mgx = sum_gx[c] * inv_r
     if code == 0:
-        f = np.empty(4, X.dtype)
-        f[0] = m
-        cc = (m - f[0]) * r
-        f[1] = scale
-        f[2] = scale * (cc * mgx - mg)
-        f[3] = scale * r * mgx
-        m0, a, k0, k1 = f[0], f[1], f[2], f[3]
+        # dX = g * a + k0 - k1 * (x - m0), per-channel factors rounded once to X's dtype
+        m0 = np.empty(w, X.dtype)
+        a = np.empty(w, X.dtype)
+        k0 = np.empty(w, X.dtype)
+        k1 = np.empty(w, X.dtype)
+        for c in range(w):
+            m = mean[c0 + c]
+            r = invstd[c0 + c]
+            scale = np.float64(gamma[c0 + c]) * r
+            mg = sum_g[c0 + c] * inv_r
+            mgx = sum_gx[c0 + c] * inv_r
+            m0[c] = m
+            cc = (m - m0[c]) * r
+            a[c] = scale
+            k0[c] = scale * (cc * mgx - mg)
+            k1[c] = scale * r * mgx
         for n in range(start, stop):
-            x = X[n, c]
-            gy = dY[n, c]
-            dx = dX[n, c]
-            for j in range(L):
-                dx[j] = (gy[j] * a + k0) - k1 * (x[j] - m0)
+            for c in range(w):
+                x = X[n, c0 + c]
+                gy = dY[n, c0 + c]
+                dx = dX[n, c0 + c]
+                mc, ac, k0c, k1c = m0[c], a[c], k0[c], k1[c]
+                for j in range(L):
+                    dx[j] = (gy[j] * ac + k0c) - k1c * (x[j] - mc)
     else:
         slope = np.empty(L, np.float64)
         for n in range(start, stop):
-            for j in range(L):
-                slope[j] = ((X[n, c, j] - m) * r) * gc + bc
-            slope_inplace(code, alpha, slope)
-            for j in range(L):
-                xhat = (X[n, c, j] - m) * r
-                dX[n, c, j] = scale * (dY[n, c, j] * slope[j] - mg - xhat * mgx)
+            for c in range(c0, c1):
+                m = mean[c]
+                r = invstd[c]
+                gc = np.float64(gamma[c])
+                bc = np.float64(beta[c])
+                scale = gc * r
+                mg = sum_g[c] * inv_r
+                mgx = sum_gx[c] * inv_r
+                for j in range(L):
+                    slope[j] = ((X[n, c, j] - m) * r) * gc + bc
+                slope_inplace(code, alpha, slope)
+                for j in range(L):
+                    xhat = (X[n, c, j] - m) * r
+                    dX[n, c, j] = scale * (dY[n, c, j] * slope[j] - mg - xhat * mgx)
 
 
 @kernel
 def column_backward_dx_cf(X, dY, mean, invstd, gamma, beta, code, alpha, sum_g, sum_gx,
-                          n_per_chunk, dX):
+                          n_per_chunk, channels_per_task, dX):
     """Channels-first twin of :func:`column_backward_dx`; the means divide by N * L.
 
     Without an activation, in X's dtype: ``dX = g * scale + k0 - k1 * (x - m0)`` with
@@ -713,10 +760,9 @@ def column_backward_dx_cf(X, dY, mean, invstd, gamma, beta, code, alpha, sum_g, 
     ``k0 = scale * (c * mgx - mg)`` (float64 constants rounded once).
     """
     N, C, L = X.shape
-    n_chunks = (N + n_per_chunk - 1) // n_per_chunk
-    for t in prange(n_chunks * C):
+    for t in prange(_cf_n_tasks(N, C, n_per_chunk, channels_per_task)):
         _column_backward_dx_cf_task(np.int64(t), X, dY, mean, invstd, gamma, beta, code,
-                                    alpha, sum_g, sum_gx, n_per_chunk, dX)
+                                    alpha, sum_g, sum_gx, n_per_chunk, channels_per_task, dX)
 
 
 KERNELS = {

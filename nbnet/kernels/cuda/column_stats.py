@@ -290,6 +290,8 @@ def column_backward_dx(size, X, dY, mean, invstd, gamma, beta, code, alpha, sum_
 # ------------------------------------------------------------- channels-first (N, C, L)
 # One block per (chunk, channel) task: its n_per_chunk runs of L contiguous values are
 # reduced by a 1-D block (threads stride along the flattened runs), two passes, tree sums.
+# ``channels_per_task`` (how the CPU kernels group channels into one task, for memory-order
+# traversal) is accepted and ignored: a GPU block per channel already reads whole runs.
 
 
 @cuda.jit
@@ -320,7 +322,7 @@ def _partial_stats_cf(X, n_per_chunk, partial_mean, partial_m2):
         partial_m2[k, c] = q
 
 
-def column_partial_stats_cf(size, X, n_per_chunk, partial_mean, partial_m2):
+def column_partial_stats_cf(size, X, n_per_chunk, channels_per_task, partial_mean, partial_m2):
     n_chunks, C = partial_mean.shape
     launch(_partial_stats_cf, n_chunks * C, block_size(), X, int(n_per_chunk), partial_mean, partial_m2)
 
@@ -341,7 +343,8 @@ def _normalize_cf(X, mean, invstd, gamma, beta, code, alpha, Y):
     Y[n, c, j] = z
 
 
-def column_normalize_cf(size, X, mean, invstd, gamma, beta, code, alpha, n_per_chunk, Y):
+def column_normalize_cf(size, X, mean, invstd, gamma, beta, code, alpha, n_per_chunk,
+                        channels_per_task, Y):
     B = block_size()
     launch(_normalize_cf, n_blocks(X.size, B), B, X, mean, invstd, gamma, beta, int(code), float(alpha), Y)
 
@@ -382,7 +385,7 @@ def _backward_reduce_cf(X, dY, mean, invstd, gamma, beta, code, alpha, n_per_chu
 
 
 def column_backward_reduce_cf(size, X, dY, mean, invstd, gamma, beta, code, alpha, n_per_chunk,
-                              partial_sum_g, partial_sum_gx):
+                              channels_per_task, partial_sum_g, partial_sum_gx):
     n_chunks, C = partial_sum_g.shape
     launch(_backward_reduce_cf, n_chunks * C, block_size(), 
         X, dY, mean, invstd, gamma, beta, int(code), float(alpha), int(n_per_chunk),
@@ -410,7 +413,7 @@ def _backward_dx_cf(X, dY, mean, invstd, gamma, beta, code, alpha, sum_g, sum_gx
 
 
 def column_backward_dx_cf(size, X, dY, mean, invstd, gamma, beta, code, alpha, sum_g, sum_gx,
-                          n_per_chunk, dX):
+                          n_per_chunk, channels_per_task, dX):
     B = block_size()
     launch(_backward_dx_cf, n_blocks(X.size, B), B, X, dY, mean, invstd, gamma, beta, int(code),
                                             float(alpha), sum_g, sum_gx, dX)
