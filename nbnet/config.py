@@ -80,7 +80,7 @@ SERIAL_CUTOFF = _env_int("NBNET_SERIAL_CUTOFF", 1 << 17)
 #: LLVM fast-math flags for the kernels. "nnan"/"ninf" are deliberately absent: they
 #: let LLVM assume NaN never occurs, which breaks isnan and NaN containment.
 #: "reassoc" lets row sums vectorise; "contract" allows FMA. Kernels built with
-#: ``@kernel(ordered=True)`` (the two-float mean subtraction) drop "reassoc"; see
+#: ``@kernel(ordered=True)`` (the split mean subtraction) drop "reassoc"; see
 #: nbnet/kernels/cpu/_jit.py.
 FASTMATH = frozenset(
     f.strip() for f in _env_str("NBNET_FASTMATH", "reassoc,contract").split(",") if f.strip()

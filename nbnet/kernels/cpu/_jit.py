@@ -20,10 +20,11 @@ from ... import config
 
 _OPTIONS = dict(cache=True, nogil=True, fastmath=set(config.FASTMATH), error_model="numpy")
 
-# Kernels that subtract a two-float (hi + lo) mean depend on the written order of their
-# floating-point operations: with "reassoc" LLVM may rewrite ``(x - hi) - lo`` as
-# ``x - (hi + lo)`` and round the low half away. They compile without it ("contract",
-# i.e. FMA, only makes them more exact). Their loops vectorise anyway: the inner loop runs
+# Kernels that subtract a float64 mean as ``x - m0`` (m0 rounded to the input's dtype)
+# plus a float64 remainder folded into a later constant depend on the written order of
+# their floating-point operations: with "reassoc" LLVM may rewrite ``(x - m0) * s + b``
+# into forms that cancel (``x * s - m0 * s + b``) or fold the remainder back into ``m0``.
+# They compile without it ("contract", i.e. FMA, only makes them more exact). Their loops vectorise anyway: the inner loop runs
 # across columns with one accumulator per column, which is not a reduction.
 _ORDERED_OPTIONS = dict(_OPTIONS, fastmath=set(config.FASTMATH) - {"reassoc"})
 
@@ -88,7 +89,7 @@ def kernel(fn=None, *, ordered=False):
     """Decorate a kernel body: returns a :class:`Kernel` (parallel + serial twin).
 
     ``@kernel(ordered=True)`` compiles without "reassoc", for kernels whose accuracy
-    rests on the written order of their operations (the two-float mean subtraction).
+    rests on the written order of their operations (the split mean subtraction).
     """
     if fn is None:
         return lambda f: Kernel(f, ordered=ordered)

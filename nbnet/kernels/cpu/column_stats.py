@@ -27,21 +27,28 @@ conversions): each pass walks one row at a time and adds into per-column accumul
 the input's dtype, which are flushed into the float64 partial rows every
 ``ROW_BLOCK`` rows (:mod:`~nbnet.kernels.cpu.block_sums`). A block adds at most
 ``ROW_BLOCK`` roundings of its own magnitude, so at mean 1e4 the first pass's float32
-chunk mean is off by ~1e-4 of a standard deviation; the second pass sums ``d = x - mean``
-as well as ``d * d`` and the shifted moments (``mean += sum(d) / n``, ``M2 = sum(d * d) -
-sum(d)**2 / n``) remove that error from both. One row per pass
+chunk mean is off by ~1e-4 of a standard deviation; the second pass sums ``d = x - m0``
+(``m0`` that mean rounded to X's dtype) as well as ``d * d``, and the shifted moments
+(``mean = m0 + sum(d) / n``, ``M2 = sum(d * d) - sum(d)**2 / n``) remove that error from
+both. One row per pass
 (not several rows interleaved) keeps every stream sequential for the hardware
 prefetcher: interleaving four rows was 1.3x faster in cache ((4096, 1024)) but 2x slower
 from DRAM ((65536, 256)) on the 2-core Zen 4 reference machine; the block accumulators
 keep the first gain without the second loss.
 
-The mean is subtracted as a *two-float* value: ``hi = float32(mean)``, ``lo =
-float32(mean - hi)``, ``d = (x - hi) - lo``. ``x - hi`` is exact for x within a factor 2
-of the mean (Sterbenz), so ``d`` carries the float64 mean to ~1e-14 at the cost of one
-extra float32 subtraction; rounding the mean to float32 instead would shift every output
-by up to 5e-4 standard deviations at mean 1e4. Kernels that do this compile with
-``ordered=True`` (no "reassoc", which could fold ``hi + lo``). For float64 inputs
-``lo`` is exactly 0 and everything is float64, as before.
+Every elementwise pass subtracts the float64 mean in two parts: ``m0 = float32(mean)``
+inside the loop, where ``x - m0`` is exact for x within a factor 2 of the mean (Sterbenz),
+and the remainder ``mean - m0`` (half an ulp of the mean at most) in float64, folded into
+a per-column constant after the scaling: ``z = (x - m0) * scale + (beta - (mean - m0) *
+scale)``, ``sum(g * (x - mean)) = sum(g * (x - m0)) - (mean - m0) * sum(g)``. That keeps
+the float64 mean to ~1e-14 at the cost of one float32 subtraction; rounding the mean to
+float32 alone would shift every output by up to 5e-4 standard deviations at mean 1e4,
+and folding the whole mean (``x * scale - mean * scale``) would round a product of the
+mean's size. (An earlier form, ``(x - hi) - lo`` with the mean as two floats, cost one
+more load and subtraction per element: 15-30% of these kernels in cache.) The kernels
+compile with ``ordered=True`` (no "reassoc"), so LLVM keeps the written order of
+``(x - m0) * scale + shift`` instead of expanding it into the cancelling ``x * scale -
+m0 * scale``. For float64 inputs ``m0`` is the mean and every remainder is 0.
 """
 import math
 
@@ -78,27 +85,22 @@ def slope_inplace(code, alpha, buf):
 
 
 @helper
-def split_mean(mean, hi, lo):
-    """hi[j] + lo[j] == mean[j] to ~1e-14 in the dtype of ``hi``/``lo`` (two-float mean).
+def _affine_factors(mean, invstd, gamma, beta, m0, scale, shift):
+    """The per-column factors of ``z = (x - m0) * scale + shift`` in X's dtype: the shift
+    ``m0 = mean`` rounded to X's dtype, ``scale = invstd * gamma`` and ``shift = beta -
+    (mean - m0) * scale``, the last two computed in float64 and rounded once. Hoisted once
+    per chunk, so the inner loops are sub, FMA.
 
-    ``mean`` is float64; ``hi``/``lo`` are buffers of the input's dtype. For float64
-    buffers ``lo`` is 0.
+    Only the float64 remainder ``(mean - m0) * scale`` (at most half an ulp of the mean,
+    times scale) is folded into ``shift``, where its rounding is an ulp of ``beta``: folding
+    the whole mean instead (``x * scale + (beta - mean * scale)``) would round
+    ``mean * scale`` and cost ~5e-4 standard deviations at mean 1e4 in float32.
     """
     for j in range(mean.shape[0]):
-        m = mean[j]
-        hi[j] = m
-        lo[j] = m - hi[j]
-
-
-@helper
-def _affine_factors(mean, invstd, gamma, beta, hi, lo, scale, shift):
-    """The per-column factors of ``z = ((x - hi) - lo) * scale + shift`` in X's dtype:
-    the two-float mean (:func:`split_mean`), ``scale = invstd * gamma``, ``shift = beta``.
-    Hoisted once per chunk, so the inner loops are sub, sub, FMA."""
-    split_mean(mean, hi, lo)
-    for j in range(mean.shape[0]):
-        scale[j] = invstd[j] * gamma[j]
-        shift[j] = beta[j]
+        m0[j] = mean[j]
+        sc = invstd[j] * gamma[j]
+        shift[j] = beta[j] - (mean[j] - m0[j]) * sc
+        scale[j] = sc
 
 
 @helper
@@ -141,12 +143,13 @@ def _column_partial_stats_task(k, X, rows_per_chunk, partial_mean, partial_m2):
     inv_n = 1.0 / (stop - start)
     for j in range(C):
         pm[j] *= inv_n
-    hi = np.empty(C, X.dtype)
-    lo = np.empty(C, X.dtype)
-    split_mean(pm, hi, lo)
-    # Pass 2 sums d = x - mean and d^2: the shifted moments correct the chunk mean
-    # (+ sum(d) / n) and give M2 = sum(d^2) - sum(d)^2 / n, so the rounding of the
-    # input-dtype blocks of pass 1 cancels out of both.
+    m0 = np.empty(C, X.dtype)
+    for j in range(C):
+        m0[j] = pm[j]
+    # Pass 2 sums d = x - m0 and d^2, with m0 the pass-1 mean rounded to X's dtype: the
+    # shifted moments give the mean (m0 + sum(d) / n) and M2 = sum(d^2) - sum(d)^2 / n
+    # exactly for any shift, so the rounding of the input-dtype blocks of pass 1 (and of
+    # m0 itself) cancels out of both. x - m0 is exact for x within a factor 2 of m0.
     sd = np.zeros(C, np.float64)
     acc2 = np.empty(C, X.dtype)
     for i0 in range(start, stop, ROW_BLOCK):
@@ -155,14 +158,14 @@ def _column_partial_stats_task(k, X, rows_per_chunk, partial_mean, partial_m2):
             acc2[j] = 0.0
         for i in range(i0, min(i0 + ROW_BLOCK, stop)):
             for j in range(C):
-                d = (X[i, j] - hi[j]) - lo[j]
+                d = X[i, j] - m0[j]
                 acc[j] += d
                 acc2[j] += d * d
         for j in range(C):
             sd[j] += acc[j]
             pm2[j] += acc2[j]
     for j in range(C):
-        pm[j] += sd[j] * inv_n
+        pm[j] = m0[j] + sd[j] * inv_n
         pm2[j] = max(pm2[j] - sd[j] * sd[j] * inv_n, 0.0)
 
 
@@ -276,20 +279,19 @@ def _column_normalize_task(k, X, mean, invstd, gamma, beta, code, alpha, rows_pe
     start = k * rows_per_chunk
     stop = min(start + rows_per_chunk, R)
     if code <= 2:  # identity, ReLU, leaky ReLU: in X's dtype
-        hi = np.empty(C, X.dtype)
-        lo = np.empty(C, X.dtype)
+        m0 = np.empty(C, X.dtype)
         scale = np.empty(C, X.dtype)
         shift = np.empty(C, X.dtype)
-        _affine_factors(mean, invstd, gamma, beta, hi, lo, scale, shift)
+        _affine_factors(mean, invstd, gamma, beta, m0, scale, shift)
         if code == 0:
             for i in range(start, stop):
                 for j in range(C):
-                    Y[i, j] = ((X[i, j] - hi[j]) - lo[j]) * scale[j] + shift[j]
+                    Y[i, j] = (X[i, j] - m0[j]) * scale[j] + shift[j]
         else:
-            one, neg = _slopes(code, alpha, hi)
+            one, neg = _slopes(code, alpha, m0)
             for i in range(start, stop):
                 for j in range(C):
-                    z = ((X[i, j] - hi[j]) - lo[j]) * scale[j] + shift[j]
+                    z = (X[i, j] - m0[j]) * scale[j] + shift[j]
                     Y[i, j] = z if z > 0.0 else z * neg  # z * neg keeps NaN a NaN
     else:
         scale64 = np.empty(C, np.float64)
@@ -309,11 +311,10 @@ def column_normalize(X, mean, invstd, gamma, beta, code, alpha, rows_per_chunk, 
     """Y = f((X - mean) * invstd * gamma + beta), per column; one pass.
 
     Training passes the batch ``mean``/``invstd``; inference passes the running ones.
-    Without an activation the pass runs in the input's dtype with the two-float mean
-    (``((x - hi) - lo) * scale + shift``, see the module notes): folding the mean into a
-    single ``x * scale + shift`` would round ``shift = -mean * scale`` and cost ~5e-4
-    standard deviations at mean 1e4. With an activation the values go through a float64
-    row buffer and the activation epilogue.
+    Without an activation (or with ReLU / leaky ReLU, as selects) the pass runs in the
+    input's dtype as ``(x - m0) * scale + shift`` (:func:`_affine_factors`, see the module
+    notes). With another activation the values go through a float64 row buffer and the
+    activation epilogue.
     """
     R, C = X.shape
     n_chunks = (R + rows_per_chunk - 1) // rows_per_chunk
@@ -335,14 +336,13 @@ def _column_backward_reduce_task(k, X, dY, mean, invstd, gamma, beta, code, alph
         sg[j] = 0.0
         sgx[j] = 0.0
     if code <= 2:  # identity, ReLU, leaky ReLU: in X's dtype
-        hi = np.empty(C, X.dtype)
-        lo = np.empty(C, X.dtype)
+        m0 = np.empty(C, X.dtype)
         scale = np.empty(C, X.dtype)
         shift = np.empty(C, X.dtype)
-        _affine_factors(mean, invstd, gamma, beta, hi, lo, scale, shift)
+        _affine_factors(mean, invstd, gamma, beta, m0, scale, shift)
         acc_g = np.empty(C, X.dtype)  # block accumulators in X's dtype
         acc_gx = np.empty(C, X.dtype)
-        one, neg = _slopes(code, alpha, hi)
+        one, neg = _slopes(code, alpha, m0)
         for i0 in range(start, stop, ROW_BLOCK):
             for j in range(C):
                 acc_g[j] = 0.0
@@ -352,11 +352,11 @@ def _column_backward_reduce_task(k, X, dY, mean, invstd, gamma, beta, code, alph
                     for j in range(C):
                         g = dY[i, j]
                         acc_g[j] += g
-                        acc_gx[j] += g * ((X[i, j] - hi[j]) - lo[j])
+                        acc_gx[j] += g * (X[i, j] - m0[j])
             else:  # g = dY * f'(z), the slope as a select (NaN z gives NaN)
                 for i in range(i0, min(i0 + ROW_BLOCK, stop)):
                     for j in range(C):
-                        d = (X[i, j] - hi[j]) - lo[j]
+                        d = X[i, j] - m0[j]
                         z = d * scale[j] + shift[j]
                         g = dY[i, j] * (one if z > 0.0 else neg + (z - z))
                         acc_g[j] += g
@@ -364,8 +364,8 @@ def _column_backward_reduce_task(k, X, dY, mean, invstd, gamma, beta, code, alph
             for j in range(C):
                 sg[j] += acc_g[j]
                 sgx[j] += acc_gx[j]
-        for j in range(C):
-            sgx[j] *= invstd[j]
+        for j in range(C):  # sum(g * (x - mean)) = sum(g * (x - m0)) - (mean - m0) * sum(g)
+            sgx[j] = (sgx[j] - (mean[j] - m0[j]) * sg[j]) * invstd[j]
     else:
         slope = np.empty(C, np.float64)
         for i in range(start, stop):
@@ -386,9 +386,9 @@ def column_backward_reduce(X, dY, mean, invstd, gamma, beta, code, alpha, rows_p
 
     ``xhat = (x - mean) * invstd``; ``g = dY * f'(xhat * gamma + beta)`` is the gradient
     at the normalised-and-scaled value (``g = dY`` without an activation). Without an
-    activation, in the input's dtype (``sum(g * (x - mean))``, with the two-float mean) over
-    blocks of ``ROW_BLOCK`` rows, accumulated in float64 and scaled by ``invstd`` once
-    per chunk.
+    activation, in the input's dtype: ``sum(g * (x - m0))`` over blocks of ``ROW_BLOCK``
+    rows, accumulated in float64, then ``sum(g * (x - mean)) = sum(g * (x - m0)) - (mean -
+    m0) * sum(g)`` and the scaling by ``invstd`` once per chunk.
     """
     R, C = X.shape
     n_chunks = partial_sum_g.shape[0]
@@ -430,28 +430,32 @@ def _column_backward_dx_task(k, X, dY, mean, invstd, gamma, beta, code, alpha, s
     start = k * rows_per_chunk
     stop = min(start + rows_per_chunk, R)
     if code <= 2:  # identity, ReLU, leaky ReLU: in X's dtype
-        hi = np.empty(C, X.dtype)
-        lo = np.empty(C, X.dtype)
+        # dX = scale * (g - mg - (x - mean) * kx) with x - mean = (x - m0) - (mean - m0):
+        # dX = (g * scale + k0) - k1 * (x - m0), k0 = scale * ((mean - m0) * kx - mg) and
+        # k1 = scale * kx computed in float64 and rounded once.
+        m0 = np.empty(C, X.dtype)
         scale = np.empty(C, X.dtype)
         shift = np.empty(C, X.dtype)
-        mg = np.empty(C, X.dtype)
-        kx = np.empty(C, X.dtype)
-        _affine_factors(mean, invstd, gamma, beta, hi, lo, scale, shift)
+        k0 = np.empty(C, X.dtype)
+        k1 = np.empty(C, X.dtype)
+        _affine_factors(mean, invstd, gamma, beta, m0, scale, shift)
         for j in range(C):
-            mg[j] = sum_g[j] * inv_r
-            kx[j] = sum_gx[j] * inv_r * invstd[j]
+            sc = invstd[j] * gamma[j]
+            kx = sum_gx[j] * inv_r * invstd[j]
+            k0[j] = sc * ((mean[j] - m0[j]) * kx - sum_g[j] * inv_r)
+            k1[j] = sc * kx
         if code == 0:
             for i in range(start, stop):
                 for j in range(C):
-                    dX[i, j] = scale[j] * ((dY[i, j] - mg[j]) - ((X[i, j] - hi[j]) - lo[j]) * kx[j])
+                    dX[i, j] = (dY[i, j] * scale[j] + k0[j]) - k1[j] * (X[i, j] - m0[j])
         else:
-            one, neg = _slopes(code, alpha, hi)
+            one, neg = _slopes(code, alpha, m0)
             for i in range(start, stop):
                 for j in range(C):
-                    d = (X[i, j] - hi[j]) - lo[j]
+                    d = X[i, j] - m0[j]
                     z = d * scale[j] + shift[j]
                     g = dY[i, j] * (one if z > 0.0 else neg + (z - z))
-                    dX[i, j] = scale[j] * ((g - mg[j]) - d * kx[j])
+                    dX[i, j] = (g * scale[j] + k0[j]) - k1[j] * d
     else:
         # hoisted per-column factors: dX = scale * (g - mg - (x - mean) * invstd * mgx)
         scale64 = np.empty(C, np.float64)
@@ -478,8 +482,10 @@ def column_backward_dx(X, dY, mean, invstd, gamma, beta, code, alpha, sum_g, sum
 
     ``sum_g``/``sum_gx`` are the merged column sums of :func:`column_backward_reduce`
     (float64). The means divide by the row count R of X. Without an activation the pass
-    runs in the input's dtype: ``dX = scale * ((dy - mg) - ((x - hi) - lo) * k)`` with
-    per-column ``scale = gamma * invstd``, ``mg = mean(g)``, ``k = invstd * mean(g * xhat)``.
+    runs in the input's dtype: ``dX = (g * scale + k0) - k1 * (x - m0)`` with per-column
+    ``scale = gamma * invstd``, ``k1 = scale * invstd * mean(g * xhat)`` and ``k0 = scale *
+    ((mean - m0) * invstd * mean(g * xhat) - mean(g))``, computed in float64 and rounded
+    once.
     """
     R, C = X.shape
     n_chunks = (R + rows_per_chunk - 1) // rows_per_chunk

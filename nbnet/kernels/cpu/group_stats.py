@@ -26,8 +26,9 @@ then squared deviations around it), never E[x^2] - E[x]^2; for float32 data of m
 
 Channels-last kernels compute in the input's dtype the way the column kernels do (see
 :mod:`~nbnet.kernels.cpu.column_stats`): per-channel block accumulators of the input's
-dtype flushed into float64 every ``ROW_BLOCK`` positions, and the two-float group mean
-``hi + lo`` subtracted as ``(x - hi) - lo``; they compile with ``ordered=True``.
+dtype flushed into float64 every ``ROW_BLOCK`` positions, and the group mean subtracted
+as ``x - m0`` (``m0`` the mean rounded to X's dtype) with the float64 remainder ``mean -
+m0`` folded into per-channel constants; they compile with ``ordered=True``.
 
 NaN containment: a NaN anywhere in group ``g`` of example ``n`` makes ``mean[n, g]``,
 ``invstd[n, g]`` and that group's outputs NaN; other groups and examples stay finite.
@@ -40,7 +41,7 @@ from numba import prange
 from ._jit import helper, kernel, task_body
 from .activations import act_row
 from .block_sums import ROW_BLOCK
-from .column_stats import slope_inplace, split_mean
+from .column_stats import slope_inplace
 
 
 #: Values per tile in the channels-last kernels (a whole number of positions, see
@@ -98,12 +99,10 @@ def _group_forward_cl_task(k, X, gamma, beta, n_groups, eps, code, alpha, rows_p
     acc = np.empty(C, np.float64)
     acc2 = np.empty(C, np.float64)
     mc = np.empty(C, np.float64)      # the group mean, per channel
-    hi = np.empty(C, X.dtype)         # ... as two floats of X's dtype
-    lo = np.empty(C, X.dtype)
+    m0 = np.empty(C, X.dtype)         # ... rounded to X's dtype: the shift
     scale = np.empty(C, X.dtype)      # invstd * gamma, per channel
-    shift = np.empty(C, X.dtype)
-    hi_t = np.empty(W, X.dtype)
-    lo_t = np.empty(W, X.dtype)
+    shift = np.empty(C, X.dtype)      # beta - (mean - m0) * scale
+    m0_t = np.empty(W, X.dtype)
     scale_t = np.empty(W, X.dtype)
     shift_t = np.empty(W, X.dtype)
     tmp = np.empty(C, np.float64)
@@ -134,12 +133,13 @@ def _group_forward_cl_task(k, X, gamma, beta, n_groups, eps, code, alpha, rows_p
             m = s * inv_cnt
             for c in range(g * cg, (g + 1) * cg):
                 mc[c] = m
-        split_mean(mc, hi, lo)
-        _tile(hi, hi_t)
-        _tile(lo, lo_t)
-        # pass 2 (cached example): deviations d from the pass-1 mean, summed and
-        # squared. The shifted moments correct the mean (mean += sum(d) / n) and give
-        # M2 = sum(d^2) - sum(d)^2 / n, so the float32 rounding of pass 1 cancels out.
+        for c in range(C):
+            m0[c] = mc[c]
+        _tile(m0, m0_t)
+        # pass 2 (cached example): deviations d = x - m0 from the pass-1 mean rounded to
+        # X's dtype, summed and squared. The shifted moments give the mean (m0 + sum(d) /
+        # n) and M2 = sum(d^2) - sum(d)^2 / n exactly for any shift, so the rounding of
+        # pass 1 and of m0 cancels out.
         for j in range(W):
             acc_t[j] = 0.0
             acc2_t[j] = 0.0
@@ -150,7 +150,7 @@ def _group_forward_cl_task(k, X, gamma, beta, n_groups, eps, code, alpha, rows_p
             for t in range(t0, min(t0 + ROW_BLOCK, n_tiles)):
                 xs = xf[t * W:(t + 1) * W]
                 for j in range(W):
-                    d = (xs[j] - hi_t[j]) - lo_t[j]
+                    d = xs[j] - m0_t[j]
                     blk[j] += d
                     blk2[j] += d * d
             for j in range(W):
@@ -161,7 +161,7 @@ def _group_forward_cl_task(k, X, gamma, beta, n_groups, eps, code, alpha, rows_p
         for p in range(tail, P):
             xs = xf[p * C:(p + 1) * C]
             for c in range(C):
-                d = (xs[c] - hi[c]) - lo[c]
+                d = xs[c] - m0[c]
                 acc[c] += d
                 acc2[c] += d * d
         for g in range(n_groups):
@@ -170,32 +170,38 @@ def _group_forward_cl_task(k, X, gamma, beta, n_groups, eps, code, alpha, rows_p
             for c in range(g * cg, (g + 1) * cg):
                 sd += acc[c]
                 sdd += acc2[c]
-            m = mc[g * cg] + sd * inv_cnt
+            # the shifts of a group's channels are all m0 of its first channel
+            m = np.float64(m0[g * cg]) + sd * inv_cnt
             r = 1.0 / math.sqrt(max(sdd - sd * sd * inv_cnt, 0.0) * inv_cnt + eps)
             mean[n, g] = m
             invstd[n, g] = r
             for c in range(g * cg, (g + 1) * cg):
                 mc[c] = m
-                scale[c] = r * gamma[c]
-                shift[c] = beta[c]
-        split_mean(mc, hi, lo)
-        # pass 3: normalise, affine, activation
+        # pass 3: normalise, affine, activation. z = (x - m0) * scale + shift with the
+        # float64 remainder mean - m0 folded into shift (see column_stats._affine_factors)
         if code == 0:
-            _tile(hi, hi_t)
-            _tile(lo, lo_t)
+            for c in range(C):
+                m0[c] = mc[c]
+                r = invstd[n, c // cg]
+                sc = r * gamma[c]
+                scale[c] = sc
+                shift[c] = beta[c] - (mc[c] - m0[c]) * sc
+            _tile(m0, m0_t)
             _tile(scale, scale_t)
             _tile(shift, shift_t)
             for t in range(n_tiles):
                 xs = xf[t * W:(t + 1) * W]
                 ys = yf[t * W:(t + 1) * W]
                 for j in range(W):
-                    ys[j] = ((xs[j] - hi_t[j]) - lo_t[j]) * scale_t[j] + shift_t[j]
+                    ys[j] = (xs[j] - m0_t[j]) * scale_t[j] + shift_t[j]
             for p in range(tail, P):
                 xs = xf[p * C:(p + 1) * C]
                 ys = yf[p * C:(p + 1) * C]
                 for c in range(C):
-                    ys[c] = ((xs[c] - hi[c]) - lo[c]) * scale[c] + shift[c]
+                    ys[c] = (xs[c] - m0[c]) * scale[c] + shift[c]
         else:
+            for c in range(C):
+                scale[c] = invstd[n, c // cg] * gamma[c]
             for p in range(P):
                 for c in range(C):
                     tmp[c] = (X[n, p, c] - mc[c]) * scale[c] + beta[c]
@@ -238,8 +244,7 @@ def _group_backward_cl_task(k, X, dY, mean, invstd, gamma, beta, n_groups, code,
     ag = np.empty(C, np.float64)
     agx = np.empty(C, np.float64)
     slope = np.empty(C, np.float64)
-    hi = np.empty(C, X.dtype)
-    lo = np.empty(C, X.dtype)
+    m0 = np.empty(C, X.dtype)
     bg = np.empty(C, X.dtype)
     bgx = np.empty(C, X.dtype)
     fa = np.empty(C, X.dtype)
@@ -254,9 +259,11 @@ def _group_backward_cl_task(k, X, dY, mean, invstd, gamma, beta, n_groups, code,
             ag[c] = 0.0
             agx[c] = 0.0
         if code == 0:
-            # in X's dtype: sums of g and g * (x - mean) per block of positions,
-            # flushed into float64; times invstd once per channel
-            split_mean(mc, hi, lo)
+            # in X's dtype: sums of g and g * (x - m0) per block of positions (m0 the
+            # mean rounded to X's dtype), flushed into float64; then sum(g * (x - mean))
+            # = sum(g * (x - m0)) - (mean - m0) * sum(g), times invstd once per channel
+            for c in range(C):
+                m0[c] = mc[c]
             for p0 in range(0, P, ROW_BLOCK):
                 for c in range(C):
                     bg[c] = 0.0
@@ -265,12 +272,12 @@ def _group_backward_cl_task(k, X, dY, mean, invstd, gamma, beta, n_groups, code,
                     for c in range(C):
                         gv = dY[n, p, c]
                         bg[c] += gv
-                        bgx[c] += gv * ((X[n, p, c] - hi[c]) - lo[c])
+                        bgx[c] += gv * (X[n, p, c] - m0[c])
                 for c in range(C):
                     ag[c] += bg[c]
                     agx[c] += bgx[c]
             for c in range(C):
-                agx[c] *= rc[c]
+                agx[c] = (agx[c] - (mc[c] - m0[c]) * ag[c]) * rc[c]
         else:
             for p in range(P):
                 for c in range(C):
@@ -295,14 +302,16 @@ def _group_backward_cl_task(k, X, dY, mean, invstd, gamma, beta, n_groups, code,
                 ag[c] = sh * inv_cnt
                 agx[c] = shx * inv_cnt
         if code == 0:
-            # dx = rc * (g * gamma - mh - xhat * mhx) = g * a + b - (x - mean) * q
+            # dx = rc * (g * gamma - mh - xhat * mhx) = g * a + b - (x - m0) * q, with
+            # x - mean = (x - m0) - (mean - m0) and the float64 remainder folded into b
             for c in range(C):
+                q = rc[c] * rc[c] * agx[c]
                 fa[c] = rc[c] * gamma[c]
-                fb[c] = -rc[c] * ag[c]
-                fq[c] = rc[c] * rc[c] * agx[c]
+                fb[c] = (mc[c] - m0[c]) * q - rc[c] * ag[c]
+                fq[c] = q
             for p in range(P):
                 for c in range(C):
-                    dX[n, p, c] = (dY[n, p, c] * fa[c] + fb[c]) - ((X[n, p, c] - hi[c]) - lo[c]) * fq[c]
+                    dX[n, p, c] = (dY[n, p, c] * fa[c] + fb[c]) - (X[n, p, c] - m0[c]) * fq[c]
         else:
             for p in range(P):
                 for c in range(C):
