@@ -257,6 +257,28 @@ def test_float32_large_mean_stability(name):
         assert np.abs(means).max() <= 1e-3
 
 
+@pytest.mark.parametrize("make,G", [(lambda: nbnet.GroupNorm(2), 2),
+                                    (lambda: nbnet.InstanceNorm2D(affine=True), 8)])
+def test_float32_outlier_first_value_keeps_statistics_exact(make, G):
+    """GroupNorm and InstanceNorm (channels-last) take their one-pass moments around each
+    group's first value; a first value far from the mean (here 0, before 16384 values at
+    1e4 +- 1: 128 standard deviations away) must make them take the moments again around
+    the mean they found. Mean and invstd stay within 1e-6 of float64, Y within 1e-4."""
+    rng = np.random.default_rng(5)
+    X = (1e4 + rng.normal(size=(2, 64, 64, 8))).astype(np.float32)
+    X[:, 0, 0, :] = 0.0
+    layer = make()
+    Y = layer.forward(X)
+    cg = 8 // G
+    Xg = X.astype(np.float64).reshape(2, 64 * 64, G, cg)
+    mean = Xg.mean(axis=(1, 3))
+    invstd = 1.0 / np.sqrt(Xg.var(axis=(1, 3)) + layer.epsilon)
+    assert np.abs(layer.derived_variables["mean"][0] - mean).max() / 1e4 < 1e-6
+    assert np.abs(layer.derived_variables["invstd"][0] / invstd - 1).max() < 1e-6
+    Yr = ((Xg - mean[:, None, :, None]) * invstd[:, None, :, None]).reshape(X.shape)
+    assert np.abs(Y - Yr).max() < 1e-4 * np.abs(Yr).max()
+
+
 # ------------------------------------------------------------------- determinism
 _THREAD_SCRIPT = r"""
 import hashlib, json, sys
