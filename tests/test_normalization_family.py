@@ -279,18 +279,25 @@ def test_float32_outlier_first_value_keeps_statistics_exact(make, G):
     assert np.abs(Y - Yr).max() < 1e-4 * np.abs(Yr).max()
 
 
-def test_batchnorm_float32_outlier_first_row_keeps_statistics_exact():
+@pytest.mark.parametrize("fmt", ["1D", "NCHW"])
+def test_batchnorm_float32_outlier_first_value_keeps_statistics_exact(fmt):
     """BatchNorm's chunk statistics are one pass of moments shifted by the chunk's first
-    row; a first row far from the mean (0 before 1e4 +- 1, 32 standard deviations of the
-    first 1024-row chunk away) must make the chunk take its moments again."""
+    row (channels-first: each channel's first value in the chunk); a shift far from the
+    mean (0 before values at 1e4 +- 1, 32 to 64 standard deviations of a chunk away)
+    must make the chunk take its moments again."""
     rng = np.random.default_rng(6)
-    X = (1e4 + rng.normal(size=(4096, 8))).astype(np.float32)
-    X[0] = 0.0
-    layer = nbnet.BatchNorm1D(momentum=0.0)
+    if fmt == "1D":
+        X = (1e4 + rng.normal(size=(4096, 8))).astype(np.float32)
+        X[0] = 0.0
+        layer, axes = nbnet.BatchNorm1D(momentum=0.0), (0,)
+    else:
+        X = (1e4 + rng.normal(size=(16, 4, 64, 64))).astype(np.float32)
+        X[:, :, 0, 0] = 0.0
+        layer, axes = nbnet.BatchNorm2D(momentum=0.0, data_format="NCHW"), (0, 2, 3)
     layer.forward(X)
     X64 = X.astype(np.float64)
-    assert np.abs(layer.derived_variables["mean"][0] / X64.mean(axis=0) - 1).max() < 1e-10
-    assert np.abs(layer.parameters["running_var"] / X64.var(axis=0) - 1).max() < 1e-6
+    assert np.abs(layer.derived_variables["mean"][0] / X64.mean(axis=axes) - 1).max() < 1e-10
+    assert np.abs(layer.parameters["running_var"] / X64.var(axis=axes) - 1).max() < 1e-6
 
 
 # ------------------------------------------------------------------- determinism

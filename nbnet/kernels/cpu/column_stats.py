@@ -61,7 +61,7 @@ import numpy as np
 from numba import prange
 
 from ._jit import helper, kernel, task_body
-from .block_sums import ROW_BLOCK, SHIFT_LIMIT, SUM_BLOCK, block_shifted_moments, block_sum
+from .block_sums import ROW_BLOCK, SHIFT_LIMIT, SUM_BLOCK, block_shifted_moments
 from .activations import act_row, act_slope
 
 
@@ -546,23 +546,33 @@ def _column_partial_stats_cf_task(t, X, n_per_chunk, channels_per_task, partial_
     k, start, stop, c0, c1 = _cf_task(t, C, n_per_chunk, channels_per_task, N)
     w = c1 - c0
     cnt = (stop - start) * L
-    s = np.zeros(w, np.float64)
-    for n in range(start, stop):
-        for c in range(w):
-            s[c] += block_sum(X[n, c0 + c])
-    m0 = np.empty(w, X.dtype)  # the pass-1 mean rounded to X's dtype: the shift
+    inv_cnt = 1.0 / cnt
+    m0 = np.empty(w, X.dtype)  # the shift: each channel's first value in the chunk
     for c in range(w):
-        m0[c] = s[c] / cnt
-    sd = np.zeros(w, np.float64)
-    sdd = np.zeros(w, np.float64)
-    for n in range(start, stop):
+        m0[c] = X[start, c0 + c, 0]
+    sd = np.empty(w, np.float64)
+    sdd = np.empty(w, np.float64)
+    for attempt in range(2):
         for c in range(w):
-            s1, s2 = block_shifted_moments(X[n, c0 + c], m0[c])
-            sd[c] += s1
-            sdd[c] += s2
-    for c in range(w):
-        partial_mean[k, c0 + c] = m0[c] + sd[c] / cnt
-        partial_m2[k, c0 + c] = max(sdd[c] - sd[c] * sd[c] / cnt, 0.0)
+            sd[c] = 0.0
+            sdd[c] = 0.0
+        for n in range(start, stop):
+            for c in range(w):
+                s1, s2 = block_shifted_moments(X[n, c0 + c], m0[c])
+                sd[c] += s1
+                sdd[c] += s2
+        far = False
+        for c in range(w):
+            off = sd[c] * inv_cnt
+            partial_mean[k, c0 + c] = m0[c] + off
+            m2 = max(sdd[c] - sd[c] * off, 0.0)
+            partial_m2[k, c0 + c] = m2
+            if off * off > SHIFT_LIMIT * SHIFT_LIMIT * (m2 * inv_cnt):
+                far = True
+        if not far:
+            break
+        for c in range(w):  # again, around the mean just found
+            m0[c] = partial_mean[k, c0 + c]
 
 
 @kernel
@@ -574,10 +584,11 @@ def column_partial_stats_cf(X, n_per_chunk, channels_per_task, partial_mean, par
     ceil(N / n_per_chunk)``; entry ``[k, c]`` holds the mean and the sum of squared
     deviations of channel ``c`` over the chunk's ``n_per_chunk * L`` values.
 
-    The runs are reductions along the contiguous axis (vectorised with "reassoc"), so
-    instead of the two-float mean this kernel uses shifted moments: ``m0`` = the pass-1
-    mean rounded to X's dtype, then ``sum(x - m0)`` and ``sum((x - m0)^2)`` (input-dtype
-    blocks, float64 across blocks) give the exact mean and M2 around any shift.
+    One pass of shifted moments per channel, ``sum(x - m0)`` and ``sum((x - m0)^2)``
+    (input-dtype blocks along the runs, vectorised with "reassoc", float64 across blocks)
+    around ``m0`` = the channel's first value in the chunk; a second pass around the
+    found mean when the shift was further than ``SHIFT_LIMIT`` standard deviations away
+    (as :func:`column_partial_stats`).
     """
     N, C, L = X.shape
     for t in prange(_cf_n_tasks(N, C, n_per_chunk, channels_per_task)):
