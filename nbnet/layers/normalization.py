@@ -59,8 +59,9 @@ def _cf_chunking(N, C, L, itemsize):
     column kernels (see the notes above the ``*_cf`` kernels in ``column_stats``).
 
     A task walks a block of channels of a chunk of examples in memory order. Whole
-    examples when one fits ``config.CHUNK_BYTES`` (a reduction task reads its data twice,
-    the second time from L2), else one example and as many channel planes as fit; then
+    examples when one fits ``config.CHUNK_BYTES`` (a statistics task whose shift was poor
+    reads its data a second time, then from L2), else one example and as many channel
+    planes as fit; then
     chunks small enough to leave about 64 tasks when ``N`` allows, so that every core has
     work. Shape-only, so the summation order (and every bit of the result) is independent
     of the thread count.

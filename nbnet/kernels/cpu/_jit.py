@@ -24,8 +24,9 @@ _OPTIONS = dict(cache=True, nogil=True, fastmath=set(config.FASTMATH), error_mod
 # plus a float64 remainder folded into a later constant depend on the written order of
 # their floating-point operations: with "reassoc" LLVM may rewrite ``(x - m0) * s + b``
 # into forms that cancel (``x * s - m0 * s + b``) or fold the remainder back into ``m0``.
-# They compile without it ("contract", i.e. FMA, only makes them more exact). Their loops vectorise anyway: the inner loop runs
-# across columns with one accumulator per column, which is not a reduction.
+# They compile without it ("contract", i.e. FMA, only makes them more exact). Their loops
+# vectorise anyway: the inner loop runs across columns with one accumulator per column,
+# which is not a reduction.
 _ORDERED_OPTIONS = dict(_OPTIONS, fastmath=set(config.FASTMATH) - {"reassoc"})
 
 

@@ -20,9 +20,12 @@ partials (task ``(k, g)`` owns columns ``g*cg:(g+1)*cg`` of row ``k``) merged in
 order by :func:`~nbnet.kernels.cpu.column_stats.merge_partial_sums`. Chunking depends
 only on the shape, so results are bit-identical for any thread count.
 
-Numerics: float64 accumulation and two passes over the cached example or group (mean,
-then squared deviations around it), never E[x^2] - E[x]^2; for float32 data of mean
-1e4 and unit variance the one-pass form keeps no correct digit of the variance.
+Numerics: float64 accumulation, never E[x^2] - E[x]^2 (for float32 data of mean 1e4 and
+unit variance that form keeps no correct digit of the variance). Channels-first groups
+take two passes over the cached group (mean, then squared deviations around it);
+channels-last examples take one pass of moments shifted by each group's first value,
+and a second around the found mean when that shift was more than ``SHIFT_LIMIT``
+standard deviations off (see :func:`_group_forward_cl_task`).
 
 Channels-last kernels compute in the input's dtype the way the column kernels do (see
 :mod:`~nbnet.kernels.cpu.column_stats`): per-channel block accumulators of the input's
