@@ -31,7 +31,9 @@ def _layer_cases():
         ("GroupNorm", lambda c: c(4), (16,)),
         ("InstanceNorm2D", lambda c: c(), (4, 4, 16)),
         ("RMSNorm", lambda c: c(), (64,)),
-        ("FullyConnected", lambda c: c(32, act_fn="relu"), (64,)),
+        # 128 units: 2048 x 128 outputs reach the parallel twins of the dense epilogues
+        ("FullyConnected", lambda c: c(128, act_fn="relu"), (64,)),
+        ("FullyConnected", lambda c: c(128), (64,)),  # an output layer: plain bias sums
         ("ReLU", lambda c: c(), (64,)),
         ("Softmax", lambda c: c(), (64,)),
         ("Dropout", lambda c: c(0.5, seed=0), (64,)),
@@ -58,6 +60,15 @@ def warm(dtypes=("float32", "float64"), verbose=True):
                 Y = layer.forward(X)
                 layer.backward(rng.normal(size=Y.shape).astype(dtype))
                 layer.forward(X, retain_derived=False)
+        # the losses a training run ends in (serial and parallel twins)
+        from nbnet import losses
+        for n in (2, 4096):
+            logits = rng.normal(size=(n, 64)).astype(dtype)
+            labels = np.arange(n) % 64
+            xent = losses.CrossEntropy(from_logits=True)
+            xent.loss_and_grad(labels, logits)
+            xent.loss_and_grad(np.eye(64, dtype=dtype)[labels], logits)
+            losses.SquaredError().loss_and_grad(logits, logits[::-1].copy())
         # few, very wide rows: the column-block parameter gradients, parallel twin
         X = rng.normal(size=(4, 64, 64, 16)).astype(dtype)
         layer = nbnet.LayerNorm2D()
