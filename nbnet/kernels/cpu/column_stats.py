@@ -537,6 +537,19 @@ def _cf_task(t, C, n_per_chunk, channels_per_task, N):
 
 
 @helper
+def _cf_slopes(X, n, c, mean, invstd, gamma, beta, code, alpha, slope):
+    """``slope[j] = f'(xhat * gamma + beta)`` along the run ``X[n, c]`` (float64 buffer of
+    length L), for the backward kernels' activation paths."""
+    m = mean[c]
+    r = invstd[c]
+    gc = np.float64(gamma[c])
+    bc = np.float64(beta[c])
+    for j in range(slope.shape[0]):
+        slope[j] = ((X[n, c, j] - m) * r) * gc + bc
+    slope_inplace(code, alpha, slope)
+
+
+@helper
 def _cf_n_tasks(N, C, n_per_chunk, channels_per_task):
     return (((N + n_per_chunk - 1) // n_per_chunk)
             * ((C + channels_per_task - 1) // channels_per_task))
@@ -692,11 +705,7 @@ def _column_backward_reduce_cf_task(t, X, dY, mean, invstd, gamma, beta, code, a
             for c in range(c0, c1):
                 m = mean[c]
                 r = invstd[c]
-                gc = np.float64(gamma[c])
-                bc = np.float64(beta[c])
-                for j in range(L):
-                    slope[j] = ((X[n, c, j] - m) * r) * gc + bc
-                slope_inplace(code, alpha, slope)
+                _cf_slopes(X, n, c, mean, invstd, gamma, beta, code, alpha, slope)
                 for j in range(L):
                     xhat = (X[n, c, j] - m) * r
                     g = dY[n, c, j] * slope[j]
@@ -762,14 +771,10 @@ def _column_backward_dx_cf_task(t, X, dY, mean, invstd, gamma, beta, code, alpha
             for c in range(c0, c1):
                 m = mean[c]
                 r = invstd[c]
-                gc = np.float64(gamma[c])
-                bc = np.float64(beta[c])
-                scale = gc * r
+                scale = np.float64(gamma[c]) * r
                 mg = sum_g[c] * inv_r
                 mgx = sum_gx[c] * inv_r
-                for j in range(L):
-                    slope[j] = ((X[n, c, j] - m) * r) * gc + bc
-                slope_inplace(code, alpha, slope)
+                _cf_slopes(X, n, c, mean, invstd, gamma, beta, code, alpha, slope)
                 for j in range(L):
                     xhat = (X[n, c, j] - m) * r
                     dX[n, c, j] = scale * (dY[n, c, j] * slope[j] - mg - xhat * mgx)
