@@ -586,7 +586,7 @@ def test_channels_first_partials_do_not_depend_on_channel_blocks(rng):
         get_kernel("column_backward_reduce_cf", "cpu")(X.size, X, dY, mean, invstd, g, b, 0, 0.0,
                                                        n_per, per_task, sg, sgx)
         get_kernel("column_normalize_cf", "cpu")(X.size, X, mean, invstd, g, b, 0, 0.0, n_per,
-                                                 per_task, Y)
+                                                 per_task, False, Y)
         results.append((pm, pm2, sg, sgx, Y))
     for other in results[1:]:
         for a, c in zip(results[0], other):
@@ -595,3 +595,47 @@ def test_channels_first_partials_do_not_depend_on_channel_blocks(rng):
     for k in range(3):
         chunk = X[k * n_per:(k + 1) * n_per].astype(np.float64)
         np.testing.assert_allclose(results[0][0][k], chunk.mean(axis=(0, 2)), rtol=1e-12)
+
+
+# ------------------------------------------------------------- streaming (non-temporal) stores
+@pytest.mark.parametrize("dtype,C", [(np.float32, 16), (np.float32, 48), (np.float64, 8),
+                                     (np.float64, 40)])
+def test_streamed_outputs_are_bit_identical(monkeypatch, dtype, C, rng):
+    """With ``config.STREAM_BYTES = 0`` every eligible BatchNorm output (rows of whole cache
+    lines) is written with non-temporal stores; forward, backward and inference must give
+    bit-for-bit what the plain stores give."""
+    from nbnet import config
+    from nbnet.layers.normalization import _stream
+    X = rng.normal(2.0, 3.0, (301, C)).astype(dtype)
+    dY = rng.normal(size=X.shape).astype(dtype)
+    results = []
+    for stream_bytes in (1 << 62, 0):
+        monkeypatch.setattr(config, "STREAM_BYTES", stream_bytes)
+        assert _stream(X) == (stream_bytes == 0)
+        layer = nbnet.BatchNorm1D()
+        Y = layer.forward(X).copy()
+        dX = layer.backward(dY).copy()
+        Yi = layer.forward(X, retain_derived=False).copy()
+        results.append((Y, dX, Yi, layer.gradients["scaler"].copy()))
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("offset", [0, 1, 3])
+def test_stream_copy_any_alignment_and_length(dtype, offset, rng):
+    """The streaming kernels write through stream_copy at any alignment of the output row
+    (plain stores up to the first 32-byte boundary, then aligned vectors, then the rest)
+    and any row length, including rows shorter than one vector."""
+    from nbnet.registry import get_kernel
+    for C in (1, 5, 8, 64, 77):
+        X = rng.normal(size=(9, C)).astype(dtype)
+        mean, invstd = X.mean(axis=0, dtype=np.float64), np.full(C, 0.5)
+        g, b = np.ones(C, dtype), np.zeros(C, dtype)
+        ref = np.empty_like(X)
+        get_kernel("column_normalize", "cpu")(X.size, X, mean, invstd, g, b, 0, 0.0, 4, False, ref)
+        buf = np.zeros(X.size + 8, dtype)
+        out = buf[offset:offset + X.size].reshape(X.shape)
+        get_kernel("column_normalize", "cpu")(X.size, X, mean, invstd, g, b, 0, 0.0, 4, True, out)
+        np.testing.assert_array_equal(out, ref)
+        assert not buf[:offset].any() and not buf[offset + X.size:].any()  # nothing outside

@@ -75,6 +75,15 @@ def _cf_chunking(N, C, L, itemsize):
     return int(max(1, min(per, N))), int(per_task)
 
 
+def _stream(V):
+    """Whether the column kernels write their ``(rows, C)`` output with non-temporal stores
+    (:mod:`nbnet.kernels.cpu.streaming`): outputs of at least ``config.STREAM_BYTES`` (too
+    large to stay in the caches) whose rows are whole 64-byte cache lines. Channels-first
+    views (3-D) never stream."""
+    return bool(V.ndim == 2 and V.nbytes >= config.STREAM_BYTES
+                and (V.shape[1] * V.dtype.itemsize) % 64 == 0)
+
+
 class _NormBase(LayerBase):
     """What every normalization layer shares: epsilon, act_fn, lazy build, dY checks."""
 
@@ -275,7 +284,7 @@ class _BatchNormBase(_NormBase):
             mean, invstd = self._running_mean_invstd()
         if R > 0 and not fused:
             self._kernel("column_normalize" + sfx)(V.size, V, mean, invstd, gamma, beta, code, alpha,
-                                                   *chunk, Y.reshape(V.shape))
+                                                   *chunk, _stream(V), Y.reshape(V.shape))
         if train:
             self.X.append(X)
             self.derived_variables["mean"].append(mean)
@@ -386,7 +395,7 @@ class _BatchNormBase(_NormBase):
             dx_sum_g, dx_sum_gx = self._sums_for_dx(sum_g, sum_gx, R)
             self._kernel("column_backward_dx" + sfx)(V.size, V, dyv, mean, invstd, gamma, beta,
                                                      code, alpha, dx_sum_g, dx_sum_gx, *chunk,
-                                                     dX.reshape(V.shape))
+                                                     _stream(V), dX.reshape(V.shape))
             if retain_grads and self.device != "cuda":
                 self._accumulate("scaler", sum_gx)
                 self._accumulate("intercept", sum_g)
@@ -946,12 +955,12 @@ class GroupNorm(_NormBase):
                 if cf:
                     n, per_task = _cf_chunking(N, C, V.shape[2], X.dtype.itemsize)
                     self._kernel("column_normalize_cf")(V.size, V, mean, invstd, gamma, beta,
-                                                        code, alpha, n, per_task, Yv)
+                                                        code, alpha, n, per_task, False, Yv)
                 else:
                     V2 = V.reshape(-1, C)
                     rpc = config.rows_per_chunk(C, X.dtype.itemsize)
                     self._kernel("column_normalize")(V.size, V2, mean, invstd, gamma, beta, code,
-                                                     alpha, rpc, Yv.reshape(V2.shape))
+                                                     alpha, rpc, _stream(V2), Yv.reshape(V2.shape))
             return Y
         mean = self._empty((N, G), _F64)
         invstd = self._empty((N, G), _F64)

@@ -63,6 +63,7 @@ from numba import prange
 from ._jit import helper, kernel, task_body
 from .block_sums import ROW_BLOCK, SHIFT_LIMIT, SUM_BLOCK, block_shifted_moments
 from .activations import act_row, act_slope
+from .streaming import store_fence, stream_copy
 
 
 @helper
@@ -277,7 +278,8 @@ def column_merge_moments(partial_mean, partial_m2, n_rows, rows_per_chunk, mean,
 
 
 @task_body(ordered=True)
-def _column_normalize_task(k, X, mean, invstd, gamma, beta, code, alpha, rows_per_chunk, Y):
+def _column_normalize_task(k, X, mean, invstd, gamma, beta, code, alpha, rows_per_chunk, stream,
+                           Y):
     """Task ``k`` of :func:`column_normalize` (the ``prange`` body; see ``task_body``)."""
     R, C = X.shape
     start = k * rows_per_chunk
@@ -287,7 +289,14 @@ def _column_normalize_task(k, X, mean, invstd, gamma, beta, code, alpha, rows_pe
         scale = np.empty(C, X.dtype)
         shift = np.empty(C, X.dtype)
         _affine_factors(mean, invstd, gamma, beta, m0, scale, shift)
-        if code == 0:
+        if code == 0 and stream:  # each row through an L1 buffer, then streamed out
+            row = np.empty(C, X.dtype)
+            for i in range(start, stop):
+                for j in range(C):
+                    row[j] = (X[i, j] - m0[j]) * scale[j] + shift[j]
+                stream_copy(row, Y[i])
+            store_fence()
+        elif code == 0:
             for i in range(start, stop):
                 for j in range(C):
                     Y[i, j] = (X[i, j] - m0[j]) * scale[j] + shift[j]
@@ -311,14 +320,15 @@ def _column_normalize_task(k, X, mean, invstd, gamma, beta, code, alpha, rows_pe
 
 
 @kernel(ordered=True)
-def column_normalize(X, mean, invstd, gamma, beta, code, alpha, rows_per_chunk, Y):
+def column_normalize(X, mean, invstd, gamma, beta, code, alpha, rows_per_chunk, stream, Y):
     """Y = f((X - mean) * invstd * gamma + beta), per column; one pass.
 
     Training passes the batch ``mean``/``invstd``; inference passes the running ones.
     Without an activation (or with ReLU / leaky ReLU, as selects) the pass runs in the
     input's dtype as ``(x - m0) * scale + shift`` (:func:`_affine_factors`, see the module
     notes). With another activation the values go through a float64 row buffer and the
-    activation epilogue.
+    activation epilogue. ``stream`` (no activation only): write Y with non-temporal stores
+    (:mod:`~nbnet.kernels.cpu.streaming`), for outputs that will not stay in the caches.
     """
     R, C = X.shape
     n_chunks = (R + rows_per_chunk - 1) // rows_per_chunk
@@ -327,7 +337,7 @@ def column_normalize(X, mean, invstd, gamma, beta, code, alpha, rows_per_chunk, 
         # pass just read X front to back, so its tail is what the caches still hold
         # (BatchNorm1D float32 steps ~4% faster in the medians of 6 alternating runs)
         _column_normalize_task(np.int64(n_chunks - 1 - k), X, mean, invstd, gamma, beta, code,
-                               alpha, rows_per_chunk, Y)
+                               alpha, rows_per_chunk, stream, Y)
 
 
 @task_body(ordered=True)
@@ -430,7 +440,7 @@ def merge_partial_sums(partial, out):
 
 @task_body(ordered=True)
 def _column_backward_dx_task(k, X, dY, mean, invstd, gamma, beta, code, alpha, sum_g,
-                             sum_gx, rows_per_chunk, dX):
+                             sum_gx, rows_per_chunk, stream, dX):
     """Task ``k`` of :func:`column_backward_dx` (the ``prange`` body; see ``task_body``)."""
     R, C = X.shape
     inv_r = 1.0 / R
@@ -451,7 +461,14 @@ def _column_backward_dx_task(k, X, dY, mean, invstd, gamma, beta, code, alpha, s
             kx = sum_gx[j] * inv_r * invstd[j]
             k0[j] = sc * ((mean[j] - m0[j]) * kx - sum_g[j] * inv_r)
             k1[j] = sc * kx
-        if code == 0:
+        if code == 0 and stream:  # each row through an L1 buffer, then streamed out
+            row = np.empty(C, X.dtype)
+            for i in range(start, stop):
+                for j in range(C):
+                    row[j] = (dY[i, j] * scale[j] + k0[j]) - k1[j] * (X[i, j] - m0[j])
+                stream_copy(row, dX[i])
+            store_fence()
+        elif code == 0:
             for i in range(start, stop):
                 for j in range(C):
                     dX[i, j] = (dY[i, j] * scale[j] + k0[j]) - k1[j] * (X[i, j] - m0[j])
@@ -484,7 +501,7 @@ def _column_backward_dx_task(k, X, dY, mean, invstd, gamma, beta, code, alpha, s
 
 @kernel(ordered=True)
 def column_backward_dx(X, dY, mean, invstd, gamma, beta, code, alpha, sum_g, sum_gx,
-                       rows_per_chunk, dX):
+                       rows_per_chunk, stream, dX):
     """dX = gamma * invstd * (g - mean(g) - xhat * mean(g * xhat)), per column.
 
     ``sum_g``/``sum_gx`` are the merged column sums of :func:`column_backward_reduce`
@@ -499,7 +516,7 @@ def column_backward_dx(X, dY, mean, invstd, gamma, beta, code, alpha, sum_g, sum
     for k in prange(n_chunks):
         # reverse order, after the reduction's front-to-back pass (see column_normalize)
         _column_backward_dx_task(np.int64(n_chunks - 1 - k), X, dY, mean, invstd, gamma, beta,
-                                 code, alpha, sum_g, sum_gx, rows_per_chunk, dX)
+                                 code, alpha, sum_g, sum_gx, rows_per_chunk, stream, dX)
 
 
 # ------------------------------------------------------------- channels-first (N, C, L)
@@ -653,13 +670,14 @@ def _column_normalize_cf_task(t, X, mean, invstd, gamma, beta, code, alpha, n_pe
 
 @kernel
 def column_normalize_cf(X, mean, invstd, gamma, beta, code, alpha, n_per_chunk,
-                        channels_per_task, Y):
+                        channels_per_task, stream, Y):
     """Channels-first twin of :func:`column_normalize`: Y = f((X - mean) * invstd * gamma + beta).
 
     X, Y : (N, C, L); mean, invstd : (C,) float64; gamma, beta : (C,). Without an
     activation, in X's dtype as ``(x - m0) * scale + shift'`` with ``m0`` the mean
     rounded to X's dtype and ``shift' = beta - (mean - m0) * scale`` (the float64 mean
-    enters after the scaling, see :func:`column_partial_stats_cf`).
+    enters after the scaling, see :func:`column_partial_stats_cf`). ``stream`` is accepted
+    for the channels-last twin's sake and ignored.
     """
     N, C, L = X.shape
     for t in prange(_cf_n_tasks(N, C, n_per_chunk, channels_per_task)):
@@ -782,12 +800,13 @@ def _column_backward_dx_cf_task(t, X, dY, mean, invstd, gamma, beta, code, alpha
 
 @kernel
 def column_backward_dx_cf(X, dY, mean, invstd, gamma, beta, code, alpha, sum_g, sum_gx,
-                          n_per_chunk, channels_per_task, dX):
+                          n_per_chunk, channels_per_task, stream, dX):
     """Channels-first twin of :func:`column_backward_dx`; the means divide by N * L.
 
     Without an activation, in X's dtype: ``dX = g * scale + k0 - k1 * (x - m0)`` with
     ``xhat = (x - m0) * invstd - c``, ``k1 = scale * invstd * mgx`` and
-    ``k0 = scale * (c * mgx - mg)`` (float64 constants rounded once).
+    ``k0 = scale * (c * mgx - mg)`` (float64 constants rounded once). ``stream`` is
+    accepted for the channels-last twin's sake and ignored.
     """
     N, C, L = X.shape
     for t in prange(_cf_n_tasks(N, C, n_per_chunk, channels_per_task)):

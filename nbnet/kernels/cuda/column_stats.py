@@ -24,6 +24,9 @@ from ._common import (MAX_THREADS, F64, act_slope, act_value, block_size, block_
                       launch, merge_tile, n_blocks, workspace)
 
 # ---------------------------------------------------------------- channels-last (R, C)
+# ``stream`` (column_normalize, column_backward_dx and their channels-first twins: write the
+# output with non-temporal stores on the CPU) is accepted and ignored: GPU stores to global
+# memory do not read the line first.
 
 
 @cuda.jit
@@ -140,7 +143,7 @@ def _normalize(X, mean, invstd, gamma, beta, code, alpha, rows_per_chunk, Y):
             Y[i, j] = act_value(code, alpha, (X[i, j] - m) * scale + shift)
 
 
-def column_normalize(size, X, mean, invstd, gamma, beta, code, alpha, rows_per_chunk, Y):
+def column_normalize(size, X, mean, invstd, gamma, beta, code, alpha, rows_per_chunk, stream, Y):
     R, C = X.shape
     TX, TY = column_tile()
     launch(_normalize, (n_blocks(R, rows_per_chunk), n_blocks(C, TX)), (TX, TY), 
@@ -279,7 +282,7 @@ def _backward_dx(X, dY, mean, invstd, gamma, beta, code, alpha, sum_g, sum_gx, r
 
 
 def column_backward_dx(size, X, dY, mean, invstd, gamma, beta, code, alpha, sum_g, sum_gx,
-                       rows_per_chunk, dX):
+                       rows_per_chunk, stream, dX):
     R, C = X.shape
     TX, TY = column_tile()
     launch(_backward_dx, (n_blocks(R, rows_per_chunk), n_blocks(C, TX)), (TX, TY), 
@@ -344,7 +347,7 @@ def _normalize_cf(X, mean, invstd, gamma, beta, code, alpha, Y):
 
 
 def column_normalize_cf(size, X, mean, invstd, gamma, beta, code, alpha, n_per_chunk,
-                        channels_per_task, Y):
+                        channels_per_task, stream, Y):
     B = block_size()
     launch(_normalize_cf, n_blocks(X.size, B), B, X, mean, invstd, gamma, beta, int(code), float(alpha), Y)
 
@@ -413,7 +416,7 @@ def _backward_dx_cf(X, dY, mean, invstd, gamma, beta, code, alpha, sum_g, sum_gx
 
 
 def column_backward_dx_cf(size, X, dY, mean, invstd, gamma, beta, code, alpha, sum_g, sum_gx,
-                          n_per_chunk, channels_per_task, dX):
+                          n_per_chunk, channels_per_task, stream, dX):
     B = block_size()
     launch(_backward_dx_cf, n_blocks(X.size, B), B, X, dY, mean, invstd, gamma, beta, int(code),
                                             float(alpha), sum_g, sum_gx, dX)
