@@ -110,6 +110,15 @@ def _affine_factors(mean, invstd, gamma, beta, m0, scale, shift):
 
 
 @helper
+def _row_slopes(X, i, mean, invstd, gamma, beta, code, alpha, slope):
+    """``slope[j] = f'(xhat * gamma + beta)`` along row ``X[i]`` (float64 buffer of length
+    C), for the backward kernels' activation paths."""
+    for j in range(slope.shape[0]):
+        slope[j] = ((X[i, j] - mean[j]) * invstd[j]) * gamma[j] + beta[j]
+    slope_inplace(code, alpha, slope)
+
+
+@helper
 def _slopes(code, alpha, like):
     """``(one, neg)`` in the dtype of ``like``: the slopes right and left of 0 for ReLU
     (code 1: 1, 0), leaky ReLU (code 2: 1, ``alpha``) and identity (1, 1). The
@@ -386,9 +395,7 @@ def _column_backward_reduce_task(k, X, dY, mean, invstd, gamma, beta, code, alph
     else:
         slope = np.empty(C, np.float64)
         for i in range(start, stop):
-            for j in range(C):
-                slope[j] = ((X[i, j] - mean[j]) * invstd[j]) * gamma[j] + beta[j]
-            slope_inplace(code, alpha, slope)
+            _row_slopes(X, i, mean, invstd, gamma, beta, code, alpha, slope)
             for j in range(C):
                 xhat = (X[i, j] - mean[j]) * invstd[j]
                 g = dY[i, j] * slope[j]
@@ -491,9 +498,7 @@ def _column_backward_dx_task(k, X, dY, mean, invstd, gamma, beta, code, alpha, s
             mgx[j] = sum_gx[j] * inv_r
         slope = np.empty(C, np.float64)
         for i in range(start, stop):
-            for j in range(C):
-                slope[j] = ((X[i, j] - mean[j]) * invstd[j]) * gamma[j] + beta[j]
-            slope_inplace(code, alpha, slope)
+            _row_slopes(X, i, mean, invstd, gamma, beta, code, alpha, slope)
             for j in range(C):
                 xhat = (X[i, j] - mean[j]) * invstd[j]
                 dX[i, j] = scale64[j] * (dY[i, j] * slope[j] - mg64[j] - xhat * mgx[j])
