@@ -31,6 +31,17 @@ SHIFT_LIMIT = 8.0
 
 
 @helper
+def shifted_result(m0, s1, s2, inv_n):
+    """``(mean, M2, far)`` of ``n`` values from their moments around the shift ``m0``:
+    ``s1 = sum(x - m0)``, ``s2 = sum((x - m0)**2)``, ``inv_n = 1 / n``. ``far`` is true when
+    the shift lies more than ``SHIFT_LIMIT`` standard deviations from the mean (take the
+    moments again, around ``mean``)."""
+    off = s1 * inv_n
+    m2 = max(s2 - s1 * off, 0.0)
+    return m0 + off, m2, off * off > SHIFT_LIMIT * SHIFT_LIMIT * (m2 * inv_n)
+
+
+@helper
 def block_sum(x):
     """sum(x) as float64 for a contiguous 1-D ``x``: blocks of ``SUM_BLOCK`` in x's dtype."""
     n = x.shape[0]

@@ -61,7 +61,7 @@ import numpy as np
 from numba import prange
 
 from ._jit import helper, kernel, task_body
-from .block_sums import ROW_BLOCK, SHIFT_LIMIT, SUM_BLOCK, block_shifted_moments
+from .block_sums import ROW_BLOCK, SUM_BLOCK, block_shifted_moments, shifted_result
 from .activations import act_row, act_slope
 from .streaming import store_fence, stream_copy
 
@@ -168,11 +168,8 @@ def _column_partial_stats_task(k, X, rows_per_chunk, partial_mean, partial_m2):
                 pm2[j] += acc2[j]
         far = False
         for j in range(C):
-            off = sd[j] * inv_n
-            pm[j] = m0[j] + off
-            pm2[j] = max(pm2[j] - sd[j] * off, 0.0)
-            if off * off > SHIFT_LIMIT * SHIFT_LIMIT * (pm2[j] * inv_n):
-                far = True
+            pm[j], pm2[j], far_j = shifted_result(np.float64(m0[j]), sd[j], pm2[j], inv_n)
+            far = far or far_j
         if not far:
             break
         for j in range(C):  # again, around the mean just found (the chunk is in L2)
@@ -602,12 +599,10 @@ def _column_partial_stats_cf_task(t, X, n_per_chunk, channels_per_task, partial_
                 sdd[c] += s2
         far = False
         for c in range(w):
-            off = sd[c] * inv_cnt
-            partial_mean[k, c0 + c] = m0[c] + off
-            m2 = max(sdd[c] - sd[c] * off, 0.0)
+            m, m2, far_c = shifted_result(np.float64(m0[c]), sd[c], sdd[c], inv_cnt)
+            partial_mean[k, c0 + c] = m
             partial_m2[k, c0 + c] = m2
-            if off * off > SHIFT_LIMIT * SHIFT_LIMIT * (m2 * inv_cnt):
-                far = True
+            far = far or far_c
         if not far:
             break
         for c in range(w):  # again, around the mean just found

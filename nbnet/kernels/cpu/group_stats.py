@@ -43,7 +43,7 @@ from numba import prange
 
 from ._jit import helper, kernel, task_body
 from .activations import act_row
-from .block_sums import ROW_BLOCK, SHIFT_LIMIT
+from .block_sums import ROW_BLOCK, shifted_result
 from .column_stats import slope_inplace
 
 
@@ -169,13 +169,10 @@ def _group_forward_cl_task(k, X, gamma, beta, n_groups, eps, code, alpha, rows_p
                 for c in range(g * cg, (g + 1) * cg):
                     sd += acc[c]
                     sdd += acc2[c]
-                off = sd * inv_cnt
-                var = max(sdd - sd * sd * inv_cnt, 0.0) * inv_cnt
-                m = np.float64(m0[g * cg]) + off
-                if off * off > SHIFT_LIMIT * SHIFT_LIMIT * var:
-                    far = True
+                m, m2, far_g = shifted_result(np.float64(m0[g * cg]), sd, sdd, inv_cnt)
+                far = far or far_g
                 mean[n, g] = m
-                invstd[n, g] = 1.0 / math.sqrt(var + eps)
+                invstd[n, g] = 1.0 / math.sqrt(m2 * inv_cnt + eps)
                 for c in range(g * cg, (g + 1) * cg):
                     mc[c] = m
             if not far:
