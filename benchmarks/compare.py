@@ -24,8 +24,8 @@ What is measured
   a first BatchNorm1D training step with a warm kernel cache (the child reports when it is
   done; interpreter exit is not counted), next to ``import torch`` (torch column) and
   ``import numpy`` (floor column), measured the same way; once as installed here, once
-  with scipy hidden (a plain ``pip install nbnet`` has no scipy; numba imports it at its
-  first dispatch when it is present). Children run with bytecode caching on, as an
+  with scipy hidden (a plain ``pip install nbnet`` has no scipy; numba's start-up would
+  import it when it is present, which nbnet defers: ``config.DEFER_SCIPY``). Children run with bytecode caching on, as an
   installed package does.
 
 The **floor** is what the memory system allows: a training step must at least read X and
@@ -501,10 +501,10 @@ _NBNET_FIRST_STEP = (
     "bn.backward(Y)\n"
 )
 
-# Hides scipy from the child process: numba's first dispatch imports
-# scipy.linalg.cython_blas (numba.np.arraymath probes for BLAS) when scipy is installed,
-# which is the case here (scikit-learn and numpy-ml bring it) but not in a plain
-# ``pip install nbnet``.
+# Hides scipy from the child process, as in a plain ``pip install nbnet`` (scikit-learn
+# and numpy-ml bring it here). numba's start-up probes SciPy's BLAS (importing
+# scipy.linalg, ~0.12 s); nbnet defers that probe during its first kernel call
+# (config.DEFER_SCIPY), so the two rows should now agree.
 _WITHOUT_SCIPY = "import sys\nsys.modules['scipy'] = None\n"
 
 # The child prints time.perf_counter() (CLOCK_MONOTONIC, shared by all processes on

@@ -476,6 +476,41 @@ def test_second_process_loads_kernels_from_cache(tmp_path):
     assert runs[1]["misses"] == 0 and runs[1]["hits"] == runs[0]["misses"]
 
 
+_SCIPY_SCRIPT = textwrap.dedent("""
+    import json, sys, numpy as np, nbnet
+    X = np.random.default_rng(0).normal(size=(64, 5))
+    nbnet.BatchNorm1D().forward(X)
+    after_step = "scipy.linalg" in sys.modules
+    from numba import njit
+    import numba.np.linalg as linalg, numba.np.arraymath as arraymath
+
+    @njit
+    def dots(a, b):
+        return np.dot(a, b), np.dot(a[0], b[1])
+
+    m, v = dots(X[:5], X[:5].T.copy())
+    print(json.dumps({"after_step": after_step, "have_blas": arraymath._HAVE_BLAS,
+                      "restored": linalg.ensure_blas is arraymath.ensure_blas
+                                  and linalg.ensure_blas.__name__ == "ensure_blas",
+                      "dot_ok": bool(np.allclose(m, X[:5] @ X[:5].T)
+                                     and np.isclose(v, X[0] @ X[:5].T[1])),
+                      "after_dot": "scipy.linalg" in sys.modules}))
+""")
+
+
+@pytest.mark.parametrize("defer", ["1", "0"])
+def test_first_step_does_not_import_scipy(defer):
+    """numba's BLAS probe at target start-up (it imports scipy.linalg, ~0.12 s) is deferred
+    while nbnet's first kernel runs, and numba's own check is back afterwards: a jitted
+    np.dot still finds SciPy's BLAS, for matrices and for vectors."""
+    pytest.importorskip("scipy")  # installed in CI (scikit-learn depends on it)
+    env = {**os.environ, "NBNET_DEFER_SCIPY": defer}
+    out = json.loads(subprocess.run([sys.executable, "-c", _SCIPY_SCRIPT], env=env,
+                                    capture_output=True, text=True, check=True).stdout)
+    assert out["after_step"] is (defer == "0")
+    assert out["have_blas"] and out["restored"] and out["dot_ok"] and out["after_dot"]
+
+
 # ----------------------------------------------------------------- output buffer pool
 def test_output_pool_never_hands_out_a_buffer_someone_holds(monkeypatch, rng):
     """Large outputs are reused only once nothing outside the layer refers to them."""

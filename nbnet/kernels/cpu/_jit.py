@@ -10,6 +10,8 @@ serial twin.
 Kernels must not read dynamic globals (``numba.get_num_threads()``, config values):
 that silently disables caching. Everything tunable is passed in as an argument.
 """
+import contextlib
+import importlib.util
 import os
 import sys
 import types
@@ -60,6 +62,8 @@ class Kernel:
             self._unseen.discard(id(twin))
             if _not_cached(twin):
                 _announce_compile()
+            with _deferred_blas_probe():
+                return twin(*args)
         return twin(*args)
 
     def dispatchers(self):
@@ -84,6 +88,48 @@ def _announce_compile():
         _announced = True
         print("nbnet: compiling kernels for first use (once; cached on disk for later runs)",
               file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _deferred_blas_probe():
+    """Keep numba's CPU target start-up from importing SciPy, during nbnet's first dispatch.
+
+    The first dispatch in a process initialises numba's CPU target, which imports
+    ``numba.np.arraymath``; that module asks ``numba.np.linalg.ensure_blas()`` once, at
+    import, whether BLAS is available (for ``np.dot`` on vectors), and the answer imports
+    ``scipy.linalg.cython_blas`` and with it ``scipy.linalg``: 0.12 of the 0.56 s a new
+    process took to its first BatchNorm1D step on the reference machine, for kernels that
+    never call BLAS. While that import runs, this swaps ``ensure_blas`` for a probe that
+    answers from ``importlib.util.find_spec("scipy")`` (SciPy installed or not, without
+    importing it); numba's own check runs, and imports SciPy, the first time a jitted
+    function really uses BLAS. The swap is undone when the dispatch returns, and does
+    nothing when the target is already up (``numba.np.arraymath`` imported), when
+    ``config.DEFER_SCIPY`` is off, or when numba's internals have moved.
+    """
+    if not config.DEFER_SCIPY or "numba.np.arraymath" in sys.modules:
+        yield
+        return
+    try:
+        from numba.np import linalg
+        original = linalg.ensure_blas
+    except (ImportError, AttributeError):  # numba internals moved: change nothing
+        yield
+        return
+
+    def probe():
+        if "scipy.linalg.cython_blas" in sys.modules:  # already paid for: ask numba
+            return original()
+        if importlib.util.find_spec("scipy") is None:
+            raise ImportError("scipy 0.16+ is required for linear algebra")
+
+    linalg.ensure_blas = probe
+    try:
+        yield
+    finally:
+        linalg.ensure_blas = original
+        arraymath = sys.modules.get("numba.np.arraymath")
+        if arraymath is not None and getattr(arraymath, "ensure_blas", None) is probe:
+            arraymath.ensure_blas = original
 
 
 def kernel(fn=None, *, ordered=False):
