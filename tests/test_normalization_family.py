@@ -300,6 +300,27 @@ def test_batchnorm_float32_outlier_first_value_keeps_statistics_exact(fmt):
     assert np.abs(layer.parameters["running_var"] / X64.var(axis=axes) - 1).max() < 1e-6
 
 
+@pytest.mark.parametrize("make,shape", [(nbnet.LayerNorm1D, (16, 4096)),
+                                        (nbnet.LayerNorm2D, (4, 16, 16, 16))])
+def test_layernorm_float32_outlier_first_value_keeps_statistics_exact(make, shape):
+    """LayerNorm takes each row's one-pass moments around the row's first value; a first
+    value far from the mean (0 before values at 1e4 +- 1, 64 standard deviations away)
+    must make the row take its moments again around the mean it found. The other rows
+    (first value typical) take the one pass."""
+    rng = np.random.default_rng(8)
+    X = (1e4 + rng.normal(size=shape)).astype(np.float32)
+    X[::2].reshape(X[::2].shape[0], -1)[:, 0] = 0.0
+    layer = make()
+    Y = layer.forward(X)
+    X2 = X.reshape(shape[0], -1).astype(np.float64)
+    mean = X2.mean(axis=1)
+    invstd = 1.0 / np.sqrt(X2.var(axis=1) + layer.epsilon)
+    assert np.abs(layer.derived_variables["mean"][0] / mean - 1).max() < 1e-10
+    assert np.abs(layer.derived_variables["invstd"][0] / invstd - 1).max() < 1e-6
+    Yr = ((X2 - mean[:, None]) * invstd[:, None]).reshape(shape)
+    assert np.abs(Y - Yr).max() < 1e-4 * np.abs(Yr).max()
+
+
 # ------------------------------------------------------------------- determinism
 _THREAD_SCRIPT = r"""
 import hashlib, json, sys

@@ -5,8 +5,8 @@ conversions) and keep every *running* sum in float64. Two block shapes serve the
 
 * along a contiguous run (a LayerNorm row, a channels-first channel): blocks of
   ``SUM_BLOCK`` values, summed in the input's dtype with "reassoc" vectorisation (each
-  lane adds about 16 values), then added to a float64 total (:func:`block_sum`,
-  :func:`block_shifted_moments`);
+  lane adds about 16 values), then added to a float64 total
+  (:func:`block_shifted_moments`);
 * across rows (per-column accumulators: BatchNorm, GroupNorm channels-last, parameter
   gradients): accumulators of the input's dtype over ``ROW_BLOCK`` rows, flushed into
   float64 (the loops live in the kernels).
@@ -42,22 +42,9 @@ def shifted_result(m0, s1, s2, inv_n):
 
 
 @helper
-def block_sum(x):
-    """sum(x) as float64 for a contiguous 1-D ``x``: blocks of ``SUM_BLOCK`` in x's dtype."""
-    n = x.shape[0]
-    s = 0.0
-    for b in range(0, n, SUM_BLOCK):
-        xb = x[b:b + SUM_BLOCK]  # a slice: indexing with range(b, stop) does not vectorise
-        part = xb[0] - xb[0]
-        for j in range(xb.shape[0]):
-            part += xb[j]
-        s += part
-    return s
-
-
-@helper
 def block_shifted_moments(x, m0):
-    """``(sum(x - m0), sum((x - m0)**2))`` as float64, blockwise like :func:`block_sum`.
+    """``(sum(x - m0), sum((x - m0)**2))`` as float64 for a contiguous 1-D ``x``: blocks
+    of ``SUM_BLOCK`` values summed in x's dtype, added up in float64.
 
     With ``m0`` any shift of x's dtype near the mean, ``mean = m0 + s1 / n`` and
     ``M2 = s2 - s1**2 / n`` are exact algebra, and lose nothing while the shift is within
@@ -67,7 +54,7 @@ def block_shifted_moments(x, m0):
     s1 = 0.0
     s2 = 0.0
     for b in range(0, n, SUM_BLOCK):
-        xb = x[b:b + SUM_BLOCK]
+        xb = x[b:b + SUM_BLOCK]  # a slice: indexing with range(b, stop) does not vectorise
         p1 = m0 - m0
         p2 = m0 - m0
         for j in range(xb.shape[0]):

@@ -10,19 +10,24 @@ reduce over rows, so backward writes per-chunk ``[n_chunks, D]`` partials merged
 order, exactly as the column pattern does. Chunking depends only on the shape, so results
 are bit-identical for any thread count.
 
-Numerics: never E[x^2] - E[x]^2. Each row is reduced with a *shifted* two-pass scheme,
+Numerics: never E[x^2] - E[x]^2. Each row is reduced in one pass of *shifted moments*,
 computed in the input's dtype and accumulated in float64:
 
-1. ``m0`` = the row mean from a first pass, rounded to the input's dtype (only a shift:
-   it need not be exact);
-2. ``d = x - m0`` (exact when x is within a factor 2 of m0, Sterbenz), and the sums
-   ``sd = sum(d)``, ``sdd = sum(d*d)``; then ``mean = m0 + sd/D`` and
-   ``var = (sdd - sd*sd/D) / D``, which is exact algebra around any shift and loses
-   nothing when the shift is within a few standard deviations of the mean;
-3. the output uses ``xhat = (x - m0) * invstd - c`` with the per-row constant
-   ``c = (mean - m0) * invstd``: the float64 mean enters as a small correction applied
-   *after* the scaling, so no reassociation can fold it into ``m0`` (there is no
-   ``x - (m0 + ...)`` to form) and the kernels keep "reassoc" for their row sums.
+1. ``s = x[0]``, the row's first value (any value of the data is a shift within a few
+   standard deviations of the mean, as a rule);
+2. ``d = x - s`` (exact when x is within a factor 2 of s, Sterbenz), and the sums
+   ``sd = sum(d)``, ``sdd = sum(d*d)``; then ``mean = s + sd/D`` and
+   ``M2 = sdd - sd*sd/D``, exact algebra around any shift, which loses about ``1 + K**2``
+   roundings when the shift is K standard deviations from the mean: when K exceeds
+   ``SHIFT_LIMIT`` the row takes its moments again around the mean it found (it is in
+   L1) (:func:`~nbnet.kernels.cpu.block_sums.shifted_result`). (The earlier form, a first
+   pass for the mean and moments around it, read every row once more: 30% more time for
+   the statistics of a row in cache at D = 64 and 1024.)
+3. the output uses ``xhat = (x - m0) * invstd - c``, ``m0`` the float64 mean rounded to
+   the input's dtype and ``c = (mean - m0) * invstd``: the float64 mean enters as a
+   small correction applied *after* the scaling, so no reassociation can fold it into
+   ``m0`` (there is no ``x - (m0 + ...)`` to form) and the kernels keep "reassoc" for
+   their row sums.
 
 Sums over a row run in blocks of ``SUM_BLOCK`` columns in the input's dtype (vectorised,
 about 16 terms per SIMD lane) and are accumulated in float64 across blocks, so the
@@ -37,7 +42,7 @@ from numba import prange
 
 from ._jit import helper, kernel, task_body
 from .activations import act_row
-from .block_sums import ROW_BLOCK, SUM_BLOCK, block_shifted_moments, block_sum
+from .block_sums import ROW_BLOCK, SUM_BLOCK, block_shifted_moments, shifted_result
 from .column_stats import slope_inplace
 
 @helper
@@ -55,21 +60,26 @@ def _row_shift(m, r, buf):
 def _row_stats(x, center, eps, inv_d, shift):
     """(mean, invstd, m0, c) of one row; ``shift`` is a 1-element buffer of x's dtype.
 
-    ``m0`` (x's dtype) is the shift, ``c = (mean - m0) * invstd`` the correction that
-    makes ``(x - m0) * invstd - c`` the exact ``xhat``. RMSNorm (``center`` false):
-    ``mean = m0 = 0``, ``invstd = 1/sqrt(mean(x^2) + eps)``.
+    One pass of moments shifted by the row's first value, taken again around the found
+    mean when that value lies more than ``SHIFT_LIMIT`` standard deviations from it (see
+    :func:`~nbnet.kernels.cpu.block_sums.shifted_result`). ``m0`` (x's dtype) is the
+    mean rounded, the shift of the output pass; ``c = (mean - m0) * invstd`` the
+    correction that makes ``(x - m0) * invstd - c`` the exact ``xhat``. RMSNorm
+    (``center`` false): ``mean = m0 = 0``, ``invstd = 1/sqrt(mean(x^2) + eps)``.
     """
-    shift[0] = block_sum(x) * inv_d if center else 0.0
-    m0 = shift[0]
-    sd, sdd = block_shifted_moments(x, m0)
     if center:
-        mean = m0 + sd * inv_d
-        var = max((sdd - sd * sd * inv_d) * inv_d, 0.0)
-    else:
-        mean = 0.0
-        var = sdd * inv_d
-    r = 1.0 / math.sqrt(var + eps)
-    return mean, r, m0, (mean - m0) * r
+        shift[0] = x[0]
+        for attempt in range(2):
+            sd, sdd = block_shifted_moments(x, shift[0])
+            mean, m2, far = shifted_result(np.float64(shift[0]), sd, sdd, inv_d)
+            if not far:
+                break
+            shift[0] = mean
+        r = 1.0 / math.sqrt(m2 * inv_d + eps)
+        shift[0] = mean  # the output pass subtracts the mean rounded to x's dtype
+        return mean, r, shift[0], (mean - shift[0]) * r
+    sd, sdd = block_shifted_moments(x, x[0] - x[0])
+    return 0.0, 1.0 / math.sqrt(sdd * inv_d + eps), x[0] - x[0], 0.0
 
 
 @task_body
