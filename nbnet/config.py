@@ -78,7 +78,7 @@ OUTPUT_POOL = _env_int("NBNET_OUTPUT_POOL", 2)
 #: 4.9 -> 3.1 ms there. 0 streams every eligible output.
 STREAM_BYTES = _env_int("NBNET_STREAM_BYTES", 32 << 20)
 
-#: Below this many elements a kernel's serial twin runs instead of the parallel one:
+#: Below this many elements a kernel runs its loops serially instead of in parallel:
 #: starting and joining a parallel region costs microseconds, and a thread descheduled
 #: by another process stalls the whole region for a scheduler tick. Measured on the
 #: 2-core reference machine (BatchNorm1D/LayerNorm1D training step, float32): serial

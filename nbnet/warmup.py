@@ -1,7 +1,7 @@
 """Compile the default kernel set into numba's on-disk cache.
 
 ``python -m nbnet.warmup [--dtypes float32,float64]`` runs every layer and optimizer once
-on a small input (serial twins) and once on a larger one (parallel twins), so that later
+on a small input (serial loops) and once on a larger one (parallel loops), so that later
 processes load every kernel from the cache instead of compiling it. CI runs it once
 before the tests; users never need to (the first use of a kernel compiles and caches it),
 but it moves the one-off compile cost to install time.
@@ -31,7 +31,7 @@ def _layer_cases():
         ("GroupNorm", lambda c: c(4), (16,)),
         ("InstanceNorm2D", lambda c: c(), (4, 4, 16)),
         ("RMSNorm", lambda c: c(), (64,)),
-        # 128 units: 2048 x 128 outputs reach the parallel twins of the dense epilogues
+        # 128 units: 2048 x 128 outputs reach the parallel loops of the dense epilogues
         ("FullyConnected", lambda c: c(128, act_fn="relu"), (64,)),
         ("FullyConnected", lambda c: c(128), (64,)),  # an output layer: plain bias sums
         ("ReLU", lambda c: c(), (64,)),
@@ -54,13 +54,13 @@ def warm(dtypes=("float32", "float64"), verbose=True):
     for dtype in dtypes:
         dtype = np.dtype(dtype)
         for make, feat in _layer_cases():
-            for n in (2, 2048):  # serial twin, then the parallel one
+            for n in (2, 2048):  # serial loops, then the parallel ones
                 X = rng.normal(size=(n,) + feat).astype(dtype)
                 layer = make()
                 Y = layer.forward(X)
                 layer.backward(rng.normal(size=Y.shape).astype(dtype))
                 layer.forward(X, retain_derived=False)
-        # the losses a training run ends in (serial and parallel twins)
+        # the losses a training run ends in (serial and parallel loops)
         from nbnet import losses
         for n in (2, 4096):
             logits = rng.normal(size=(n, 64)).astype(dtype)
@@ -69,7 +69,7 @@ def warm(dtypes=("float32", "float64"), verbose=True):
             xent.loss_and_grad(labels, logits)
             xent.loss_and_grad(np.eye(64, dtype=dtype)[labels], logits)
             losses.SquaredError().loss_and_grad(logits, logits[::-1].copy())
-        # few, very wide rows: the column-block parameter gradients, parallel twin
+        # few, very wide rows: the column-block parameter gradients, parallel loops
         X = rng.normal(size=(4, 64, 64, 16)).astype(dtype)
         layer = nbnet.LayerNorm2D()
         layer.backward(layer.forward(X))

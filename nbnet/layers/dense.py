@@ -83,8 +83,8 @@ def init_weights(mode, shape, act, rng):
 
 
 def _work(n_rows, n_cols, rows_per_chunk):
-    """The size that picks a row-chunk kernel's twin: 0 (serial) when the rows fit in one
-    chunk, since the parallel twin would start a parallel region for one task."""
+    """The size that picks a row-chunk kernel's path: 0 (serial) when the rows fit in one
+    chunk, since the parallel path would start a parallel region for one task."""
     return n_rows * n_cols if n_rows > rows_per_chunk else 0
 
 

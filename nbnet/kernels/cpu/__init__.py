@@ -1,4 +1,4 @@
-"""CPU kernels (``@njit(parallel=True, cache=True)`` with serial twins).
+"""CPU kernels (``@njit(parallel=True, cache=True)``, each with a serial path for small inputs).
 
 Each module groups kernels by access pattern and exports a ``KERNELS`` dict; this package
 merges them into one ``KERNELS`` table that :mod:`nbnet.registry` reads. A kernel is
@@ -32,7 +32,7 @@ for _name in _MODULES:
 
 
 def all_dispatchers():
-    """Every numba dispatcher behind ``KERNELS`` (both twins of each Kernel)."""
+    """Every numba dispatcher behind ``KERNELS`` (one per Kernel, plus plain jitted functions)."""
     from numba.core.registry import CPUDispatcher
 
     found = []

@@ -1,20 +1,35 @@
-"""The one decorator every CPU kernel uses: a parallel kernel and its serial twin.
+"""The one decorator every CPU kernel uses: one compiled function with a parallel and a
+serial path.
 
-``kernel(fn)`` compiles the same Python source twice, once with
-``parallel=True`` (``prange`` splits the loop over threads) and once without (``prange``
-is a plain ``range``). Both are cached on disk (``cache=True``). The serial twin gets its
-own ``__qualname__`` so that the two never share a cache entry: numba keys its cache by
-qualified name and signature, and a shared key would hand the parallel code to the
-serial twin.
+``kernel(fn)`` compiles ``fn`` once, with ``parallel=True``, after rewriting its source
+(:func:`_with_serial_loops`): the function gains a first argument ``serial_``, and every
+``for ... in prange(...)`` loop becomes ``if serial_: <the loop over range> else: <the
+prange loop>``. Small inputs take the serial loop (no parallel region to start), large
+ones the prange loop, in the same machine code; the results are bit-identical (each task
+writes its own outputs, chunked by the shape alone). It is cached on disk
+(``cache=True``).
+
+Before, the serial path was a second function compiled from the same source with
+``parallel=False``. One function per kernel halves the dispatchers and cache entries and
+numba's fixed cost per compiled function: compiling the default float32 BatchNorm1D +
+LayerNorm1D set from an empty cache went from 21.1 to 20.4 s on the 2-core reference
+machine. It saves no more because most of what a driver costs is LLVM optimising again,
+and generating code again for, the task body it calls (numba links the callee's module into
+the caller's and LLVM inlines it), which the serial loop still does: in that set the task
+bodies take ~7 s to compile, the kernels that call them ~12 s (~0.9 s of it per ``prange``
+loop however small its body).
 
 Kernels must not read dynamic globals (``numba.get_num_threads()``, config values):
 that silently disables caching. Everything tunable is passed in as an argument.
 """
+import ast
 import contextlib
+import copy
 import importlib.util
+import inspect
 import os
 import sys
-import types
+import textwrap
 
 from numba import njit
 
@@ -32,42 +47,84 @@ _OPTIONS = dict(cache=True, nogil=True, fastmath=set(config.FASTMATH), error_mod
 _ORDERED_OPTIONS = dict(_OPTIONS, fastmath=set(config.FASTMATH) - {"reassoc"})
 
 
-def _renamed(fn, suffix):
-    clone = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + suffix,
-                               fn.__defaults__, fn.__closure__)
-    clone.__qualname__ = fn.__qualname__ + suffix
-    clone.__module__ = fn.__module__
-    clone.__doc__ = fn.__doc__
-    return clone
+#: The argument :func:`_with_serial_loops` adds in front of a kernel's own arguments.
+SERIAL_ARG = "serial_"
+
+
+class _SerialLoops(ast.NodeTransformer):
+    """``for v in prange(...): body`` -> ``if serial_: for v in range(...): body`` ``else:``
+    the loop as written."""
+
+    def visit_For(self, node):
+        self.generic_visit(node)
+        it = node.iter
+        if isinstance(it, ast.Call) and isinstance(it.func, ast.Name) and it.func.id == "prange":
+            serial = copy.deepcopy(node)
+            serial.iter.func = ast.Name(id="range", ctx=ast.Load())
+            return ast.If(test=ast.Name(id=SERIAL_ARG, ctx=ast.Load()), body=[serial],
+                          orelse=[node])
+        return node
+
+
+def _with_serial_loops(fn):
+    """``fn`` recompiled from its source with a first argument ``serial_`` that sends every
+    ``prange`` loop down a plain ``range`` copy of itself (see the module notes).
+
+    The new function keeps ``fn``'s file, line numbers, name, qualified name and module:
+    numba's error messages point at the written source, and its disk cache (keyed by
+    file, qualified name and first line) stays with the file.
+    """
+    tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    fdef = tree.body[0]
+    if not isinstance(fdef, ast.FunctionDef) or any(a.arg == SERIAL_ARG for a in fdef.args.args):
+        raise TypeError(f"@kernel expects a plain function without an argument named "
+                        f"{SERIAL_ARG!r}, got {fn.__qualname__}")
+    fdef.decorator_list = []
+    fdef.args.args.insert(0, ast.arg(arg=SERIAL_ARG))
+    _SerialLoops().visit(fdef)
+    ast.fix_missing_locations(tree)
+    ast.increment_lineno(tree, fn.__code__.co_firstlineno - 1)
+    namespace = {}
+    exec(compile(tree, fn.__code__.co_filename, "exec"), fn.__globals__, namespace)
+    new = namespace[fn.__name__]
+    new.__qualname__ = fn.__qualname__
+    new.__module__ = fn.__module__
+    new.__doc__ = fn.__doc__
+    return new
 
 
 class Kernel:
-    """A compiled kernel with a parallel body and a serial twin.
+    """A compiled kernel whose every ``prange`` loop also has a serial path.
 
-    Call it with ``size`` (the element count that decides which twin runs) first, or
-    use ``.parallel`` / ``.serial`` directly.
+    Call it with ``size`` (the element count) first: below ``config.SERIAL_CUTOFF`` the
+    loops run serially. ``.parallel(*args)`` / ``.serial(*args)`` pick the path directly.
     """
 
     def __init__(self, fn, ordered=False):
         options = _ORDERED_OPTIONS if ordered else _OPTIONS
-        self.parallel = njit(parallel=True, **options)(fn)
-        self.serial = njit(parallel=False, **options)(_renamed(fn, "_serial"))
+        self.dispatcher = njit(parallel=True, **options)(_with_serial_loops(fn))
         self.__name__ = fn.__name__
         self.__doc__ = fn.__doc__
-        self._unseen = {id(self.parallel), id(self.serial)}
+        self._seen = False
 
     def __call__(self, size, *args):
-        twin = self.serial if size < config.SERIAL_CUTOFF else self.parallel
-        if self._unseen and id(twin) in self._unseen:
-            self._unseen.discard(id(twin))
-            if _not_cached(twin):
+        serial = size < config.SERIAL_CUTOFF
+        if not self._seen:
+            self._seen = True
+            if _not_cached(self.dispatcher):
                 _announce_compile()
             with _deferred_blas_probe():
-                return twin(*args)
-        return twin(*args)
+                return self.dispatcher(serial, *args)
+        return self.dispatcher(serial, *args)
+
+    def parallel(self, *args):
+        return self(config.SERIAL_CUTOFF, *args)
+
+    def serial(self, *args):
+        return self(0, *args)
 
     def dispatchers(self):
-        return (self.parallel, self.serial)
+        return (self.dispatcher,)
 
 
 _announced = False
@@ -133,7 +190,7 @@ def _deferred_blas_probe():
 
 
 def kernel(fn=None, *, ordered=False):
-    """Decorate a kernel body: returns a :class:`Kernel` (parallel + serial twin).
+    """Decorate a kernel body: returns a :class:`Kernel` (parallel and serial loops).
 
     ``@kernel(ordered=True)`` compiles without "reassoc", for kernels whose accuracy
     rests on the written order of their operations (the split mean subtraction).
@@ -152,12 +209,13 @@ def task_body(fn=None, *, ordered=False):
     """Decorate the body of a kernel's ``prange`` loop, lifted into its own function.
 
     The kernel keeps only ``for t in prange(n): body(np.int64(t), ...)``. The body is
-    compiled once (the ``int64`` cast gives the serial and the parallel twin the same
-    signature) and cached on its own; before, each twin compiled and optimised its own
-    copy of the body. With about 1.8 s of fixed cost per parallel twin (numba's parfor
-    passes) this took compiling the default float32 BatchNorm1D + LayerNorm1D set from
-    ~25 s to ~14 s on the 2-core reference machine, with no change at run time (one call
-    per chunk).
+    typed and lowered once (the ``int64`` cast gives the serial and the parallel loop the
+    same signature) and cached on its own; before, the kernel's serial and parallel
+    compiles each typed, lowered and optimised their own copy of the body. That took
+    compiling the default float32 BatchNorm1D + LayerNorm1D set from ~25 s to ~14 s on the
+    2-core reference machine when it was introduced, with no change at run time (one call
+    per chunk). (Each caller still links the body's module into its own and optimises it
+    again: see the module notes.)
 
     ``@task_body(ordered=True)`` goes with ``@kernel(ordered=True)``.
     """
