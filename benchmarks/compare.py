@@ -16,6 +16,9 @@ What is measured
   (``torch.set_num_threads``), channels_last for NHWC inputs; numpy-ml only where it has
   the layer (BatchNorm1D/2D, LayerNorm1D/2D; note that numpy-ml draws its ``scaler`` in
   float64, so it computes everything in float64 whatever the input's dtype).
+* ``activations``: the elementwise activation layers (ReLU, LeakyReLU, ELU, GELU with the
+  tanh approximation and with erf, Sigmoid, Tanh) on a (2048, 1024) float32 input, a
+  training step and an inference forward, against the same ``torch.nn`` modules.
 * ``optimizers``: one in-place ``Adam`` / ``SGD(momentum=0.9)`` update of 1M and 10M
   float32 parameters (PyTorch's default ``torch.optim`` implementation on CPU).
 * ``training``: one epoch of an MLP 784-256-256-10 (Linear, BatchNorm+ReLU, twice, then
@@ -330,6 +333,41 @@ def normalization_rows(nbnet, torch, npml, quick, dtypes_1d=("float32", "float64
                 return fns
 
             rows.append(Row("normalization", name, build, shape, dtype))
+    return rows
+
+
+def activation_rows(nbnet, torch, quick):
+    """Rows for the elementwise activation layers (float32; no numpy-ml column: its
+    activations are functions, not layers with backward)."""
+    nn = torch.nn if torch is not None else None
+    shape = (64, 32) if quick else (2048, 1024)
+    specs = [
+        ("ReLU", lambda: nbnet.ReLU(), nn and (lambda: nn.ReLU())),
+        ("LeakyReLU(0.01)", lambda: nbnet.LeakyReLU(alpha=0.01), nn and (lambda: nn.LeakyReLU(0.01))),
+        ("ELU", lambda: nbnet.ELU(alpha=1.0), nn and (lambda: nn.ELU(1.0))),
+        ("GELU(tanh)", lambda: nbnet.GELU(approximate=True),
+         nn and (lambda: nn.GELU(approximate="tanh"))),
+        ("GELU(erf)", lambda: nbnet.GELU(approximate=False), nn and (lambda: nn.GELU())),
+        ("Sigmoid", lambda: nbnet.Sigmoid(), nn and (lambda: nn.Sigmoid())),
+        ("Tanh", lambda: nbnet.Tanh(), nn and (lambda: nn.Tanh())),
+    ]
+    rows = []
+    for label, make_nb, make_torch in specs:
+        for mode in ("train", "infer"):
+            name = f"{label} {mode} {_shape_str(shape)} float32"
+
+            def build(make_nb=make_nb, make_torch=make_torch, mode=mode):
+                rng = np.random.default_rng(0)
+                X = rng.normal(0.0, 2.0, shape).astype(np.float32)
+                dY = rng.normal(0.0, 1.0, shape).astype(np.float32)
+                i = 0 if mode == "train" else 1
+                fns = {"nbnet": _nbnet_callables(make_nb, X, dY)[i]}
+                if make_torch is not None:
+                    fns["torch"] = _torch_callables(torch, make_torch, X, dY, "rows")[i]
+                fns["floor"] = _floor_callables(X)[i]
+                return fns
+
+            rows.append(Row("activations", name, build, shape, "float32"))
     return rows
 
 
@@ -668,6 +706,7 @@ def main(argv=None):
                   quick=args.quick)
 
     rows = (normalization_rows(nbnet, torch, npml, args.quick)
+            + activation_rows(nbnet, torch, args.quick)
             + optimizer_rows(nbnet, torch, npml, args.quick)
             + training_rows(nbnet, torch, npml, args.quick)
             + cold_start_rows(torch, threads))

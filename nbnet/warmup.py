@@ -35,6 +35,13 @@ def _layer_cases():
         ("FullyConnected", lambda c: c(128, act_fn="relu"), (64,)),
         ("FullyConnected", lambda c: c(128), (64,)),  # an output layer: plain bias sums
         ("ReLU", lambda c: c(), (64,)),
+        # each smooth activation is a kernel of its own (kernels/cpu/elementwise.py)
+        ("LeakyReLU", lambda c: c(), (64,)),
+        ("ELU", lambda c: c(), (64,)),
+        ("GELU", lambda c: c(approximate=True), (64,)),
+        ("GELU", lambda c: c(approximate=False), (64,)),
+        ("Sigmoid", lambda c: c(), (64,)),
+        ("Tanh", lambda c: c(), (64,)),
         ("Softmax", lambda c: c(), (64,)),
         ("Dropout", lambda c: c(0.5, seed=0), (64,)),
     ]

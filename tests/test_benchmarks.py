@@ -14,7 +14,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMPARE = os.path.join(ROOT, "benchmarks", "compare.py")
-SECTIONS = ("normalization", "optimizers", "training", "cold_start")
+SECTIONS = ("normalization", "activations", "optimizers", "training", "cold_start")
 
 
 def _require(module):
@@ -32,7 +32,7 @@ def quick_report(tmp_path_factory):
         _require(module)
     out = tmp_path_factory.mktemp("compare") / "quick.json"
     proc = subprocess.run([sys.executable, COMPARE, "--quick", "--threads", "1", "--json", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=240)
+                          cwd=ROOT, capture_output=True, text=True, timeout=480)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     with open(out) as f:
         return json.load(f), proc.stdout

@@ -8,8 +8,11 @@ cannot drift apart. They use only ``math`` and module-level float constants (whi
 both compilers freeze as literals).
 
 Numerics: ReLU-family slopes return ``z - z`` (0, or NaN for NaN input) rather than a
-literal 0 so that NaN propagates; the sigmoid is split by sign so ``exp`` never
-overflows; ELU uses ``expm1`` near 0.
+literal 0 so that NaN propagates; the sigmoid takes ``exp(-|z|)``, which never
+overflows; ELU uses ``expm1`` near 0. Where a branch would only pick the formula, both
+sides are computed and a select picks the result (the ``exp`` argument clamped so the
+unused side stays finite): with the CPU's vectorisable math
+(``kernels/cpu/vector_math.py``) that lets the loops run SIMD-wide.
 """
 import math
 
@@ -26,19 +29,20 @@ def act_value(code, alpha, z):
         return z if z > 0.0 else 0.0 * z  # 0 * z keeps NaN a NaN
     if code == 2:
         return z if z > 0.0 else alpha * z
-    if code == 3:
-        return z if z > 0.0 else alpha * math.expm1(z)
+    if code == 3:  # expm1 of min(z, 0), then a select: no branch around the math
+        e = math.expm1(z if z <= 0.0 else 0.0)
+        return alpha * e if z <= 0.0 else z  # NaN: z <= 0 is false, z is returned
     if code == 4:
         return 0.5 * z * (1.0 + math.erf(z * INV_SQRT_2))
     if code == 5:
         return 0.5 * z * (1.0 + math.tanh(SQRT_2_OVER_PI * (z + 0.044715 * z * z * z)))
     if code == 6:
         return math.tanh(z)
-    # code 7: sigmoid, written so that exp never overflows
-    if z >= 0.0:
-        return 1.0 / (1.0 + math.exp(-z))
-    e = math.exp(z)
-    return e / (1.0 + e)
+    # code 7: sigmoid from e = exp(-|z|) <= 1, which never overflows:
+    # 1 / (1 + e) for z >= 0, e / (1 + e) for z < 0
+    e = math.exp(-abs(z))
+    s = 1.0 / (1.0 + e)
+    return s if z >= 0.0 else e * s
 
 
 def act_slope(code, alpha, z):
@@ -50,7 +54,8 @@ def act_slope(code, alpha, z):
     if code == 2:
         return 1.0 if z > 0.0 else alpha + (z - z)
     if code == 3:
-        return 1.0 if z > 0.0 else alpha * math.exp(z)
+        e = math.exp(z if z <= 0.0 else 0.0)
+        return alpha * e if z <= 0.0 else 1.0 + (z - z)  # NaN stays NaN
     if code == 4:
         return 0.5 * (1.0 + math.erf(z * INV_SQRT_2)) + z * INV_SQRT_2PI * math.exp(-0.5 * z * z)
     if code == 5:
@@ -61,9 +66,7 @@ def act_slope(code, alpha, z):
     if code == 6:
         t = math.tanh(z)
         return 1.0 - t * t
-    if z >= 0.0:
-        s = 1.0 / (1.0 + math.exp(-z))
-    else:
-        e = math.exp(z)
-        s = e / (1.0 + e)
+    e = math.exp(-abs(z))
+    s = 1.0 / (1.0 + e)
+    s = s if z >= 0.0 else e * s
     return s * (1.0 - s)
