@@ -363,7 +363,7 @@ def test_flatten():
 # ---------------------------------------------------------------- vectorisable CPU math
 def _vector_math_eval():
     from numba import njit
-    from nbnet.kernels.cpu.vector_math import vexp, vexpm1, vtanh
+    from nbnet.kernels.cpu.vector_math import verf, vexp, vexpm1, vtanh
 
     @njit
     def run(which, x, out):
@@ -372,23 +372,27 @@ def _vector_math_eval():
                 out[i] = vexp(x[i])
             elif which == 1:
                 out[i] = vexpm1(x[i])
-            else:
+            elif which == 2:
                 out[i] = vtanh(x[i])
+            else:
+                out[i] = verf(x[i])
     return run
 
 
-@pytest.mark.parametrize("which,ref,max_ulp", [(0, math.exp, 1), (1, math.expm1, 4), (2, math.tanh, 4)])
+@pytest.mark.parametrize("which,ref,max_ulp", [(0, math.exp, 1), (1, math.expm1, 4), (2, math.tanh, 4),
+                                              (3, math.erf, 16)])
 def test_vector_math_matches_libm(which, ref, max_ulp):
-    """The CPU activations' exp/expm1/tanh (nbnet/kernels/cpu/vector_math.py) agree with the
+    """The CPU activations' exp/expm1/tanh/erf (nbnet/kernels/cpu/vector_math.py) agree with the
     C library over the whole float64 range: within a few ulp for normal results, one
     subnormal step below, inf/0/-1 at the ends, NaN for NaN and the sign of zero kept."""
     rng = np.random.default_rng(11)
     x = np.concatenate([
-        rng.uniform(-750, 750, 100_000), rng.uniform(-2, 2, 100_000),
+        rng.uniform(-750, 750, 100_000), rng.uniform(-2, 2, 100_000), rng.uniform(-7, 7, 100_000),
         10.0 ** rng.uniform(-310, 0, 4000) * rng.choice([-1, 1], 4000),
         [0.0, -0.0, np.inf, -np.inf, np.nan, 709.782712893384, 709.7827128933841,
          -745.1332191019411, -745.1332191019412, -708.5, 0.34657359027997264,
-         -0.34657359027997264, 0.3465735902799727, 19.06, -20.0, 20.5, 5e-324]])
+         -0.34657359027997264, 0.3465735902799727, 19.06, -20.0, 20.5, 5e-324, 2.0, -2.0,
+         1.9999999999, 6.0, -5.9999]])
 
     def expected(v):
         try:

@@ -5,20 +5,19 @@ inner loop, so the inner loop stays a straight vectorisable line. Codes are thos
 :mod:`nbnet.activations`. All math is float64 (``z`` arrives as float64), because
 the callers already hold float64 values and the conversion is free at memory speed.
 """
-import math
 import types
 
 import numpy as np
 
 from .. import activation_math
 from ._jit import helper
-from .vector_math import vexp, vexpm1, vtanh
+from .vector_math import verf, vexp, vexpm1, vtanh
 
 # The scalar math is shared with the CUDA kernels (one source, two compilers). On CPU its
-# ``math`` is a namespace whose exp, expm1 and tanh are the vectorisable versions of
-# :mod:`.vector_math` (the C library's are one call per value; erf stays the C library's).
+# ``math`` is a namespace whose exp, expm1, tanh and erf are the vectorisable versions of
+# :mod:`.vector_math` (the C library's are one call per value).
 _cpu_math = types.ModuleType("nbnet_cpu_math")
-_cpu_math.exp, _cpu_math.expm1, _cpu_math.tanh, _cpu_math.erf = vexp, vexpm1, vtanh, math.erf
+_cpu_math.exp, _cpu_math.expm1, _cpu_math.tanh, _cpu_math.erf = vexp, vexpm1, vtanh, verf
 
 
 def _with_cpu_math(fn):

@@ -1,7 +1,7 @@
-"""exp, expm1 and tanh (float64) written in arithmetic that LLVM vectorises.
+"""exp, expm1, tanh and erf (float64) written in arithmetic that LLVM vectorises.
 
-numba compiles ``math.exp`` / ``math.expm1`` / ``math.tanh`` to calls into the C math
-library, one value at a time: a loop that calls them cannot be vectorised, and on the
+numba compiles ``math.exp`` / ``math.expm1`` / ``math.tanh`` / ``math.erf`` to calls into
+the C math library, one value at a time: a loop that calls them cannot be vectorised, and on the
 2-core reference machine the sigmoid of 2M float32 values took 9.2 ms (PyTorch, with
 SIMD math, 0.44 ms), tanh 17 ms (2.7 ms). These versions use only +, *, /, ``floor``,
 comparisons and one bit cast, so a loop over them runs 4-8 lanes wide (sigmoid 9.2 ->
@@ -21,7 +21,13 @@ is built from its bits in two factors, so that ``k`` down to -1075 (subnormal re
 and up to 1024 stay representable. ``expm1(x)`` for ``|x| < ln(2)/2`` is the same series
 without its constant term (no cancellation), elsewhere ``exp(x) - 1`` (relative error
 at most ~2 ulp there, as ``|expm1(x)| > 0.29``). ``tanh(x) = expm1(2x) / (expm1(2x) + 2)``
-for ``|x|`` up to 20 (beyond, tanh is +-1 in float64).
+for ``|x|`` up to 20 (beyond, tanh is +-1 in float64). ``erf(x) = x * P(x**2)`` for
+``|x| < 2`` and ``sign(x) * (1 - Q(|x|) * exp(-x**2))`` for ``2 <= |x| < 6`` (1 beyond),
+``P`` and ``Q`` Chebyshev series of degree 18 and 24, least-squares fits on 6000
+Chebyshev nodes (``numpy.polynomial.chebyshev.chebfit``) to the C library's ``erf(x)/x``
+over ``x**2`` in [0, 4] and ``erfc(x) * exp(x**2)`` over [2, 6] (relative fit error
+1.3e-15 and 5e-15), evaluated by Clenshaw's recurrence; within 12 ulp
+(1.3e-15 relative) of the C library's erf, half of all values exact.
 """
 import math
 
@@ -37,6 +43,7 @@ _LN2_LO = 1.9082149292705877e-10  # ln 2 - _LN2_HI
 _HALF_LN2 = 0.34657359027997264
 _EXP_MAX = 709.782712893384  # above: exp overflows
 _EXP_MIN = -745.1332191019412  # below: exp rounds to 0
+
 
 
 @intrinsic
@@ -98,3 +105,77 @@ def vtanh(x):
     e = vexpm1(2.0 * min(abs(x), 20.0))
     t = math.copysign(e / (e + 2.0), x)  # tanh(-0.0) = -0.0
     return t if x == x else x
+
+
+@helper
+def _erf_small(s):
+    """erf(x)/x at ``s = (x*x - 2) / 2`` (x*x in [0, 4]): the degree-18 Chebyshev series, by
+    Clenshaw's recurrence written out (a loop over the coefficients would keep LLVM from
+    vectorising the loop over values that calls it)."""
+    s2 = 2.0 * s
+    b1 = 0.0
+    b2 = 0.0
+    b1, b2 = 1.4788389888997542e-17 + s2 * b1 - b2, b1
+    b1, b2 = 2.756651834288961e-17 + s2 * b1 - b2, b1
+    b1, b2 = 5.347371435032414e-16 + s2 * b1 - b2, b1
+    b1, b2 = -8.994473647979693e-15 + s2 * b1 - b2, b1
+    b1, b2 = 1.4676221875536533e-13 + s2 * b1 - b2, b1
+    b1, b2 = -2.236091856823739e-12 + s2 * b1 - b2, b1
+    b1, b2 = 3.188114861246224e-11 + s2 * b1 - b2, b1
+    b1, b2 = -4.2329756534506985e-10 + s2 * b1 - b2, b1
+    b1, b2 = 5.207009123643222e-09 + s2 * b1 - b2, b1
+    b1, b2 = -5.8991015317355674e-08 + s2 * b1 - b2, b1
+    b1, b2 = 6.113243577552148e-07 + s2 * b1 - b2, b1
+    b1, b2 = -5.749256558004811e-06 + s2 * b1 - b2, b1
+    b1, b2 = 4.8620984432337357e-05 + s2 * b1 - b2, b1
+    b1, b2 = -0.000365863968584754 + s2 * b1 - b2, b1
+    b1, b2 = 0.002420799522433427 + s2 * b1 - b2, b1
+    b1, b2 = -0.013916271264722117 + s2 * b1 - b2, b1
+    b1, b2 = 0.06899483068983156 + s2 * b1 - b2, b1
+    b1, b2 = -0.30107107338659483 + s2 * b1 - b2, b1
+    return 0.741555282042402 + s * b1 - b2
+
+
+@helper
+def _erfc_scaled(s):
+    """erfc(x) * exp(x*x) at ``s = (x - 4) / 2`` (x in [2, 6]): the degree-24 Chebyshev series,
+    written out like :func:`_erf_small`."""
+    s2 = 2.0 * s
+    b1 = 0.0
+    b2 = 0.0
+    b1, b2 = 1.7302281357527462e-17 + s2 * b1 - b2, b1
+    b1, b2 = -7.599279822543907e-18 + s2 * b1 - b2, b1
+    b1, b2 = 1.4226656705502496e-16 + s2 * b1 - b2, b1
+    b1, b2 = -7.591426181417155e-16 + s2 * b1 - b2, b1
+    b1, b2 = 4.503935839862427e-15 + s2 * b1 - b2, b1
+    b1, b2 = -2.5653112366513247e-14 + s2 * b1 - b2, b1
+    b1, b2 = 1.4469350069646387e-13 + s2 * b1 - b2, b1
+    b1, b2 = -8.054481589021278e-13 + s2 * b1 - b2, b1
+    b1, b2 = 4.425930264558071e-12 + s2 * b1 - b2, b1
+    b1, b2 = -2.3997007653132136e-11 + s2 * b1 - b2, b1
+    b1, b2 = 1.283184385890709e-10 + s2 * b1 - b2, b1
+    b1, b2 = -6.763532210407723e-10 + s2 * b1 - b2, b1
+    b1, b2 = 3.5120800685619087e-09 + s2 * b1 - b2, b1
+    b1, b2 = -1.7955339491815476e-08 + s2 * b1 - b2, b1
+    b1, b2 = 9.031674383901288e-08 + s2 * b1 - b2, b1
+    b1, b2 = -4.4664937548142537e-07 + s2 * b1 - b2, b1
+    b1, b2 = 2.1698719431968138e-06 + s2 * b1 - b2, b1
+    b1, b2 = -1.0346098326643953e-05 + s2 * b1 - b2, b1
+    b1, b2 = 4.8367600321225164e-05 + s2 * b1 - b2, b1
+    b1, b2 = -0.0002214489070308893 + s2 * b1 - b2, b1
+    b1, b2 = 0.0009916839077238246 + s2 * b1 - b2, b1
+    b1, b2 = -0.004337233595514148 + s2 * b1 - b2, b1
+    b1, b2 = 0.01849487416970201 + s2 * b1 - b2, b1
+    b1, b2 = -0.07674006034821482 + s2 * b1 - b2, b1
+    return 0.1545489325441142 + s * b1 - b2
+
+
+@helper
+def verf(x):
+    """erf(x) for a float64 ``x`` (see the module notes)."""
+    a = abs(x)
+    small = x * _erf_small((min(a * a, 4.0) - 2.0) * 0.5)
+    ac = min(max(a, 2.0), 6.0)
+    big = math.copysign(1.0 - _erfc_scaled((ac - 4.0) * 0.5) * vexp(-(ac * ac)), x)
+    y = small if a < 2.0 else (big if a < 6.0 else math.copysign(1.0, x))
+    return y if x == x else x
