@@ -66,28 +66,49 @@ class _SerialLoops(ast.NodeTransformer):
         return node
 
 
-def _with_serial_loops(fn):
+class _Constants(ast.NodeTransformer):
+    """Every read of a name in ``values`` becomes that constant."""
+
+    def __init__(self, values):
+        self.values = values
+
+    def visit_Name(self, node):
+        if isinstance(node.ctx, ast.Load) and node.id in self.values:
+            return ast.copy_location(ast.Constant(self.values[node.id]), node)
+        return node
+
+
+def _with_serial_loops(fn, constants=None, suffix=""):
     """``fn`` recompiled from its source with a first argument ``serial_`` that sends every
     ``prange`` loop down a plain ``range`` copy of itself (see the module notes).
 
-    The new function keeps ``fn``'s file, line numbers, name, qualified name and module:
-    numba's error messages point at the written source, and its disk cache (keyed by
-    file, qualified name and first line) stays with the file.
+    ``constants`` (``{argument: value}``) removes those arguments and puts their values in
+    the code as constants, for a specialised copy (named with ``suffix``) in which LLVM
+    drops every branch the value decides. The new function keeps ``fn``'s file, line
+    numbers and module: numba's error messages point at the written source, and its disk
+    cache (keyed by file, qualified name and first line) stays with the file; each
+    specialisation has its own qualified name, so its own cache entries.
     """
+    constants = constants or {}
     tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
     fdef = tree.body[0]
-    if not isinstance(fdef, ast.FunctionDef) or any(a.arg == SERIAL_ARG for a in fdef.args.args):
+    names = [a.arg for a in fdef.args.args] if isinstance(fdef, ast.FunctionDef) else []
+    if not names or SERIAL_ARG in names or not set(constants) <= set(names):
         raise TypeError(f"@kernel expects a plain function without an argument named "
-                        f"{SERIAL_ARG!r}, got {fn.__qualname__}")
+                        f"{SERIAL_ARG!r} (and with the arguments {sorted(constants)}), got "
+                        f"{fn.__qualname__}")
     fdef.decorator_list = []
+    fdef.name = fn.__name__ + suffix
+    fdef.args.args = [a for a in fdef.args.args if a.arg not in constants]
     fdef.args.args.insert(0, ast.arg(arg=SERIAL_ARG))
+    _Constants(constants).visit(fdef)
     _SerialLoops().visit(fdef)
     ast.fix_missing_locations(tree)
     ast.increment_lineno(tree, fn.__code__.co_firstlineno - 1)
     namespace = {}
     exec(compile(tree, fn.__code__.co_filename, "exec"), fn.__globals__, namespace)
-    new = namespace[fn.__name__]
-    new.__qualname__ = fn.__qualname__
+    new = namespace[fdef.name]
+    new.__qualname__ = fn.__qualname__ + suffix
     new.__module__ = fn.__module__
     new.__doc__ = fn.__doc__
     return new
@@ -100,10 +121,10 @@ class Kernel:
     loops run serially. ``.parallel(*args)`` / ``.serial(*args)`` pick the path directly.
     """
 
-    def __init__(self, fn, ordered=False):
+    def __init__(self, fn, ordered=False, constants=None, suffix=""):
         options = _ORDERED_OPTIONS if ordered else _OPTIONS
-        self.dispatcher = njit(parallel=True, **options)(_with_serial_loops(fn))
-        self.__name__ = fn.__name__
+        self.dispatcher = njit(parallel=True, **options)(_with_serial_loops(fn, constants, suffix))
+        self.__name__ = fn.__name__ + suffix
         self.__doc__ = fn.__doc__
         self._seen = False
 
@@ -198,6 +219,14 @@ def kernel(fn=None, *, ordered=False):
     if fn is None:
         return lambda f: Kernel(f, ordered=ordered)
     return Kernel(fn, ordered=ordered)
+
+
+def specialised(fn, suffix, **constants):
+    """A :class:`Kernel` of the plain function ``fn`` with the arguments named in
+    ``constants`` fixed to those values (removed from its argument list), compiled as
+    ``fn.__name__ + suffix``: one kernel source, several kernels that each compile only the
+    code path their values select."""
+    return Kernel(fn, constants=constants, suffix=suffix)
 
 
 def chunk_body(fn):

@@ -28,7 +28,7 @@ import math
 import numpy as np
 from numba import prange
 
-from ._jit import kernel
+from ._jit import kernel, specialised
 from .activations import (act_slope, act_value, piecewise_grad_into, piecewise_into,
                           smooth_grad_into, smooth_into)
 
@@ -55,44 +55,12 @@ def _act_forward_piecewise(X, code, alpha, block, Y):
         piecewise_into(code, alpha, X[s:min(s + block, n)], Y[s:min(s + block, n)])  # _FLAT_LOOPS
 
 
-@kernel
-def _act_forward_elu(X, alpha, block, Y):
+def _act_forward_smooth(X, code, alpha, block, Y):
+    """The smooth activations' forward, compiled once per code by ``specialised``."""
     n = X.shape[0]
     for b in prange((n + block - 1) // block):
         s = b * block
-        smooth_into(3, alpha, X[s:min(s + block, n)], Y[s:min(s + block, n)])
-
-
-@kernel
-def _act_forward_gelu(X, alpha, block, Y):
-    n = X.shape[0]
-    for b in prange((n + block - 1) // block):
-        s = b * block
-        smooth_into(4, alpha, X[s:min(s + block, n)], Y[s:min(s + block, n)])
-
-
-@kernel
-def _act_forward_gelu_tanh(X, alpha, block, Y):
-    n = X.shape[0]
-    for b in prange((n + block - 1) // block):
-        s = b * block
-        smooth_into(5, alpha, X[s:min(s + block, n)], Y[s:min(s + block, n)])
-
-
-@kernel
-def _act_forward_tanh(X, alpha, block, Y):
-    n = X.shape[0]
-    for b in prange((n + block - 1) // block):
-        s = b * block
-        smooth_into(6, alpha, X[s:min(s + block, n)], Y[s:min(s + block, n)])
-
-
-@kernel
-def _act_forward_sigmoid(X, alpha, block, Y):
-    n = X.shape[0]
-    for b in prange((n + block - 1) // block):
-        s = b * block
-        smooth_into(7, alpha, X[s:min(s + block, n)], Y[s:min(s + block, n)])
+        smooth_into(code, alpha, X[s:min(s + block, n)], Y[s:min(s + block, n)])
 
 
 @kernel
@@ -104,49 +72,17 @@ def _act_backward_piecewise(X, dY, code, alpha, block, dX):
         piecewise_grad_into(code, alpha, X[s:e], dY[s:e], dX[s:e])
 
 
-@kernel
-def _act_backward_elu(X, dY, alpha, block, dX):
+def _act_backward_smooth(X, dY, code, alpha, block, dX):
+    """The smooth activations' backward, compiled once per code by ``specialised``."""
     n = X.shape[0]
     for b in prange((n + block - 1) // block):
         s = b * block
         e = min(s + block, n)
-        smooth_grad_into(3, alpha, X[s:e], dY[s:e], dX[s:e])
+        smooth_grad_into(code, alpha, X[s:e], dY[s:e], dX[s:e])
 
 
-@kernel
-def _act_backward_gelu(X, dY, alpha, block, dX):
-    n = X.shape[0]
-    for b in prange((n + block - 1) // block):
-        s = b * block
-        e = min(s + block, n)
-        smooth_grad_into(4, alpha, X[s:e], dY[s:e], dX[s:e])
-
-
-@kernel
-def _act_backward_gelu_tanh(X, dY, alpha, block, dX):
-    n = X.shape[0]
-    for b in prange((n + block - 1) // block):
-        s = b * block
-        e = min(s + block, n)
-        smooth_grad_into(5, alpha, X[s:e], dY[s:e], dX[s:e])
-
-
-@kernel
-def _act_backward_tanh(X, dY, alpha, block, dX):
-    n = X.shape[0]
-    for b in prange((n + block - 1) // block):
-        s = b * block
-        e = min(s + block, n)
-        smooth_grad_into(6, alpha, X[s:e], dY[s:e], dX[s:e])
-
-
-@kernel
-def _act_backward_sigmoid(X, dY, alpha, block, dX):
-    n = X.shape[0]
-    for b in prange((n + block - 1) // block):
-        s = b * block
-        e = min(s + block, n)
-        smooth_grad_into(7, alpha, X[s:e], dY[s:e], dX[s:e])
+# the smooth activation codes (nbnet.activations) and the names of their kernels
+_SMOOTH = {3: "_elu", 4: "_gelu", 5: "_gelu_tanh", 6: "_tanh", 7: "_sigmoid"}
 
 
 class _ByActivation:
@@ -172,13 +108,11 @@ class _ByActivation:
 
 
 act_forward = _ByActivation(_act_forward_piecewise, {
-    3: _act_forward_elu, 4: _act_forward_gelu, 5: _act_forward_gelu_tanh, 6: _act_forward_tanh,
-    7: _act_forward_sigmoid})
+    c: specialised(_act_forward_smooth, name, code=c) for c, name in _SMOOTH.items()})
 act_forward.__doc__ = """act_forward(size, X, code, alpha, block, Y): Y = f(X) over flat 1-D views
 (Y may alias X)."""
 act_backward = _ByActivation(_act_backward_piecewise, {
-    3: _act_backward_elu, 4: _act_backward_gelu, 5: _act_backward_gelu_tanh,
-    6: _act_backward_tanh, 7: _act_backward_sigmoid})
+    c: specialised(_act_backward_smooth, name, code=c) for c, name in _SMOOTH.items()})
 act_backward.__doc__ = """act_backward(size, X, dY, code, alpha, block, dX): dX = dY * f'(X) over
 flat 1-D views (X is the activation's input)."""
 
