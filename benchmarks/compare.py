@@ -343,7 +343,8 @@ def activation_rows(nbnet, torch, quick):
     shape = (64, 32) if quick else (2048, 1024)
     specs = [
         ("ReLU", lambda: nbnet.ReLU(), nn and (lambda: nn.ReLU())),
-        ("LeakyReLU(0.01)", lambda: nbnet.LeakyReLU(alpha=0.01), nn and (lambda: nn.LeakyReLU(0.01))),
+        ("LeakyReLU(0.01)", lambda: nbnet.LeakyReLU(alpha=0.01),
+         nn and (lambda: nn.LeakyReLU(0.01))),
         ("ELU", lambda: nbnet.ELU(alpha=1.0), nn and (lambda: nn.ELU(1.0))),
         ("GELU(tanh)", lambda: nbnet.GELU(approximate=True),
          nn and (lambda: nn.GELU(approximate="tanh"))),

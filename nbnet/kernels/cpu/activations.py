@@ -29,9 +29,9 @@ def _with_cpu_math(fn):
 # the activation code as a run-time value and the C library's math: compact code, since
 # each of those kernels inlines every activation. The elementwise activation kernels
 # (smooth_into, smooth_grad_into) call the _simd versions with the code as a constant,
-# one kernel per activation, so that their loops vectorise. (Inlining the vector math into the fused
-# epilogues as well took compiling the default float32 BatchNorm1D + LayerNorm1D set from
-# 20 s to 125 s.)
+# one kernel per activation, so that their loops vectorise. (Inlining the vector math
+# into the fused epilogues as well took compiling the default float32 BatchNorm1D +
+# LayerNorm1D set from 20 s to 125 s.)
 act_value = helper(activation_math.act_value)
 act_slope = helper(activation_math.act_slope)
 act_value_simd = helper(_with_cpu_math(activation_math.act_value))
