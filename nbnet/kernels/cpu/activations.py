@@ -97,20 +97,12 @@ def smooth_grad_into(code, alpha, x, dy, dx):
 
 @helper
 def act_row(code, alpha, row):
-    """Apply f in place to a float64 buffer (one branch, then a plain loop; ReLU and leaky
-    ReLU as selects, the other activations through ``act_value``)."""
-    n = row.shape[0]
-    if code == 0:
+    """Apply f in place to a float64 buffer (one branch, then a plain loop; identity, ReLU
+    and leaky ReLU through :func:`piecewise_into`, the other activations through
+    ``act_value``)."""
+    if code <= 2:
+        if code != 0:
+            piecewise_into(code, alpha, row, row)
         return
-    if code == 1:
-        for j in range(n):
-            z = row[j]
-            row[j] = z if z > 0.0 else 0.0 * z
-        return
-    if code == 2:
-        for j in range(n):
-            z = row[j]
-            row[j] = z if z > 0.0 else alpha * z
-        return
-    for j in range(n):
+    for j in range(row.shape[0]):
         row[j] = act_value(code, alpha, row[j])
