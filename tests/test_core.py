@@ -476,6 +476,101 @@ def test_second_process_loads_kernels_from_cache(tmp_path):
     assert runs[1]["misses"] == 0 and runs[1]["hits"] == runs[0]["misses"]
 
 
+_TASK_MODULE = textwrap.dedent("""
+    import numpy as np
+    from numba import prange
+    from nbnet.kernels.cpu._jit import kernel, task_body
+
+
+    @task_body
+    def _scale_task(k, X, factor, Y):
+        if factor < 0.0:
+            raise ValueError("negative factor")
+        for j in range(X.shape[1]):
+            Y[k, j] = X[k, j] * factor
+
+
+    @kernel
+    def scale_rows(X, factor, Y):
+        for k in prange(X.shape[0]):
+            _scale_task(np.int64(k), X, factor, Y)
+""")
+
+_TASK_SCRIPT = textwrap.dedent("""
+    import json, sys, warnings, numpy as np
+    import taskmod
+    X = np.arange(12.0).reshape(4, 3)
+    Yp, Ys = np.empty_like(X), np.empty_like(X)
+    taskmod.scale_rows.parallel(X, 2.0, Yp)
+    taskmod.scale_rows.serial(X, 3.0, Ys)
+    try:
+        taskmod.scale_rows.serial(X, -1.0, Ys.copy())
+        raised = None
+    except ValueError as exc:
+        raised = str(exc)
+    d = taskmod.scale_rows.dispatcher
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "inspection disabled for cached code"
+        ir = d.inspect_llvm(d.signatures[0]).splitlines()
+    print(json.dumps({
+        "ok": bool(np.array_equal(Yp, 2 * X) and np.array_equal(Ys, 3 * X)),
+        "raised": raised,
+        "hits": sum(d.stats.cache_hits.values()),
+        "misses": sum(d.stats.cache_misses.values()),
+        "declares_symbol": any(l.startswith("declare") and "@nbnet.task.taskmod._scale_task." in l
+                               for l in ir),
+        "defines_task": any(l.startswith("define") and "_scale_task" in l for l in ir)}))
+""")
+
+
+def test_task_bodies_are_called_through_a_symbol_and_reload_from_cache(tmp_path):
+    """A kernel calls its task body through a symbol (the body is not linked into, nor
+    compiled again in, the kernel's module); a later process loads the kernel from the
+    disk cache and binds the symbol before linking, also when the body's own cache entry
+    is gone (it is compiled again); errors raised in the body reach the caller."""
+    (tmp_path / "taskmod.py").write_text(_TASK_MODULE)
+    cache = tmp_path / "cache"
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache),
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+
+    def run():
+        r = subprocess.run([sys.executable, "-c", _TASK_SCRIPT], env=env, capture_output=True,
+                           text=True, check=True)
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    first = run()
+    assert first["ok"] and first["raised"] == "negative factor"
+    assert first["misses"] == 1 and first["hits"] == 0
+    assert first["declares_symbol"] and not first["defines_task"]
+    second = run()
+    assert second["ok"] and second["raised"] == "negative factor"
+    assert second["misses"] == 0 and second["hits"] == 1
+    task_entries = [f for f in cache.rglob("*") if f.is_file() and "_scale_task" in f.name]
+    assert task_entries
+    for f in task_entries:
+        f.unlink()
+    third = run()
+    assert third["ok"] and third["hits"] == 1 and third["misses"] == 0
+
+
+def test_kernels_are_built_on_first_use():
+    """Importing the CPU kernels rewrites and wraps none of them (that cost every process
+    ~80 ms); a kernel gets its dispatcher when first called."""
+    script = textwrap.dedent("""
+        import json, numpy as np, nbnet
+        from nbnet.kernels.cpu import KERNELS
+        from nbnet.kernels.cpu._jit import Kernel
+        kernels = [k for k in KERNELS.values() if isinstance(k, Kernel)]
+        before = sum(k._dispatcher is not None for k in kernels)
+        nbnet.BatchNorm1D().forward(np.ones((8, 3)) * np.arange(8.0)[:, None])
+        after = sum(k._dispatcher is not None for k in kernels)
+        print(json.dumps({"n": len(kernels), "before": before, "after": after}))
+    """)
+    out = json.loads(subprocess.run([sys.executable, "-c", script], capture_output=True,
+                                    text=True, check=True).stdout.strip().splitlines()[-1])
+    assert out["n"] > 20 and out["before"] == 0 and 0 < out["after"] < out["n"]
+
+
 _SCIPY_SCRIPT = textwrap.dedent("""
     import json, sys, numpy as np, nbnet
     X = np.random.default_rng(0).normal(size=(64, 5))

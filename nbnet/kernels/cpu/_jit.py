@@ -11,13 +11,18 @@ writes its own outputs, chunked by the shape alone). It is cached on disk
 
 Before, the serial path was a second function compiled from the same source with
 ``parallel=False``. One function per kernel halves the dispatchers and cache entries and
-numba's fixed cost per compiled function: compiling the default float32 BatchNorm1D +
-LayerNorm1D set from an empty cache went from 21.1 to 20.4 s on the 2-core reference
-machine. It saves no more because most of what a driver costs is LLVM optimising again,
-and generating code again for, the task body it calls (numba links the callee's module into
-the caller's and LLVM inlines it), which the serial loop still does: in that set the task
-bodies take ~7 s to compile, the kernels that call them ~12 s (~0.9 s of it per ``prange``
-loop however small its body).
+numba's fixed cost per compiled function (compiling the default float32 BatchNorm1D +
+LayerNorm1D set from an empty cache: 21.1 -> 20.4 s on the 2-core reference machine).
+
+Most of a kernel's work sits in a :func:`task_body`, the function its ``prange`` loop
+calls once per chunk. A direct call makes numba link the body's LLVM module into the
+caller's, where it is optimised and turned into machine code again, and a ``prange``
+loop's code passes through four modules (the loop body, two gufunc wrappers, the kernel):
+each body was compiled five times (LLVM took 12.5 of the 20.4 s above, most of it on
+those copies). The rewrite therefore also turns each call of a task body into
+:func:`call_task`, a call through a symbol bound to the body's own compiled code (compiled
+once, cached on its own): the same set now compiles in ~12.5 s, and runs at the same
+speed (one call per chunk either way).
 
 Kernels must not read dynamic globals (``numba.get_num_threads()``, config values):
 that silently disables caching. Everything tunable is passed in as an argument.
@@ -25,13 +30,18 @@ that silently disables caching. Everything tunable is passed in as an argument.
 import ast
 import contextlib
 import copy
+import functools
+import importlib
 import importlib.util
 import inspect
 import os
 import sys
 import textwrap
 
-from numba import njit
+import llvmlite.binding as llvm
+from numba import njit, types
+from numba.core import cgutils, itanium_mangler
+from numba.extending import intrinsic
 
 from ... import config
 
@@ -78,9 +88,106 @@ class _Constants(ast.NodeTransformer):
         return node
 
 
+#: The global name under which rewritten kernel sources reach :func:`call_task`.
+CALL_TASK = "call_task_"
+
+
+class _TaskCalls(ast.NodeTransformer):
+    """``body(a, b, ...)`` -> ``call_task_(body, (a, b, ...))`` for every call of a
+    :func:`task_body` function (a global of the kernel's module)."""
+
+    def __init__(self, namespace):
+        self.namespace = namespace
+
+    def visit_Call(self, node):
+        self.generic_visit(node)
+        f = node.func
+        if isinstance(f, ast.Name) and getattr(self.namespace.get(f.id), "_nbnet_task", False):
+            if node.keywords or any(isinstance(a, ast.Starred) for a in node.args):
+                raise TypeError(f"task body {f.id} must be called with plain positional "
+                                f"arguments")
+            call = ast.Call(func=ast.Name(id=CALL_TASK, ctx=ast.Load()),
+                            args=[f, ast.Tuple(elts=node.args, ctx=ast.Load())], keywords=[])
+            return ast.copy_location(call, node)
+        return node
+
+
+def _task_symbol(task, argtypes):
+    """The process-wide symbol a kernel calls ``task`` through, for these argument types.
+
+    Built from the task's module, name and the mangled argument types only, so it is
+    the same in every process (numba's own symbol names carry a per-process counter).
+    """
+    py = task.py_func
+    return f"nbnet.task.{py.__module__}.{py.__qualname__}.{itanium_mangler.mangle_args(argtypes)}"
+
+
+def _task_result(task, argtypes):
+    """Compile (or load from the disk cache) ``task`` for ``argtypes``; its compile result."""
+    task.compile(argtypes)
+    cres = task.overloads[argtypes]
+    if cres.signature.return_type != types.none:
+        raise TypeError(f"task body {task.py_func.__qualname__} must return None, it "
+                        f"returns {cres.signature.return_type}")
+    return cres
+
+
+def register_task(module, name, argtypes):
+    """Make the symbol of task ``module.name`` for ``argtypes`` point at its machine code.
+
+    Run while a kernel that calls the task compiles, and again (numba's ``reload_init``)
+    before that kernel's code is loaded from the disk cache in a later process, so the
+    task is compiled or loaded first and its address known when the kernel's code is
+    linked.
+    """
+    task = getattr(importlib.import_module(module), name)
+    cres = _task_result(task, argtypes)
+    llvm.add_symbol(_task_symbol(task, argtypes),
+                    cres.library.get_pointer_to_function(cres.fndesc.llvm_func_name))
+
+
+@intrinsic
+def call_task(typingctx, task, args):
+    """``call_task(body, (a, b, ...))``: call the :func:`task_body` ``body(a, b, ...)``
+    through a symbol resolved when the kernel's code is loaded, instead of linking the
+    body's code into the kernel's.
+
+    Numba links a called function's LLVM module into its caller's and optimises and
+    generates code for it again; a ``prange`` loop's code passes through four such
+    modules (the loop body, two gufunc wrappers and the kernel itself), so every task
+    body was compiled five times. Called through a symbol, it is compiled once (its own
+    module, cached on its own) and each kernel module holds a call. The call follows
+    numba's calling convention, and an error status (an exception raised in the body)
+    propagates as from a direct call.
+    """
+    if not isinstance(task, types.Dispatcher) or not isinstance(args, types.BaseTuple):
+        return None
+    disp = task.dispatcher
+    argtypes = tuple(types.unliteral(t) for t in args.types)
+    _task_result(disp, argtypes)  # type errors in the body surface here
+    module, name = disp.py_func.__module__, disp.py_func.__name__
+
+    def codegen(context, builder, sig, llargs):
+        register_task(module, name, argtypes)
+        context.active_code_library._reload_init.add(
+            functools.partial(register_task, module, name, argtypes))
+        fnty = context.call_conv.get_function_type(types.none, argtypes)
+        fn = cgutils.get_or_insert_function(builder.module, fnty, _task_symbol(disp, argtypes))
+        values = [context.cast(builder, v, t, u) for v, t, u in
+                  zip(cgutils.unpack_tuple(builder, llargs[1], len(argtypes)), args.types,
+                      argtypes)]
+        status, _ = context.call_conv.call_function(builder, fn, types.none, argtypes, values)
+        with cgutils.if_unlikely(builder, status.is_error):
+            context.call_conv.return_status_propagate(builder, status)
+        return context.get_dummy_value()
+
+    return types.none(task, args), codegen
+
+
 def _with_serial_loops(fn, constants=None, suffix=""):
     """``fn`` recompiled from its source with a first argument ``serial_`` that sends every
-    ``prange`` loop down a plain ``range`` copy of itself (see the module notes).
+    ``prange`` loop down a plain ``range`` copy of itself, and with every call of a
+    :func:`task_body` made through :func:`call_task` (see the module notes).
 
     ``constants`` (``{argument: value}``) removes those arguments and puts their values in
     the code as constants, for a specialised copy (named with ``suffix``) in which LLVM
@@ -103,6 +210,8 @@ def _with_serial_loops(fn, constants=None, suffix=""):
     fdef.args.args.insert(0, ast.arg(arg=SERIAL_ARG))
     _Constants(constants).visit(fdef)
     _SerialLoops().visit(fdef)
+    _TaskCalls(fn.__globals__).visit(fdef)
+    fn.__globals__.setdefault(CALL_TASK, call_task)
     ast.fix_missing_locations(tree)
     ast.increment_lineno(tree, fn.__code__.co_firstlineno - 1)
     namespace = {}
@@ -119,24 +228,43 @@ class Kernel:
 
     Call it with ``size`` (the element count) first: below ``config.SERIAL_CUTOFF`` the
     loops run serially. ``.parallel(*args)`` / ``.serial(*args)`` pick the path directly.
+
+    The source rewrite and the numba dispatcher are made on first use (first call, or
+    ``.dispatcher``): rewriting all ~50 kernels when ``nbnet.kernels.cpu`` is imported
+    took ~80 ms of every process's first step, for the handful a model calls.
     """
 
     def __init__(self, fn, ordered=False, constants=None, suffix=""):
-        options = _ORDERED_OPTIONS if ordered else _OPTIONS
-        self.dispatcher = njit(parallel=True, **options)(_with_serial_loops(fn, constants, suffix))
+        self._fn = fn
+        self._options = _ORDERED_OPTIONS if ordered else _OPTIONS
+        self._constants = constants
+        self._suffix = suffix
+        self._dispatcher = None
         self.__name__ = fn.__name__ + suffix
         self.__doc__ = fn.__doc__
         self._seen = False
 
+    @property
+    def dispatcher(self):
+        """The numba dispatcher (made on first access)."""
+        if self._dispatcher is None:
+            self._dispatcher = njit(parallel=True, **self._options)(
+                _with_serial_loops(self._fn, self._constants, self._suffix))
+        return self._dispatcher
+
     def __call__(self, size, *args):
         serial = size < config.SERIAL_CUTOFF
-        if not self._seen:
-            self._seen = True
-            if _not_cached(self.dispatcher):
-                _announce_compile()
-            with _deferred_blas_probe():
-                return self.dispatcher(serial, *args)
-        return self.dispatcher(serial, *args)
+        if self._seen:
+            return self._dispatcher(serial, *args)
+        return self._first_call(serial, args)
+
+    def _first_call(self, serial, args):
+        dispatcher = self.dispatcher
+        self._seen = True
+        if _not_cached(dispatcher):
+            _announce_compile()
+        with _deferred_blas_probe():
+            return dispatcher(serial, *args)
 
     def parallel(self, *args):
         return self(config.SERIAL_CUTOFF, *args)
@@ -229,28 +357,30 @@ def specialised(fn, suffix, **constants):
     return Kernel(fn, constants=constants, suffix=suffix)
 
 
-def chunk_body(fn):
-    """Decorate the per-chunk body of a kernel: compiled once, not inlined."""
-    return njit(**_OPTIONS)(fn)
-
-
 def task_body(fn=None, *, ordered=False):
     """Decorate the body of a kernel's ``prange`` loop, lifted into its own function.
 
-    The kernel keeps only ``for t in prange(n): body(np.int64(t), ...)``. The body is
-    typed and lowered once (the ``int64`` cast gives the serial and the parallel loop the
-    same signature) and cached on its own; before, the kernel's serial and parallel
-    compiles each typed, lowered and optimised their own copy of the body. That took
-    compiling the default float32 BatchNorm1D + LayerNorm1D set from ~25 s to ~14 s on the
-    2-core reference machine when it was introduced, with no change at run time (one call
-    per chunk). (Each caller still links the body's module into its own and optimises it
-    again: see the module notes.)
+    The kernel keeps only ``for t in prange(n): body(np.int64(t), ...)``; the rewrite of
+    :class:`Kernel` turns that call into :func:`call_task`. The body is typed, lowered and
+    compiled once, cached on its own, and called through a symbol by the kernel's serial
+    and parallel loop alike (the ``int64`` cast gives both the same signature). It must
+    return None and take plain positional arguments. Compiling the default float32
+    BatchNorm1D + LayerNorm1D set went from ~25 s to ~14 s on the 2-core reference machine
+    when bodies were first lifted out (one typed copy instead of one per loop), and from
+    20.4 to ~12.5 s when the kernels stopped linking their code (see the module notes),
+    with no change at run time (one call per chunk).
 
     ``@task_body(ordered=True)`` goes with ``@kernel(ordered=True)``.
     """
     if fn is None:
-        return lambda f: njit(**(_ORDERED_OPTIONS if ordered else _OPTIONS))(f)
-    return njit(**_OPTIONS)(fn)
+        return lambda f: _task(f, ordered)
+    return _task(fn, False)
+
+
+def _task(fn, ordered):
+    disp = njit(**(_ORDERED_OPTIONS if ordered else _OPTIONS))(fn)
+    disp._nbnet_task = True  # kernels call it through call_task (see _TaskCalls)
+    return disp
 
 
 def helper(fn):
