@@ -28,8 +28,11 @@ What is measured
   done; interpreter exit is not counted), next to ``import torch`` (torch column) and
   ``import numpy`` (floor column), measured the same way; once as installed here, once
   with scipy hidden (a plain ``pip install nbnet`` has no scipy; numba's start-up would
-  import it when it is present, which nbnet defers: ``config.DEFER_SCIPY``). Children run with bytecode caching on, as an
-  installed package does.
+  import it when it is present, which nbnet defers: ``config.DEFER_SCIPY``). Children run
+  with bytecode caching on, as an installed package does. Last, the compile cost: a new
+  process with an empty kernel cache (its own ``NUMBA_CACHE_DIR``) until BatchNorm1D and
+  LayerNorm1D have trained and inferred at a serial and a parallel size (the default
+  float32 kernel set); no torch column.
 
 The **floor** is what the memory system allows: a training step must at least read X and
 dY and write Y and dX -- the time of two ``np.copyto`` of the input; an inference forward
@@ -51,6 +54,7 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 
@@ -540,6 +544,21 @@ _NBNET_FIRST_STEP = (
     "bn.backward(Y)\n"
 )
 
+# The default float32 kernel set: what BatchNorm1D and LayerNorm1D training and inference
+# compile, at a size below config.SERIAL_CUTOFF and one above it (the serial and the
+# parallel loops of every kernel), run in a process with an empty kernel cache.
+_NBNET_COMPILE = (
+    "import numpy as np, nbnet\n"
+    "for make in (nbnet.BatchNorm1D, nbnet.LayerNorm1D):\n"
+    "    for n in (4, 2048):\n"
+    "        X = np.random.default_rng(0).normal(size=(n, 64)).astype(np.float32)\n"
+    "        layer = make()\n"
+    "        layer.backward(layer.forward(X))\n"
+    "        layer.forward(X, retain_derived=False)\n"
+)
+COMPILE_ROW = ("new process, empty kernel cache, until BatchNorm1D and LayerNorm1D have trained "
+               "and inferred at (4,64) and (2048,64): the default float32 kernel set compiled")
+
 # Hides scipy from the child process, as in a plain ``pip install nbnet`` (scikit-learn
 # and numpy-ml bring it here). numba's start-up probes SciPy's BLAS (importing
 # scipy.linalg, ~0.12 s); nbnet defers that probe during its first kernel call
@@ -578,6 +597,15 @@ def cold_start_rows(torch, threads):
             return fns  # main() has measure() run nbnet's once first: that warms the kernel cache
 
         rows.append(Row("cold_start", name, build, (4096, 256), "float32"))
+
+    def build_compile():
+        def compile_all():
+            with tempfile.TemporaryDirectory() as cache:
+                return _process_until_done(_NBNET_COMPILE, dict(env, NUMBA_CACHE_DIR=cache))
+
+        return {"nbnet": compile_all, "floor": lambda: _process_until_done("import numpy\n", env)}
+
+    rows.append(Row("cold_start", COMPILE_ROW, build_compile, (2048, 64), "float32"))
     return rows
 
 

@@ -44,11 +44,14 @@ def test_compare_quick_has_every_section(quick_report):
     assert {r["section"] for r in rows} == set(SECTIONS)
     for r in rows:
         assert _positive(r["times"]["nbnet"]), r
-        assert _positive(r["times"]["torch"]), r  # torch is installed: every row has it
+        if r["name"].startswith("new process, empty kernel cache"):  # compile time: no torch
+            assert "torch" not in r["times"] and r["times"]["nbnet"] > 1.0, r
+        else:
+            assert _positive(r["times"]["torch"]), r  # torch is installed: every row has it
+            assert _positive(r["torch_over_nbnet"]), r
         if r["section"] != "training":
             assert _positive(r["floor"]), r
             assert _positive(r["nbnet_over_floor"]), r
-        assert _positive(r["torch_over_nbnet"]), r
         assert r["threads"] == 1
     # numpy-ml is installed: the rows it has a layer for carry its time
     npml = [r for r in rows if r["section"] in ("optimizers", "training")
