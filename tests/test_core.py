@@ -111,6 +111,28 @@ def test_unbiased_running_var_and_inference(rng):
     np.testing.assert_array_equal(layer.forward(X2), Y)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_inference_statistics_kernel_matches_numpy_bit_for_bit(dtype, rng):
+    """The CPU running_invstd kernel (one call per inference forward) gives the bits of
+    the NumPy expression it replaced, float64 from either parameter dtype; an inference
+    forward after a user edits the running statistics in place sees the edit."""
+    from nbnet.registry import get_kernel
+    rm = rng.normal(size=37).astype(dtype)
+    rv = (rng.uniform(1e-6, 1e3, 37)).astype(dtype)
+    mean, invstd = np.empty(37), np.empty(37)
+    get_kernel("running_invstd", "cpu")(37, rm, rv, 1e-5, mean, invstd)
+    np.testing.assert_array_equal(mean, rm.astype(np.float64))
+    np.testing.assert_array_equal(invstd, 1.0 / np.sqrt(rv.astype(np.float64) + 1e-5))
+    layer = nbnet.BatchNorm1D()
+    X = rng.normal(size=(16, 37)).astype(dtype)
+    layer.forward(X)
+    layer.parameters["running_mean"][:] = rm
+    layer.parameters["running_var"][:] = rv
+    Y = layer.forward(X, retain_derived=False)
+    ref = (X.astype(np.float64) - rm.astype(np.float64)) / np.sqrt(rv.astype(np.float64) + 1e-5)
+    assert rel_err(Y, ref) < TOL[dtype]
+
+
 def test_default_parameters_and_momentum_convention(rng):
     X = rng.normal(size=(20, 3))
     layer = nbnet.BatchNorm1D()

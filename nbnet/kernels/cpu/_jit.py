@@ -383,6 +383,13 @@ def _task(fn, ordered):
     return disp
 
 
+def serial_kernel(fn):
+    """Decorate a kernel whose work is one pass over a short vector (``O(C)``, not
+    ``O(N*C)``): one serial compiled function, called ``kernel(size, *args)`` like every
+    kernel (``size`` is ignored). No parallel loop, so no parfor to compile or start."""
+    return njit(**_OPTIONS)(fn)
+
+
 def helper(fn):
     """Decorate a small device function inlined into kernels (no parallel loop)."""
     return njit(inline="always", **_OPTIONS)(fn)

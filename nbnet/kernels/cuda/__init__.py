@@ -6,8 +6,8 @@ Importing this package imports ``numba.cuda`` through :func:`nbnet.devices.impor
 (which bridges ``np.row_stack`` for NumPy >= 2.5); the registry imports it only when a
 "cuda" kernel is first requested. Every kernel also runs under ``NUMBA_ENABLE_CUDASIM=1``.
 
-CUDA-only ops: ``running_invstd`` (inference statistics without a host round trip) and
-``merge_partial_sums_pair`` (two merges + gradient accumulation in one launch).
+CUDA-only op: ``merge_partial_sums_pair`` (two merges + gradient accumulation in one
+launch).
 """
 import importlib
 

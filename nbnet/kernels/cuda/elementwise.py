@@ -1,4 +1,4 @@
-"""CUDA twins of :mod:`nbnet.kernels.cpu.elementwise`, plus ``running_invstd``.
+"""CUDA twins of :mod:`nbnet.kernels.cpu.elementwise` (``running_invstd`` included).
 
 Elementwise kernels run one thread per element of a flat view (the CPU ``block``
 argument is accepted and ignored). Column sums (dense bias gradient) keep the CPU's
