@@ -39,6 +39,7 @@ import sys
 import textwrap
 
 import llvmlite.binding as llvm
+import numba
 from numba import njit, types
 from numba.core import cgutils, itanium_mangler
 from numba.extending import intrinsic
@@ -210,8 +211,9 @@ def _with_serial_loops(fn, constants=None, suffix=""):
     fdef.args.args.insert(0, ast.arg(arg=SERIAL_ARG))
     _Constants(constants).visit(fdef)
     _SerialLoops().visit(fdef)
-    _TaskCalls(fn.__globals__).visit(fdef)
-    fn.__globals__.setdefault(CALL_TASK, call_task)
+    if not numba.config.DISABLE_JIT:  # (pure Python calls the task bodies directly)
+        _TaskCalls(fn.__globals__).visit(fdef)
+        fn.__globals__.setdefault(CALL_TASK, call_task)
     ast.fix_missing_locations(tree)
     ast.increment_lineno(tree, fn.__code__.co_firstlineno - 1)
     namespace = {}
