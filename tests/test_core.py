@@ -474,6 +474,45 @@ def test_bit_identical_across_thread_counts():
     assert results[0] == results[1]
 
 
+def test_layers_on_several_python_threads_at_once(rng):
+    """Kernels release the GIL (nogil) and the default threading layer takes parallel
+    regions from several threads at once: four threads training their own BatchNorm1D
+    and LayerNorm1D on parallel-sized inputs get the bits a single thread gets."""
+    import threading
+
+    X = rng.normal(size=(1024, 256)).astype(np.float32)
+    dY = rng.normal(size=X.shape).astype(np.float32)
+
+    def run():
+        out = []
+        for make in (nbnet.BatchNorm1D, nbnet.LayerNorm1D):
+            layer = make()
+            out.append(layer.forward(X))
+            out.append(layer.backward(dY))
+            out.append(layer.gradients["scaler"].copy())
+        return out
+
+    expected = run()
+    results, errors = [None] * 4, []
+
+    def worker(i):
+        try:
+            for _ in range(5):
+                results[i] = run()
+        except BaseException as exc:  # reported below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for got in results:
+        for a, b in zip(got, expected):
+            np.testing.assert_array_equal(a, b)
+
+
 _CACHE_SCRIPT = textwrap.dedent("""
     import json, numpy as np, nbnet
     from nbnet.kernels.cpu import all_dispatchers
