@@ -31,6 +31,7 @@ over ``x**2`` in [0, 4] and ``erfc(x) * exp(x**2)`` over [2, 6] (relative fit er
 """
 import math
 
+import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
@@ -178,4 +179,125 @@ def verf(x):
     ac = min(max(a, 2.0), 6.0)
     big = math.copysign(1.0 - _erfc_scaled((ac - 4.0) * 0.5) * vexp(-(ac * ac)), x)
     y = small if a < 2.0 else (big if a < 6.0 else math.copysign(1.0, x))
+    return y if x == x else x
+
+
+# ----------------------------------------------------------------------------- float32
+# The same functions in float32 arithmetic, for float32 data: 16 lanes per AVX-512 vector
+# instead of 8, a shorter series, and float32 division. The sigmoid of 2M float32 values
+# on one core of the reference machine: 2.55 ms through the float64 versions, 0.83 ms
+# through these. Every constant is wrapped in ``_F`` (np.float32) and ``np.floor`` is used
+# (``math.floor`` returns an integer, which would turn the arithmetic float64). Accuracy
+# against the C library's float64 results rounded to float32 (tests/test_layers_dense.py):
+# exp, expm1 and tanh within 4 ulp of float32, erf within 8; the same ends as the float64
+# versions (exp overflows above 88.72 and reaches 0 below -103.97).
+
+_F = np.float32
+_F32_LN2_HI = 0.693359375  # ln 2 to 9 bits: k * _F32_LN2_HI is exact in float32 for |k| < 2**15
+_F32_LN2_LO = -2.1219444005469057e-04  # ln 2 - _F32_LN2_HI
+_F32_EXP_MAX = 88.72283935546875  # above: exp overflows float32
+_F32_EXP_MIN = -103.97208404541016  # below: exp rounds to 0
+
+
+@intrinsic
+def _bits_to_float32(typingctx, bits):
+    """The float32 whose IEEE-754 bits are the int32 ``bits`` (a register move)."""
+    if bits != types.int32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+@helper
+def _expm1_series32(r):
+    """exp(r) - 1 for |r| <= ln(2)/2, float32: Taylor to degree 7 (truncation below 6e-9
+    relative), Horner."""
+    p = _F(1.0 / 5040.0)
+    p = p * r + _F(1.0 / 720.0)
+    p = p * r + _F(1.0 / 120.0)
+    p = p * r + _F(1.0 / 24.0)
+    p = p * r + _F(1.0 / 6.0)
+    p = p * r + _F(0.5)
+    return (p * r) * r + r
+
+
+@helper
+def vexp32(x):
+    """exp(x) for a float32 ``x`` (the method of :func:`vexp`, in float32)."""
+    xc = min(max(x, _F(-104.0)), _F(89.0))
+    k = np.floor(xc * _F(_LOG2E) + _F(0.5))
+    r = (xc - k * _F(_F32_LN2_HI)) - k * _F(_F32_LN2_LO)
+    p = _expm1_series32(r) + _F(1.0)
+    ki = np.int32(k)
+    k1 = ki >> 1
+    y = (p * _bits_to_float32(np.int32((k1 + 127) << 23))) * _bits_to_float32(
+        np.int32((ki - k1 + 127) << 23))
+    y = _F(math.inf) if x > _F(_F32_EXP_MAX) else y
+    y = _F(0.0) if x < _F(_F32_EXP_MIN) else y
+    return y if x == x else x
+
+
+@helper
+def vexpm1_32(x):
+    """exp(x) - 1 for a float32 ``x``, accurate near 0."""
+    small = _expm1_series32(min(max(x, _F(-_HALF_LN2)), _F(_HALF_LN2)))
+    y = small if abs(x) <= _F(_HALF_LN2) else vexp32(x) - _F(1.0)
+    return y if x == x and x != _F(0.0) else x
+
+
+@helper
+def vtanh32(x):
+    """tanh(x) for a float32 ``x`` (+-1 beyond |x| = 10, as float32 rounds it)."""
+    e = vexpm1_32(_F(2.0) * min(abs(x), _F(10.0)))
+    t = np.copysign(e / (e + _F(2.0)), x)
+    return t if x == x else x
+
+
+@helper
+def _erf_small32(s):
+    """erf(x)/x at ``s = (x*x - 2) / 2`` (x*x in [0, 4]), float32: a degree-9 polynomial
+    (a least-squares Chebyshev fit to the C library's, 1e-8 relative, turned into powers
+    of ``s``: Horner is half the operations of Clenshaw's recurrence, and in float32 on
+    [-1, 1] it rounds to 2.4 ulp at most)."""
+    p = _F(-1.5101700228115078e-05)
+    p = p * s + _F(7.824951899237931e-05)
+    p = p * s + _F(-0.00033397358492948115)
+    p = p * s + _F(0.0013993724714964628)
+    p = p * s + _F(-0.005235390737652779)
+    p = p * s + _F(0.017130400985479355)
+    p = p * s + _F(-0.048662684857845306)
+    p = p * s + _F(0.11947888135910034)
+    p = p * s + _F(-0.261111855506897)
+    return p * s + _F(0.6749332547187805)
+
+
+@helper
+def _erfc_scaled32(s):
+    """erfc(x) * exp(x*x) at ``s = x - 3`` (x in [2, 4]), float32: a degree-10 polynomial
+    (Chebyshev fit, 5e-10 relative, in powers of ``s``; 1.6 ulp in float32 Horner)."""
+    p = _F(3.385938498468022e-07)
+    p = p * s + _F(-1.4334606248667114e-06)
+    p = p * s + _F(5.089237674837932e-06)
+    p = p * s + _F(-2.0783401851076633e-05)
+    p = p * s + _F(8.35842511150986e-05)
+    p = p * s + _F(-0.00032421702053397894)
+    p = p * s + _F(0.001223031897097826)
+    p = p * s + _F(-0.004479414317756891)
+    p = p * s + _F(0.01588437147438526)
+    p = p * s + _F(-0.054372262209653854)
+    return p * s + _F(0.17900115251541138)
+
+
+@helper
+def verf32(x):
+    """erf(x) for a float32 ``x``: ``x * P(x**2)`` below 2, ``1 - Q(x) exp(-x**2)`` up to 4
+    (erf rounds to 1 in float32 from 3.92), +-1 beyond."""
+    a = abs(x)
+    small = x * _erf_small32((min(a * a, _F(4.0)) - _F(2.0)) * _F(0.5))
+    ac = min(max(a, _F(2.0)), _F(4.0))
+    big = np.copysign(_F(1.0) - _erfc_scaled32(ac - _F(3.0)) * vexp32(-(ac * ac)), x)
+    y = small if a < _F(2.0) else (big if a < _F(4.0) else np.copysign(_F(1.0), x))
     return y if x == x else x
