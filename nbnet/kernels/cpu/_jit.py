@@ -46,7 +46,10 @@ from numba.extending import intrinsic
 
 from ... import config
 
-_OPTIONS = dict(cache=True, nogil=True, fastmath=set(config.FASTMATH), error_model="numpy")
+#: Code-generation options of every kernel and helper (also the ``jit_options`` of the
+#: overloads in activations.py); ``_OPTIONS`` adds the disk cache and nogil.
+CODEGEN_OPTIONS = dict(fastmath=set(config.FASTMATH), error_model="numpy")
+_OPTIONS = dict(CODEGEN_OPTIONS, cache=True, nogil=True)
 
 # Kernels that subtract a float64 mean as ``x - m0`` (m0 rounded to the input's dtype)
 # plus a float64 remainder folded into a later constant depend on the written order of
@@ -185,6 +188,22 @@ def call_task(typingctx, task, args):
     return types.none(task, args), codegen
 
 
+def source_tree(fn):
+    """The source of the function ``fn`` as an ``ast.Module`` (for a rewrite)."""
+    return ast.parse(textwrap.dedent(inspect.getsource(fn)))
+
+
+def exec_tree(fn, tree, name, globals_):
+    """Compile ``tree`` (a rewritten :func:`source_tree` of ``fn``) with ``fn``'s file and
+    line numbers, so tracebacks and numba's messages point at the written source; run it
+    with ``globals_`` and return the function it defines as ``name``."""
+    ast.fix_missing_locations(tree)
+    ast.increment_lineno(tree, fn.__code__.co_firstlineno - 1)
+    namespace = {}
+    exec(compile(tree, fn.__code__.co_filename, "exec"), globals_, namespace)
+    return namespace[name]
+
+
 def _with_serial_loops(fn, constants=None, suffix=""):
     """``fn`` recompiled from its source with a first argument ``serial_`` that sends every
     ``prange`` loop down a plain ``range`` copy of itself, and with every call of a
@@ -198,7 +217,7 @@ def _with_serial_loops(fn, constants=None, suffix=""):
     specialisation has its own qualified name, so its own cache entries.
     """
     constants = constants or {}
-    tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    tree = source_tree(fn)
     fdef = tree.body[0]
     names = [a.arg for a in fdef.args.args] if isinstance(fdef, ast.FunctionDef) else []
     if not names or SERIAL_ARG in names or not set(constants) <= set(names):
@@ -214,11 +233,7 @@ def _with_serial_loops(fn, constants=None, suffix=""):
     if not numba.config.DISABLE_JIT:  # (pure Python calls the task bodies directly)
         _TaskCalls(fn.__globals__).visit(fdef)
         fn.__globals__.setdefault(CALL_TASK, call_task)
-    ast.fix_missing_locations(tree)
-    ast.increment_lineno(tree, fn.__code__.co_firstlineno - 1)
-    namespace = {}
-    exec(compile(tree, fn.__code__.co_filename, "exec"), fn.__globals__, namespace)
-    new = namespace[fdef.name]
+    new = exec_tree(fn, tree, fdef.name, fn.__globals__)
     new.__qualname__ = fn.__qualname__ + suffix
     new.__module__ = fn.__module__
     new.__doc__ = fn.__doc__

@@ -7,17 +7,14 @@ hold float64 values); the elementwise activation kernels compute float32 data in
 float32 (:func:`smooth_into`), where the arithmetic, not memory, sets the speed.
 """
 import ast
-import inspect
-import textwrap
 import types
 
 import numpy as np
 from numba import types as nbtypes
 from numba.extending import overload
 
-from ... import config
 from .. import activation_math
-from ._jit import helper
+from ._jit import CODEGEN_OPTIONS, exec_tree, helper, source_tree
 from .vector_math import verf, verf32, vexp, vexp32, vexpm1, vexpm1_32, vtanh, vtanh32
 
 # The scalar math is shared with the CUDA kernels (one source, two compilers). On CPU its
@@ -63,14 +60,11 @@ def _float32_twin(fn):
     same source in float32 arithmetic, with the float32 vector math of :mod:`.vector_math`:
     one source for the formulas, a second set of constants only where the precision
     differs."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    tree = source_tree(fn)
     floats = {k for k, v in fn.__globals__.items() if isinstance(v, float)} | {"alpha"}
     _Float32Literals(floats).visit(tree)
-    ast.fix_missing_locations(tree)
-    ast.increment_lineno(tree, fn.__code__.co_firstlineno - 1)
-    namespace = dict(fn.__globals__, math=_cpu_math32, _f32_=np.float32)
-    exec(compile(tree, fn.__code__.co_filename, "exec"), namespace)
-    return namespace[fn.__name__]
+    return exec_tree(fn, tree, fn.__name__,
+                     dict(fn.__globals__, math=_cpu_math32, _f32_=np.float32))
 
 
 # The fused epilogues of the normalization and dense kernels call act_value/act_slope with
@@ -128,9 +122,6 @@ def piecewise_grad_into(code, alpha, x, dy, dx):
             dx[i] = g if z > 0.0 else g * (alpha + (z - z))
 
 
-_LOOP_OPTIONS = dict(fastmath=set(config.FASTMATH), error_model="numpy")
-
-
 def smooth_into(code, alpha, x, y):
     """``y[i] = f(x[i])`` for one smooth activation (codes 3-7) over 1-D ``x``, ``y``;
     ``code`` must be a compile-time constant (a literal at the call), so that the branches
@@ -155,7 +146,7 @@ def _literal_code(code):
     return code.literal_value
 
 
-@overload(smooth_into, prefer_literal=True, jit_options=_LOOP_OPTIONS)
+@overload(smooth_into, prefer_literal=True, jit_options=CODEGEN_OPTIONS)
 def _smooth_into_impl(code, alpha, x, y):
     c = _literal_code(code)
     if x.dtype == nbtypes.float32:
@@ -169,7 +160,7 @@ def _smooth_into_impl(code, alpha, x, y):
     return impl
 
 
-@overload(smooth_grad_into, prefer_literal=True, jit_options=_LOOP_OPTIONS)
+@overload(smooth_grad_into, prefer_literal=True, jit_options=CODEGEN_OPTIONS)
 def _smooth_grad_into_impl(code, alpha, x, dy, dx):
     c = _literal_code(code)
     if x.dtype == nbtypes.float32 and dy.dtype == nbtypes.float32:
