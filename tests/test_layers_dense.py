@@ -362,34 +362,26 @@ def test_flatten():
 
 # ---------------------------------------------------------------- vectorisable CPU math
 def _vector_math_eval():
+    """Loops over (exp, expm1, tanh, erf) of vector_math: the float64 ones and the float32 ones."""
     from numba import njit
     from nbnet.kernels.cpu.vector_math import (verf, verf32, vexp, vexp32, vexpm1, vexpm1_32,
                                                vtanh, vtanh32)
 
-    @njit
-    def run(which, x, out):
-        for i in range(x.shape[0]):
-            if which == 0:
-                out[i] = vexp(x[i])
-            elif which == 1:
-                out[i] = vexpm1(x[i])
-            elif which == 2:
-                out[i] = vtanh(x[i])
-            else:
-                out[i] = verf(x[i])
+    def make(exp, expm1, tanh, erf):
+        @njit
+        def run(which, x, out):
+            for i in range(x.shape[0]):
+                if which == 0:
+                    out[i] = exp(x[i])
+                elif which == 1:
+                    out[i] = expm1(x[i])
+                elif which == 2:
+                    out[i] = tanh(x[i])
+                else:
+                    out[i] = erf(x[i])
+        return run
 
-    @njit
-    def run32(which, x, out):  # float32 in, float32 arithmetic
-        for i in range(x.shape[0]):
-            if which == 0:
-                out[i] = vexp32(x[i])
-            elif which == 1:
-                out[i] = vexpm1_32(x[i])
-            elif which == 2:
-                out[i] = vtanh32(x[i])
-            else:
-                out[i] = verf32(x[i])
-    return run, run32
+    return make(vexp, vexpm1, vtanh, verf), make(vexp32, vexpm1_32, vtanh32, verf32)
 
 
 @pytest.mark.parametrize("which,ref,max_ulp", [(0, math.exp, 1), (1, math.expm1, 4), (2, math.tanh, 4),

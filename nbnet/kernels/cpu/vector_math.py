@@ -48,15 +48,18 @@ _EXP_MIN = -745.1332191019412  # below: exp rounds to 0
 
 
 @intrinsic
-def _bits_to_float64(typingctx, bits):
-    """The float64 whose IEEE-754 bits are the int64 ``bits`` (a register move)."""
-    if bits != types.int64:
+def _bits_to_float(typingctx, bits):
+    """The float whose IEEE-754 bits are ``bits``: float64 from int64, float32 from int32
+    (a register move)."""
+    to = {types.int64: (types.float64, ir.DoubleType()),
+          types.int32: (types.float32, ir.FloatType())}.get(bits)
+    if to is None:
         return None
 
     def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.DoubleType())
+        return builder.bitcast(args[0], to[1])
 
-    return types.float64(types.int64), codegen
+    return to[0](bits), codegen
 
 
 @helper
@@ -86,7 +89,7 @@ def vexp(x):
     p = _expm1_series(r) + 1.0
     ki = int(k)
     k1 = ki >> 1  # 2**k as two factors: each exponent stays within the normal range
-    y = (p * _bits_to_float64((k1 + 1023) << 52)) * _bits_to_float64((ki - k1 + 1023) << 52)
+    y = (p * _bits_to_float((k1 + 1023) << 52)) * _bits_to_float((ki - k1 + 1023) << 52)
     y = math.inf if x > _EXP_MAX else y
     y = 0.0 if x < _EXP_MIN else y
     return y if x == x else x  # NaN in, NaN out
@@ -199,18 +202,6 @@ _F32_EXP_MAX = 88.72283935546875  # above: exp overflows float32
 _F32_EXP_MIN = -103.97208404541016  # below: exp rounds to 0
 
 
-@intrinsic
-def _bits_to_float32(typingctx, bits):
-    """The float32 whose IEEE-754 bits are the int32 ``bits`` (a register move)."""
-    if bits != types.int32:
-        return None
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.FloatType())
-
-    return types.float32(types.int32), codegen
-
-
 @helper
 def _expm1_series32(r):
     """exp(r) - 1 for |r| <= ln(2)/2, float32: Taylor to degree 7 (truncation below 6e-9
@@ -233,7 +224,7 @@ def vexp32(x):
     p = _expm1_series32(r) + _F(1.0)
     ki = np.int32(k)
     k1 = ki >> 1
-    y = (p * _bits_to_float32(np.int32((k1 + 127) << 23))) * _bits_to_float32(
+    y = (p * _bits_to_float(np.int32((k1 + 127) << 23))) * _bits_to_float(
         np.int32((ki - k1 + 127) << 23))
     y = _F(math.inf) if x > _F(_F32_EXP_MAX) else y
     y = _F(0.0) if x < _F(_F32_EXP_MIN) else y
