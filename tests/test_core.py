@@ -257,6 +257,34 @@ def test_stability_float32_mean_1e4(rng):
     np.testing.assert_allclose(Yl.astype(np.float64).var(1), 1.0, rtol=1e-2)
 
 
+@pytest.mark.parametrize("scale", [1e19, 1e30])
+@pytest.mark.parametrize("shape", [(513, 70), (4096, 64)])  # serial and parallel kernels
+def test_float32_extreme_scale_matches_reference(scale, shape, rng):
+    """float32 data with a standard deviation of 1e19 and 1e30 (the squares of its deviations
+    pass float32's 3.4e38; the variance 1e60 is not even a float32) normalise and
+    differentiate like float64: the overflowed float32 sums are taken again in float64,
+    and dX never forms invstd**2 (1e-60) as a float32 factor. Before: every output 0."""
+    X = (rng.normal(1.0, 1.0, shape) * scale).astype(np.float32)
+    dY = rng.normal(size=shape).astype(np.float32)
+    assert np.isfinite(X).all()
+    for make, ref in ((nbnet.BatchNorm1D, _bn_ref), (nbnet.LayerNorm1D, _ln_ref)):
+        layer = make()
+        layer.forward(X[:2], retain_derived=False)  # build, then set random parameters
+        _random_params(layer, rng, np.float32)
+        p = {k: v.astype(np.float64) for k, v in layer.parameters.items()}
+        Y = layer.forward(X)
+        dX = layer.backward(dY)
+        Yr, dXr, dgr, dbr = ref(X.astype(np.float64), dY, p["scaler"], p["intercept"],
+                                layer.epsilon)[:4]
+        assert rel_err(Y, Yr) < 1e-5, make.__name__
+        assert rel_err(dX, dXr) < 1e-5, make.__name__
+        assert rel_err(layer.gradients["scaler"], dgr) < 1e-5, make.__name__
+        assert rel_err(layer.gradients["intercept"], dbr) < 1e-5, make.__name__
+        if make is nbnet.BatchNorm1D and scale == 1e19:  # var ~2e38: still a float32
+            var = X.astype(np.float64).var(0)
+            assert rel_err(layer.parameters["running_var"], 0.9 + 0.1 * var) < 1e-5
+
+
 def test_stability_float64_mean_1e8(rng):
     X = rng.normal(1e8, 1.0, (4096, 64))
     layer = nbnet.BatchNorm1D(momentum=0.0)

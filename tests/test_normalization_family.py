@@ -257,6 +257,25 @@ def test_float32_large_mean_stability(name):
         assert np.abs(means).max() <= 1e-3
 
 
+@pytest.mark.parametrize("name", list(SPECS))
+@pytest.mark.parametrize("act", [None, "relu"])
+def test_float32_extreme_scale_matches_reference(name, act):
+    """float32 data with a standard deviation of 1e30: the squares of its deviations pass
+    float32's 3.4e38, so the overflowed float32 sums are taken again in float64, and dX
+    must not form invstd**2 (1e-60) as a float32 factor. Same answers as float64."""
+    layer, X, dY, params = _setup(name, act, np.float32, seed=9)
+    spec = SPECS[name]
+    X = (X.astype(np.float64) * 1e30).astype(np.float32)
+    Y = layer.forward(X)
+    dX = layer.backward(dY)
+    Yr, dXr, dgr, dbr, _, _, dx_scale = _reference(name, X, dY, params, act, layer.epsilon)
+    assert _rel(spec["canon"](Y), Yr) < 1e-5
+    assert _rel(spec["canon"](dX), dXr, dx_scale) < 1e-5
+    assert _rel(layer.gradients["scaler"], dgr.reshape(layer.gradients["scaler"].shape)) < 1e-5
+    if "intercept" in layer.gradients:
+        assert _rel(layer.gradients["intercept"], dbr.reshape(layer.gradients["intercept"].shape)) < 1e-5
+
+
 @pytest.mark.parametrize("make,G", [(lambda: nbnet.GroupNorm(2), 2),
                                     (lambda: nbnet.InstanceNorm2D(affine=True), 8)])
 def test_float32_outlier_first_value_keeps_statistics_exact(make, G):

@@ -13,7 +13,19 @@ conversions) and keep every *running* sum in float64. Two block shapes serve the
 
 Either way a float32 partial sum holds at most a few dozen terms, so its rounding
 (relative ~1e-7 of its own magnitude) never grows with the array.
+
+Overflow: a float32 square passes 3.4e38 from ``|x - shift| ~ 1.8e19``, and a block adds
+a few dozen of them, so data with a standard deviation from ~1e18 up (variances from
+~1e36, still float32 numbers) would come out with an infinite M2 (every output 0, no
+error). Sums that come out non-finite are taken again in float64 from the values
+(:func:`moments64`): the one-pass blocks in :func:`block_shifted_moments`, per column by
+:func:`rescue_columns`. That costs one check per sum when nothing overflowed; data that
+hold a NaN or an infinity take the float64 pass too, and keep their NaN.
 """
+import math
+
+import numpy as np
+
 from ._jit import helper
 
 #: Values per input-dtype partial sum along a contiguous run.
@@ -63,4 +75,32 @@ def block_shifted_moments(x, m0):
             p2 += d * d
         s1 += p1
         s2 += p2
+    if not (math.isfinite(s1) and math.isfinite(s2)):  # overflowed blocks (module notes)
+        return moments64(x, m0)
     return s1, s2
+
+
+@helper
+def moments64(x, m0):
+    """``(sum(x - m0), sum((x - m0)**2))`` of a 1-D ``x`` (strided or not), every value
+    converted to float64 first: exact for any finite float32 data (a float32 difference
+    squared is at most ~4.6e77). The rescue of the input-dtype sums that overflowed; a
+    plain scalar loop, since it runs only on such data."""
+    m = np.float64(m0)
+    s1 = 0.0
+    s2 = 0.0
+    for j in range(x.shape[0]):
+        d = np.float64(x[j]) - m
+        s1 += d
+        s2 += d * d
+    return s1, s2
+
+
+@helper
+def rescue_columns(X, start, stop, m0, s1, s2):
+    """Per-column sums of rows ``start:stop`` of a 2-D ``X`` that came out non-finite from
+    input-dtype accumulators: ``s1[j], s2[j] = moments64(X[start:stop, j], m0[j])`` for those
+    columns only (the others, and so their bits, are left as they are)."""
+    for j in range(s1.shape[0]):
+        if not (math.isfinite(s1[j]) and math.isfinite(s2[j])):
+            s1[j], s2[j] = moments64(X[start:stop, j], m0[j])

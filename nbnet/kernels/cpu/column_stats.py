@@ -61,7 +61,8 @@ import numpy as np
 from numba import prange
 
 from ._jit import helper, kernel, task_body
-from .block_sums import ROW_BLOCK, SUM_BLOCK, block_shifted_moments, shifted_result
+from .block_sums import (ROW_BLOCK, SUM_BLOCK, block_shifted_moments, rescue_columns,
+                         shifted_result)
 from .activations import act_row, act_slope
 from .streaming import store_fence, stream_copy
 
@@ -166,6 +167,7 @@ def _column_partial_stats_task(k, X, rows_per_chunk, partial_mean, partial_m2):
             for j in range(C):
                 sd[j] += acc[j]
                 pm2[j] += acc2[j]
+        rescue_columns(X, start, stop, m0, sd, pm2)  # float32 squares that overflowed
         far = False
         for j in range(C):
             pm[j], pm2[j], far_j = shifted_result(np.float64(m0[j]), sd[j], pm2[j], inv_n)
@@ -455,8 +457,10 @@ def _column_backward_dx_task(k, X, dY, mean, invstd, gamma, beta, code, alpha, s
     stop = min(start + rows_per_chunk, R)
     if code <= 2:  # identity, ReLU, leaky ReLU: in X's dtype
         # dX = scale * (g - mg - (x - mean) * kx) with x - mean = (x - m0) - (mean - m0):
-        # dX = (g * scale + k0) - k1 * (x - m0), k0 = scale * ((mean - m0) * kx - mg) and
-        # k1 = scale * kx computed in float64 and rounded once.
+        # dX = (g * scale + k0) - kx * ((x - m0) * scale), kx = invstd * mean(g * xhat)
+        # and k0 = scale * ((mean - m0) * kx - mg) computed in float64 and rounded once.
+        # (kx times (x - m0) * scale, not the product scale * kx: that one scales as
+        # invstd**2 and underflows float32 for data with a standard deviation past ~1e19.)
         m0 = np.empty(C, X.dtype)
         scale = np.empty(C, X.dtype)
         shift = np.empty(C, X.dtype)
@@ -467,18 +471,18 @@ def _column_backward_dx_task(k, X, dY, mean, invstd, gamma, beta, code, alpha, s
             sc = invstd[j] * gamma[j]
             kx = sum_gx[j] * inv_r * invstd[j]
             k0[j] = sc * ((mean[j] - m0[j]) * kx - sum_g[j] * inv_r)
-            k1[j] = sc * kx
+            k1[j] = kx
         if code == 0 and stream:  # each row through an L1 buffer, then streamed out
             row = np.empty(C, X.dtype)
             for i in range(start, stop):
                 for j in range(C):
-                    row[j] = (dY[i, j] * scale[j] + k0[j]) - k1[j] * (X[i, j] - m0[j])
+                    row[j] = (dY[i, j] * scale[j] + k0[j]) - k1[j] * ((X[i, j] - m0[j]) * scale[j])
                 stream_copy(row, dX[i])
             store_fence()
         elif code == 0:
             for i in range(start, stop):
                 for j in range(C):
-                    dX[i, j] = (dY[i, j] * scale[j] + k0[j]) - k1[j] * (X[i, j] - m0[j])
+                    dX[i, j] = (dY[i, j] * scale[j] + k0[j]) - k1[j] * ((X[i, j] - m0[j]) * scale[j])
         else:
             one, neg = _slopes(code, alpha, m0)
             for i in range(start, stop):
@@ -486,7 +490,7 @@ def _column_backward_dx_task(k, X, dY, mean, invstd, gamma, beta, code, alpha, s
                     d = X[i, j] - m0[j]
                     z = d * scale[j] + shift[j]
                     g = dY[i, j] * (one if z > 0.0 else neg + (z - z))
-                    dX[i, j] = (g * scale[j] + k0[j]) - k1[j] * d
+                    dX[i, j] = (g * scale[j] + k0[j]) - k1[j] * (d * scale[j])
     else:
         # hoisted per-column factors: dX = scale * (g - mg - (x - mean) * invstd * mgx)
         scale64 = np.empty(C, np.float64)
@@ -511,8 +515,8 @@ def column_backward_dx(X, dY, mean, invstd, gamma, beta, code, alpha, sum_g, sum
 
     ``sum_g``/``sum_gx`` are the merged column sums of :func:`column_backward_reduce`
     (float64). The means divide by the row count R of X. Without an activation the pass
-    runs in the input's dtype: ``dX = (g * scale + k0) - k1 * (x - m0)`` with per-column
-    ``scale = gamma * invstd``, ``k1 = scale * invstd * mean(g * xhat)`` and ``k0 = scale *
+    runs in the input's dtype: ``dX = (g * scale + k0) - k1 * ((x - m0) * scale)`` with
+    per-column ``scale = gamma * invstd``, ``k1 = invstd * mean(g * xhat)`` and ``k0 = scale *
     ((mean - m0) * invstd * mean(g * xhat) - mean(g))``, computed in float64 and rounded
     once.
     """
@@ -752,7 +756,7 @@ def column_backward_reduce_cf(X, dY, mean, invstd, gamma, beta, code, alpha, n_p
                                         partial_sum_g, partial_sum_gx)
 
 
-@task_body
+@task_body(ordered=True)  # no "reassoc": it would fold k1 * ((x - m0) * a) into (k1 * a) * ...
 def _column_backward_dx_cf_task(t, X, dY, mean, invstd, gamma, beta, code, alpha, sum_g,
                                 sum_gx, n_per_chunk, channels_per_task, dX):
     """Task ``t`` of :func:`column_backward_dx_cf` (the ``prange`` body; see ``task_body``)."""
@@ -761,7 +765,8 @@ def _column_backward_dx_cf_task(t, X, dY, mean, invstd, gamma, beta, code, alpha
     w = c1 - c0
     inv_r = 1.0 / (N * L)
     if code == 0:
-        # dX = g * a + k0 - k1 * (x - m0), per-channel factors rounded once to X's dtype
+        # dX = g * a + k0 - k1 * ((x - m0) * a), per-channel factors rounded once to X's
+        # dtype (k1 = invstd * mgx: a * k1 would underflow float32 past std ~1e19)
         m0 = np.empty(w, X.dtype)
         a = np.empty(w, X.dtype)
         k0 = np.empty(w, X.dtype)
@@ -776,7 +781,7 @@ def _column_backward_dx_cf_task(t, X, dY, mean, invstd, gamma, beta, code, alpha
             cc = (m - m0[c]) * r
             a[c] = scale
             k0[c] = scale * (cc * mgx - mg)
-            k1[c] = scale * r * mgx
+            k1[c] = r * mgx
         for n in range(start, stop):
             for c in range(w):
                 x = X[n, c0 + c]
@@ -784,7 +789,7 @@ def _column_backward_dx_cf_task(t, X, dY, mean, invstd, gamma, beta, code, alpha
                 dx = dX[n, c0 + c]
                 mc, ac, k0c, k1c = m0[c], a[c], k0[c], k1[c]
                 for j in range(L):
-                    dx[j] = (gy[j] * ac + k0c) - k1c * (x[j] - mc)
+                    dx[j] = (gy[j] * ac + k0c) - k1c * ((x[j] - mc) * ac)
     else:
         slope = np.empty(L, np.float64)
         for n in range(start, stop):
@@ -805,8 +810,8 @@ def column_backward_dx_cf(X, dY, mean, invstd, gamma, beta, code, alpha, sum_g, 
                           n_per_chunk, channels_per_task, stream, dX):
     """Channels-first twin of :func:`column_backward_dx`; the means divide by N * L.
 
-    Without an activation, in X's dtype: ``dX = g * scale + k0 - k1 * (x - m0)`` with
-    ``xhat = (x - m0) * invstd - c``, ``k1 = scale * invstd * mgx`` and
+    Without an activation, in X's dtype: ``dX = g * scale + k0 - k1 * ((x - m0) * scale)``
+    with ``xhat = (x - m0) * invstd - c``, ``k1 = invstd * mgx`` and
     ``k0 = scale * (c * mgx - mg)`` (float64 constants rounded once). ``stream`` is
     accepted for the channels-last twin's sake and ignored.
     """

@@ -43,7 +43,7 @@ from numba import prange
 
 from ._jit import helper, kernel, task_body
 from .activations import act_row
-from .block_sums import ROW_BLOCK, shifted_result
+from .block_sums import ROW_BLOCK, rescue_columns, shifted_result
 from .column_stats import slope_inplace
 
 
@@ -162,6 +162,7 @@ def _group_forward_cl_task(k, X, gamma, beta, n_groups, eps, code, alpha, rows_p
         for attempt in range(2):
             _tile(m0, m0_t)
             _shifted_channel_sums(xf, P, C, kp, m0, m0_t, blk, blk2, acc_t, acc2_t, acc, acc2)
+            rescue_columns(xf.reshape(P, C), 0, P, m0, acc, acc2)  # overflowed float32 squares
             far = False
             for g in range(n_groups):
                 sd = 0.0
@@ -252,6 +253,7 @@ def _group_backward_cl_task(k, X, dY, mean, invstd, gamma, beta, n_groups, code,
     fa = np.empty(C, X.dtype)
     fb = np.empty(C, X.dtype)
     fq = np.empty(C, X.dtype)
+    fr = np.empty(C, X.dtype)
     for n in range(start, stop):
         for g in range(n_groups):
             for c in range(g * cg, (g + 1) * cg):
@@ -304,16 +306,20 @@ def _group_backward_cl_task(k, X, dY, mean, invstd, gamma, beta, n_groups, code,
                 ag[c] = sh * inv_cnt
                 agx[c] = shx * inv_cnt
         if code == 0:
-            # dx = rc * (g * gamma - mh - xhat * mhx) = g * a + b - (x - m0) * q, with
-            # x - mean = (x - m0) - (mean - m0) and the float64 remainder folded into b
+            # dx = rc * (g * gamma - mh - xhat * mhx) = g * a + b - ((x - m0) * rc) * q,
+            # q = rc * mhx, with x - mean = (x - m0) - (mean - m0) and the float64
+            # remainder folded into b. (rc * q as one factor underflows float32 for
+            # groups with a standard deviation past ~1e19.)
             for c in range(C):
-                q = rc[c] * rc[c] * agx[c]
+                q = rc[c] * agx[c]
                 fa[c] = rc[c] * gamma[c]
-                fb[c] = (mc[c] - m0[c]) * q - rc[c] * ag[c]
+                fb[c] = (mc[c] - m0[c]) * rc[c] * q - rc[c] * ag[c]
                 fq[c] = q
+                fr[c] = rc[c]
             for p in range(P):
                 for c in range(C):
-                    dX[n, p, c] = (dY[n, p, c] * fa[c] + fb[c]) - (X[n, p, c] - m0[c]) * fq[c]
+                    dX[n, p, c] = ((dY[n, p, c] * fa[c] + fb[c])
+                                   - ((X[n, p, c] - m0[c]) * fr[c]) * fq[c])
         else:
             for p in range(P):
                 for c in range(C):

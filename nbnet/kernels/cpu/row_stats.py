@@ -177,12 +177,14 @@ def _row_backward_task(k, X, dY, mean, invstd, gamma, beta, center, code, alpha,
                         hx += hh * ((xb[j] - m0) * rr - cc)
                     s_h += h
                     s_hx += hx
-                # dx = r * (h - mh - xhat * mhx) = (g * gamma) * r + k0 - k1 * (x - m0)
-                # with k0 = r * (c * mhx - mh), k1 = r * r * mhx (x - m0 stays explicit)
+                # dx = r * (h - mh - xhat * mhx) = (g * gamma) * r + k0 - k1 * xhat with
+                # k0 = -r * mh, k1 = r * mhx and xhat = (x - m0) * r - c formed in the loop.
+                # (Folding the xhat's r into k1, r * r * mhx, underflows float32 for rows
+                # with a standard deviation past ~1e19.)
                 mh = s_h * inv_d if center else 0.0
                 mhx = s_hx * inv_d
-                k[3] = ri * ((mean[i] - k[0]) * ri * mhx - mh)
-                k[4] = ri * ri * mhx
+                k[3] = -ri * mh
+                k[4] = ri * mhx
                 k0, k1 = k[3], k[4]
                 # the dx loop also feeds the block accumulators: it is elementwise (no
                 # reduction), so it vectorises; mixing the stores into the reduction
@@ -190,13 +192,13 @@ def _row_backward_task(k, X, dY, mean, invstd, gamma, beta, center, code, alpha,
                 if with_partials:
                     for j in range(D):
                         g = gy[j]
-                        d = x[j] - m0
-                        dx[j] = ((g * gamma[j]) * rr + k0) - k1 * d
+                        xh = (x[j] - m0) * rr - cc
+                        dx[j] = ((g * gamma[j]) * rr + k0) - k1 * xh
                         acc_g[j] += g
-                        acc_gx[j] += g * (d * rr - cc)
+                        acc_gx[j] += g * xh
                 else:  # parameter gradients come from row_param_grads
                     for j in range(D):
-                        dx[j] = ((gy[j] * gamma[j]) * rr + k0) - k1 * (x[j] - m0)
+                        dx[j] = ((gy[j] * gamma[j]) * rr + k0) - k1 * ((x[j] - m0) * rr - cc)
             if with_partials:
                 for j in range(D):
                     pdg[j] += acc_gx[j]
