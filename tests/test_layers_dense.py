@@ -7,8 +7,8 @@ import pytest
 
 import reference_train as ref
 from nbnet.activations import parse_activation
-from nbnet.layers import (ELU, GELU, Dropout, Flatten, FullyConnected, Identity, LeakyReLU, ReLU,
-                          Sigmoid, Softmax, Tanh)
+from nbnet.layers import (ELU, GELU, BatchNorm1D, Dropout, Flatten, FullyConnected, Identity,
+                          LeakyReLU, ReLU, Sigmoid, Softmax, Tanh)
 from nbnet.layers.dense import init_weights
 
 DTYPES = [np.float32, np.float64]
@@ -281,6 +281,39 @@ def test_activation_nan_propagates():
         assert np.isnan(Y[0, 0]) and np.isfinite(Y[0, 1:]).all()
         dX = layer.backward(np.ones_like(X))
         assert np.isnan(dX[0, 0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_activation_slopes_at_extreme_inputs(dtype):
+    """Far from 0 every smooth activation's slope is exactly its limit (1 or 0), never NaN:
+    GELU(tanh)'s z**3 overflows float32 from |z| ~ 7e12 (float64 from ~6e102), which made
+    the gradient inf * 0 = NaN (as PyTorch's float32 GELU backward still does)."""
+    big = [1e4, 1e13, 1e30, float(np.finfo(np.float32).max)]
+    if dtype == np.float64:
+        big += [1e200, float(np.finfo(np.float64).max)]
+    z = np.array([-b for b in big] + big, dtype)[None, :]
+    n = len(big)
+    limits = {"elu": (0.0, 1.0), "gelu": (0.0, 1.0), "gelu_exact": (0.0, 1.0), "tanh": (0.0, 0.0),
+              "sigmoid": (0.0, 0.0)}
+    for layer, name, alpha in LAYERS:
+        if name not in limits:
+            continue
+        layer.flush_gradients()
+        layer.forward(z)
+        dX = layer.backward(np.ones_like(z))
+        neg, pos = limits[name]
+        assert np.array_equal(dX[0, :n], np.full(n, neg, dtype)), (name, dX)
+        assert np.array_equal(dX[0, n:], np.full(n, pos, dtype)), (name, dX)
+    # the fused epilogue (normalization layers' act_fn): z = xhat * scaler + 1e30
+    X = np.random.default_rng(0).normal(size=(64, 3)).astype(dtype)
+    dY = np.random.default_rng(1).normal(size=(64, 3)).astype(dtype)
+    fused, plain = BatchNorm1D(act_fn="gelu"), BatchNorm1D()
+    for layer in (fused, plain):
+        layer.forward(X, retain_derived=False)
+        layer.set_params({"parameters": {"intercept": np.full(3, 1e30, dtype)}})
+        layer.forward(X)
+    # slope 1: the identity's gradient (the fused path computes it in float64, so to rounding)
+    np.testing.assert_allclose(fused.backward(dY), plain.backward(dY), **TOL[dtype])
 
 
 # ------------------------------------------------------------------ Softmax

@@ -62,7 +62,12 @@ def act_slope(code, alpha, z):
         inner = SQRT_2_OVER_PI * (z + 0.044715 * z * z * z)
         t = math.tanh(inner)
         dinner = SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * z * z)
-        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * dinner
+        # 1 - t*t is exactly 0 from |z| ~ 6.6 on (sooner in float32), and z * dinner
+        # overflows from |z| ~ 7e12 in float32 (~6e102 in float64): the select keeps that
+        # term 0 rather than inf * 0 = NaN, so the slope is exactly 1 or 0 out there
+        # (PyTorch's float32 GELU(tanh) backward gives NaN). NaN z: t, and the slope, NaN.
+        w = 1.0 - t * t
+        return 0.5 * (1.0 + t) + (0.5 * z * w * dinner if w > 0.0 else 0.0)
     if code == 6:
         t = math.tanh(z)
         return 1.0 - t * t
