@@ -314,6 +314,12 @@ def normalization_rows(nbnet, torch, npml, quick, dtypes_1d=("float32", "float64
                   bn_relu_torch, None, img, f32, "nhwc"))
     specs.append(("BatchNorm2D + ReLU layer NHWC", _bn_plus_relu(nbnet), bn_relu_torch, None,
                   img, f32, "nhwc"))
+    # a smooth act_fn (on CPU its own vectorised pass after the normalization); PyTorch has
+    # no fused form, so its row is the same two modules in sequence
+    bn_gelu_torch = nn and (lambda C=shapes_1d[1][1]: nn.Sequential(
+        nn.BatchNorm1d(C, eps=1e-5, momentum=0.1), nn.GELU(approximate="tanh")))
+    specs.append(("BatchNorm1D(act_fn=gelu)", nb("BatchNorm1D", act_fn="gelu"), bn_gelu_torch,
+                  None, shapes_1d[1], f32, "rows"))
 
     rows = []
     for label, make_nb, make_torch, make_npml, shape, dtype, layout in specs:

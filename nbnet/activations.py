@@ -36,6 +36,13 @@ class Activation:
     def name(self):
         return _NAMES[self.code](self.alpha)
 
+    @property
+    def piecewise_linear(self):
+        """True for identity, ReLU and leaky ReLU: selects, which the CPU kernels of other
+        layers fuse into their own passes at no cost. The smooth activations (ELU, GELU,
+        tanh, sigmoid) run as a pass of their own on CPU (see :mod:`nbnet.layers.activation`)."""
+        return self.code <= LEAKY_RELU
+
     def __str__(self):
         return self.name
 

@@ -257,6 +257,38 @@ def test_float32_large_mean_stability(name):
         assert np.abs(means).max() <= 1e-3
 
 
+SMOOTH_LAYERS = {"elu": nbnet.ELU(1.0), "gelu": nbnet.GELU(), "tanh": nbnet.Tanh(),
+                 "sigmoid": nbnet.Sigmoid(), "gelu(approximate=False)": nbnet.GELU(approximate=False)}
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+@pytest.mark.parametrize("act", list(SMOOTH_LAYERS))
+def test_smooth_act_fn_is_the_activation_layer_after_the_layer(name, act):
+    """On CPU a smooth act_fn runs as the activation layers' vectorised pass after the
+    normalization (fused, it was one C-library call per value): forward, dX and the
+    parameter gradients equal those of the layer without act_fn followed by the
+    activation layer, bit for bit, and the pre-activation output is retained as
+    derived_variables["Z"] until flush_gradients."""
+    fused, X, dY, params = _setup(name, act, np.float32, seed=10)
+    plain = SPECS[name]["build"](None)
+    plain.forward(X[:2], retain_derived=False)
+    plain.set_params({"parameters": params})
+    layer = SMOOTH_LAYERS[act]
+    layer.flush_gradients()
+    Y = fused.forward(X)
+    Z = plain.forward(X)
+    np.testing.assert_array_equal(Y, layer.forward(Z))
+    np.testing.assert_array_equal(fused.derived_variables["Z"][0], Z)
+    np.testing.assert_array_equal(fused.backward(dY), plain.backward(layer.backward(dY)))
+    for k in plain.gradients:
+        np.testing.assert_array_equal(fused.gradients[k], plain.gradients[k])
+    np.testing.assert_array_equal(fused.forward(X, retain_derived=False),  # inference
+                                  layer.forward(plain.forward(X, retain_derived=False),
+                                                retain_derived=False))
+    fused.flush_gradients()
+    assert fused.derived_variables["Z"] == []
+
+
 @pytest.mark.parametrize("name", list(SPECS))
 @pytest.mark.parametrize("act", [None, "relu"])
 def test_float32_extreme_scale_matches_reference(name, act):

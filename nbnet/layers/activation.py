@@ -23,6 +23,29 @@ from .base import LayerBase
 _BLOCK = 1 << 14
 
 
+def activation_forward(layer, activation, X, Y):
+    """``Y = f(X)`` elementwise with the kernels of ``layer``'s device (``Y`` may be ``X``).
+
+    The activation layers run this; so do the normalization and dense layers on CPU for
+    a smooth ``act_fn`` (:attr:`~nbnet.activations.Activation.piecewise_linear` false):
+    fused into their own passes it cost one C-library call per value and per pass, where
+    this pass is vectorised (float32 in float32). BatchNorm1D(act_fn="gelu") training at
+    (2048, 1024) float32: 67 ms fused, 4 ms as the normalization then this pass.
+    """
+    if X.size:
+        layer._kernel("act_forward")(X.size, X.reshape(-1), activation.code,
+                                     float(activation.alpha), _BLOCK, Y.reshape(-1))
+    return Y
+
+
+def activation_backward(layer, activation, X, dy, dX):
+    """``dX = dy * f'(X)`` elementwise (``X`` the activation's input; ``dX`` may be ``dy``)."""
+    if X.size:
+        layer._kernel("act_backward")(X.size, X.reshape(-1), dy.reshape(-1), activation.code,
+                                      float(activation.alpha), _BLOCK, dX.reshape(-1))
+    return dX
+
+
 def _check_alpha(name, value):
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) \
             or not np.isfinite(value):
@@ -69,11 +92,7 @@ class _ElementwiseActivation(LayerBase):
     # layer API
     def forward(self, X, retain_derived=True):
         X = check_float_array(X, "X", device=self.device)
-        Y = self._output("Y", X.shape, X.dtype)
-        n = X.size
-        if n:
-            a = self.activation
-            self._kernel("act_forward")(n, X.reshape(-1), a.code, float(a.alpha), _BLOCK, Y.reshape(-1))
+        Y = activation_forward(self, self.activation, X, self._output("Y", X.shape, X.dtype))
         if self._is_training(retain_derived):
             self.X.append(X)
         return Y
@@ -90,13 +109,8 @@ class _ElementwiseActivation(LayerBase):
         return out if was_list else out[0]
 
     def _apply_backward(self, X, dy):
-        dX = self._output("dX", X.shape, X.dtype)
-        n = X.size
-        if n:
-            a = self.activation
-            self._kernel("act_backward")(n, X.reshape(-1), dy.reshape(-1), a.code, float(a.alpha),
-                                         _BLOCK, dX.reshape(-1))
-        return dX
+        return activation_backward(self, self.activation, X, dy,
+                                   self._output("dX", X.shape, X.dtype))
 
 
 def _ones_like(layer, X):
