@@ -1,8 +1,10 @@
 """Activation functions as compiled-kernel codes, with numpy-ml's names and string syntax.
 
-Normalization layers fuse their activation into the same kernel pass (``act_fn=``), and
-the activation layers run the same elementwise code, so every activation is described
-once here: a name, an integer code that kernels branch on, and one float parameter.
+Normalization and dense layers apply an activation to their output (``act_fn=``), fused
+into their kernel passes (the piecewise-linear ones; on CUDA, all of them) or, on CPU for
+the smooth ones, as the activation layers' own vectorised pass; every activation is
+described once here: a name, an integer code that kernels branch on, and one float
+parameter.
 
 Accepted spellings (case and ``_``/space insensitive), numpy-ml's first:
 

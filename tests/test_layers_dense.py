@@ -81,6 +81,25 @@ def test_dense_smooth_act_fn_is_the_activation_layer_after_the_product(act, laye
         np.testing.assert_array_equal(fused.gradients[k], plain.gradients[k])
 
 
+def test_fused_cpu_kernels_reject_smooth_activation_codes():
+    """The CPU normalization and dense kernels fuse only identity, ReLU and leaky ReLU; a
+    smooth code (which the layers run as a pass of their own) is a ValueError, not a
+    silently different activation."""
+    from nbnet.registry import get_kernel
+    X = np.ones((8, 4), np.float32)
+    g, b, mean, invstd = np.ones(4, np.float32), np.zeros(4, np.float32), np.zeros(4), np.ones(4)
+    for code in (3, 5, 7):
+        with pytest.raises(ValueError, match="smooth activation"):
+            get_kernel("column_normalize", "cpu")(X.size, X, mean, invstd, g, b, code, 1.0, 4,
+                                                  False, np.empty_like(X))
+        with pytest.raises(ValueError, match="smooth activation"):
+            get_kernel("row_forward", "cpu")(X.size, X, g, b, 1e-5, True, code, 1.0, 4,
+                                             np.empty_like(X), np.empty(8), np.empty(8))
+        with pytest.raises(ValueError, match="smooth activation"):
+            get_kernel("dense_forward_epilogue", "cpu")(X.size, X.copy(), b, code, 1.0, 4,
+                                                        np.empty_like(X))
+
+
 def test_dense_finite_differences():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(6, 4))

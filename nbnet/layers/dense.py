@@ -118,7 +118,8 @@ class FullyConnected(LayerBase):
     n_out : int
         Output features.
     act_fn : str, Activation or None
-        Activation fused into the epilogue (see :mod:`nbnet.activations`); None is the
+        Activation fused into the epilogue (on CPU, ELU, GELU, tanh and sigmoid run as a
+        pass of their own over Z; see :mod:`nbnet.activations`); None is the
         identity.
     init : str, default "glorot_uniform"
         One of glorot_uniform, glorot_normal, he_uniform, he_normal, std_normal,

@@ -462,7 +462,9 @@ class BatchNorm1D(_BatchNormBase):
         ``None`` is SGD; strings such as ``"adam"`` or ``"sgd(lr=0.1, momentum=0.9)"``.
         An object is copied, so layers never share optimizer state.
     act_fn : str or None
-        Activation fused into the same kernel pass (see :mod:`nbnet.activations`).
+        Activation applied to the output: fused into the kernel passes (identity, ReLU,
+        leaky ReLU, and every activation on CUDA), or its own vectorised pass on CPU for
+        ELU, GELU, tanh and sigmoid (see :attr:`_NormBase._act_apart`).
     unbiased_running_var : bool, default False
         Store the unbiased batch variance ``var * N / (N - 1)`` in ``running_var``, as
         PyTorch does; the default (biased) is numpy-ml's. Normalization in training
@@ -500,7 +502,9 @@ class LayerNorm1D(_NormBase):
     epsilon : float, default 1e-5
     optimizer : str, dict, optimizer object or None
     act_fn : str or None
-        Activation fused into the same pass.
+        Activation applied to the output: fused into the kernel passes (identity, ReLU,
+        leaky ReLU, and every activation on CUDA), or its own vectorised pass on CPU for
+        ELU, GELU, tanh and sigmoid (see :attr:`_NormBase._act_apart`).
     device : {"cpu", "cuda"}, optional
     n_in : int, optional
     """
@@ -652,7 +656,9 @@ class BatchNorm2D(_BatchNormBase):
     optimizer : str, dict, optimizer object or None
         ``None`` is SGD; strings such as ``"adam"``.
     act_fn : str or None
-        Activation fused into the same kernel passes (see :mod:`nbnet.activations`).
+        Activation applied to the output: fused into the kernel passes (identity, ReLU,
+        leaky ReLU, and every activation on CUDA), or its own vectorised pass on CPU for
+        ELU, GELU, tanh and sigmoid (see :attr:`_NormBase._act_apart`).
     unbiased_running_var : bool, default False
         Store the unbiased batch variance ``var * M / (M - 1)`` (``M = N*H*W``) in
         ``running_var``, as PyTorch does; the default (biased) is numpy-ml's.
@@ -715,7 +721,9 @@ class LayerNorm2D(LayerNorm1D):
     epsilon : float, default 1e-5
     optimizer : str, dict, optimizer object or None
     act_fn : str or None
-        Activation fused into the same pass.
+        Activation applied to the output: fused into the kernel passes (identity, ReLU,
+        leaky ReLU, and every activation on CUDA), or its own vectorised pass on CPU for
+        ELU, GELU, tanh and sigmoid (see :attr:`_NormBase._act_apart`).
     device : {"cpu", "cuda"}, optional
 
     Notes
@@ -784,7 +792,9 @@ class RMSNorm(LayerNorm1D):
     epsilon : float, default 1e-6
     optimizer : str, dict, optimizer object or None
     act_fn : str or None
-        Activation fused into the same pass.
+        Activation applied to the output: fused into the kernel passes (identity, ReLU,
+        leaky ReLU, and every activation on CUDA), or its own vectorised pass on CPU for
+        ELU, GELU, tanh and sigmoid (see :attr:`_NormBase._act_apart`).
     device : {"cpu", "cuda"}, optional
     n_in : int, optional
         ``D``; inferred from the first input when omitted.
@@ -842,7 +852,9 @@ class GroupNorm(_NormBase):
         Without it the layer has no parameters.
     optimizer : str, dict, optimizer object or None
     act_fn : str or None
-        Activation fused into the same kernel passes.
+        Activation applied to the output: fused into the kernel passes (identity, ReLU,
+        leaky ReLU, and every activation on CUDA), or its own vectorised pass on CPU for
+        ELU, GELU, tanh and sigmoid (see :attr:`_NormBase._act_apart`).
     data_format : {"NHWC", "NCHW"}, default "NHWC"
         Layout of 4-D input: ``(N, H, W, C)`` or ``(N, C, H, W)``. 2-D input ``(N, C)`` is
         accepted either way.

@@ -2,9 +2,18 @@
 
 Each function branches on the activation code once per row (or slice), outside the
 inner loop, so the inner loop stays a straight vectorisable line. Codes are those of
-:mod:`nbnet.activations`. The fused epilogues compute in float64 (their callers already
-hold float64 values); the elementwise activation kernels compute float32 data in
-float32 (:func:`smooth_into`), where the arithmetic, not memory, sets the speed.
+:mod:`nbnet.activations`.
+
+Two kinds. The piecewise-linear activations (identity, ReLU, leaky ReLU: codes 0-2) are
+selects, fused into the normalization and dense kernels' own passes
+(:func:`piecewise_into`, :func:`act_row`, :func:`slope_inplace`). The smooth ones (ELU,
+GELU, tanh, sigmoid: codes 3-7) are not: they run as kernels of their own, one per
+activation, vectorised over :mod:`.vector_math` (:func:`smooth_into`, float32 data in
+float32), after the normalization's pass on CPU (see ``nbnet.layers.activation``). Fused
+with a run-time code they were one C-library call per value (a BatchNorm1D(act_fn="gelu")
+training step 17x slower than the normalization and the activation layer), and carrying
+them in every normalization kernel cost ~2.5 s of the ~14.5 s that compiling the default
+float32 BatchNorm1D + LayerNorm1D set took. A fused kernel given a smooth code raises.
 """
 import ast
 import types
@@ -67,15 +76,10 @@ def _float32_twin(fn):
                      dict(fn.__globals__, math=_cpu_math32, _f32_=np.float32))
 
 
-# The fused epilogues of the normalization and dense kernels call act_value/act_slope with
-# the activation code as a run-time value and the C library's math: compact code, since
-# each of those kernels inlines every activation. The elementwise activation kernels
-# (smooth_into, smooth_grad_into) call the _simd versions with the code as a constant,
-# one kernel per activation, so that their loops vectorise. (Inlining the vector math
-# into the fused epilogues as well took compiling the default float32 BatchNorm1D +
-# LayerNorm1D set from 20 s to 125 s.)
-act_value = helper(activation_math.act_value)
-act_slope = helper(activation_math.act_slope)
+# The elementwise activation kernels (smooth_into, smooth_grad_into) call these with the
+# code as a constant, one kernel per activation, so that their loops vectorise. (Inlining
+# the vector math into every fused kernel, with a run-time code, took compiling the
+# default float32 BatchNorm1D + LayerNorm1D set from 20 s to 125 s.)
 act_value_simd = helper(_with_cpu_math(activation_math.act_value))
 act_slope_simd = helper(_with_cpu_math(activation_math.act_slope))
 act_value_simd32 = helper(_float32_twin(activation_math.act_value))
@@ -175,13 +179,55 @@ def _smooth_grad_into_impl(code, alpha, x, dy, dx):
 
 
 @helper
+def piecewise_slopes(code, alpha, like):
+    """``(one, neg)`` in the dtype of ``like``: the slopes right and left of 0 for ReLU
+    (code 1: 1, 0), leaky ReLU (code 2: 1, ``alpha``) and identity (1, 1). The
+    native-dtype paths of the column and dense kernels apply these activations as selects, with
+    both arms in X's dtype (a float64 literal arm would turn the loop float64)."""
+    buf = np.empty(2, like.dtype)
+    buf[0] = 1.0
+    buf[1] = 0.0 if code == 1 else (alpha if code == 2 else 1.0)
+    return buf[0], buf[1]
+
+
+@helper
+def reject_smooth(code):
+    """Raise for an activation code the fused kernels do not take (a smooth one, 3-7)."""
+    if code > 2:
+        raise ValueError("a smooth activation (ELU, GELU, tanh, sigmoid) is not fused into "
+                         "the CPU normalization and dense kernels: run the act_forward / "
+                         "act_backward kernels as a pass of their own")
+
+
+@helper
 def act_row(code, alpha, row):
-    """Apply f in place to a float64 buffer (one branch, then a plain loop; identity, ReLU
-    and leaky ReLU through :func:`piecewise_into`, the other activations through
-    ``act_value``)."""
-    if code <= 2:
-        if code != 0:
-            piecewise_into(code, alpha, row, row)
-        return
-    for j in range(row.shape[0]):
-        row[j] = act_value(code, alpha, row[j])
+    """Apply a piecewise-linear f in place to a float64 buffer (identity, ReLU and leaky
+    ReLU through :func:`piecewise_into`); smooth codes raise (see the module notes)."""
+    reject_smooth(code)
+    if code != 0:
+        piecewise_into(code, alpha, row, row)
+
+
+@helper
+def slope_inplace(code, alpha, buf):
+    """buf[j] = f'(buf[j]) for a float64 buffer of pre-activations (codes 0-2; smooth
+    codes raise).
+
+    The code branch sits outside the loops, and ReLU / leaky ReLU are written as
+    selects, so those loops vectorise: per element, a data-dependent branch mispredicts
+    half the time on centred data and measured ~25x slower (20 ms against 0.8 ms for
+    BatchNorm2D backward on 2M values). NaN stays NaN (``z - z``).
+    """
+    reject_smooth(code)
+    n = buf.shape[0]
+    if code == 0:
+        for j in range(n):
+            buf[j] = 1.0
+    elif code == 1:
+        for j in range(n):
+            z = buf[j]
+            buf[j] = 1.0 if z > 0.0 else z - z
+    else:
+        for j in range(n):
+            z = buf[j]
+            buf[j] = 1.0 if z > 0.0 else alpha + (z - z)

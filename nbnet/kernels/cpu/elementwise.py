@@ -9,8 +9,8 @@ layer's bias gradient) walk *row chunks* of ``rows_per_chunk`` rows and write on
 ``merge_partial_sums`` (:mod:`.column_stats`): the summation order, and every bit of the
 result, depends on the shape only, never on the thread count (DESIGN.md).
 
-Math is float64 per element (``act_value``/``act_slope`` take float64); loads are
-widened and stores rounded once, so float32 data sees one rounding per stored value.
+The dense epilogues fuse the piecewise-linear activations only (selects); a smooth one
+runs as the activation kernels' pass over ``Z`` (see :mod:`.activations`).
 
 Softmax and the cross-entropy kernels work on rows: ``m = max(row)``,
 ``lse = m + log(sum(exp(row - m)))``; every ``exp`` argument is <= 0, so nothing
@@ -29,7 +29,7 @@ import numpy as np
 from numba import prange
 
 from ._jit import kernel, serial_kernel, specialised
-from .activations import (act_slope, act_value, piecewise_grad_into, piecewise_into,
+from .activations import (piecewise_grad_into, piecewise_into, piecewise_slopes, reject_smooth,
                           smooth_grad_into, smooth_into)
 
 # _FLAT_LOOPS: kernels over flat 1-D views loop over slices (``x = X[start:stop]``,
@@ -127,6 +127,7 @@ def dense_forward_epilogue(Z, b, code, alpha, rows_per_chunk, Y):
     the identity, when it is the same pass).
     """
     R, C = Z.shape
+    reject_smooth(code)
     n_chunks = (R + rows_per_chunk - 1) // rows_per_chunk
     for k in prange(n_chunks):
         start = k * rows_per_chunk
@@ -140,11 +141,11 @@ def dense_forward_epilogue(Z, b, code, alpha, rows_per_chunk, Y):
                     z = Z[i, j] + b[j]
                     Z[i, j] = z
                     Y[i, j] = z if z > 0 else 0 * z
-            else:
+            else:  # leaky ReLU (smooth codes were rejected above)
                 for j in range(C):
                     z = Z[i, j] + b[j]
                     Z[i, j] = z
-                    Y[i, j] = act_value(code, alpha, np.float64(z))
+                    Y[i, j] = z if z > 0 else alpha * z
 
 
 @kernel
@@ -155,6 +156,7 @@ def dense_backward_epilogue(Z, dY, code, alpha, rows_per_chunk, dZ, partial_db):
     ``merge_partial_sums`` for the bias gradient).
     """
     R, C = Z.shape
+    reject_smooth(code)
     n_chunks = partial_db.shape[0]
     for k in prange(n_chunks):
         start = k * rows_per_chunk
@@ -169,12 +171,14 @@ def dense_backward_epilogue(Z, dY, code, alpha, rows_per_chunk, dZ, partial_db):
                     g = dY[i, j] if z > 0 else dY[i, j] * (z - z)
                     dZ[i, j] = g
                     acc[j] += g
-        else:
+        else:  # identity and leaky ReLU (smooth codes were rejected above)
+            one, neg = piecewise_slopes(code, alpha, dY)
             for i in range(start, stop):
                 for j in range(C):
-                    g = np.float64(dY[i, j]) * act_slope(code, alpha, np.float64(Z[i, j]))
+                    z = Z[i, j]
+                    g = dY[i, j] * (one if z > 0 else neg + (z - z))
                     dZ[i, j] = g
-                    acc[j] += dZ[i, j]  # sum what backward propagates (rounded to dtype)
+                    acc[j] += g
 
 
 @kernel

@@ -42,9 +42,8 @@ import numpy as np
 from numba import prange
 
 from ._jit import helper, kernel, task_body
-from .activations import act_row
+from .activations import act_row, slope_inplace
 from .block_sums import ROW_BLOCK, rescue_columns, shifted_result
-from .column_stats import slope_inplace
 
 
 #: Values per tile in the channels-last kernels (a whole number of positions, see

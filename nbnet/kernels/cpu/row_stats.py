@@ -41,9 +41,8 @@ import numpy as np
 from numba import prange
 
 from ._jit import helper, kernel, task_body
-from .activations import act_row
+from .activations import act_row, slope_inplace
 from .block_sums import ROW_BLOCK, SUM_BLOCK, block_shifted_moments, shifted_result
-from .column_stats import slope_inplace
 
 @helper
 def _row_shift(m, r, buf):
