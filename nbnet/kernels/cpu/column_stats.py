@@ -278,10 +278,10 @@ def column_normalize(X, mean, invstd, gamma, beta, code, alpha, rows_per_chunk, 
     """Y = f((X - mean) * invstd * gamma + beta), per column; one pass.
 
     Training passes the batch ``mean``/``invstd``; inference passes the running ones.
-    Without an activation (or with ReLU / leaky ReLU, as selects) the pass runs in the
-    input's dtype as ``(x - m0) * scale + shift`` (:func:`_affine_factors`, see the module
-    notes). With another activation the values go through a float64 row buffer and the
-    activation epilogue. ``stream`` (no activation only): write Y with non-temporal stores
+    ``f`` is the identity, ReLU or leaky ReLU (as selects; a smooth ``code`` raises, see
+    :mod:`~nbnet.kernels.cpu.activations`); the pass runs in the input's dtype as
+    ``(x - m0) * scale + shift`` (:func:`_affine_factors`, see the module notes).
+    ``stream`` (no activation only): write Y with non-temporal stores
     (:mod:`~nbnet.kernels.cpu.streaming`), for outputs that will not stay in the caches.
     """
     R, C = X.shape
@@ -350,10 +350,10 @@ def column_backward_reduce(X, dY, mean, invstd, gamma, beta, code, alpha, rows_p
     """Per-chunk sums of ``g`` and ``g * xhat`` per column, in one pass over X and dY.
 
     ``xhat = (x - mean) * invstd``; ``g = dY * f'(xhat * gamma + beta)`` is the gradient
-    at the normalised-and-scaled value (``g = dY`` without an activation). Without an
-    activation, in the input's dtype: ``sum(g * (x - m0))`` over blocks of ``ROW_BLOCK``
-    rows, accumulated in float64, then ``sum(g * (x - mean)) = sum(g * (x - m0)) - (mean -
-    m0) * sum(g)`` and the scaling by ``invstd`` once per chunk.
+    at the normalised-and-scaled value (``g = dY`` without an activation; ReLU and leaky
+    ReLU only, as selects). In the input's dtype: ``sum(g * (x - m0))`` over blocks of
+    ``ROW_BLOCK`` rows, accumulated in float64, then ``sum(g * (x - mean)) = sum(g * (x -
+    m0)) - (mean - m0) * sum(g)`` and the scaling by ``invstd`` once per chunk.
     """
     R, C = X.shape
     n_chunks = partial_sum_g.shape[0]
@@ -415,13 +415,15 @@ def _column_backward_dx_task(k, X, dY, mean, invstd, gamma, beta, code, alpha, s
             row = np.empty(C, X.dtype)
             for i in range(start, stop):
                 for j in range(C):
-                    row[j] = (dY[i, j] * scale[j] + k0[j]) - k1[j] * ((X[i, j] - m0[j]) * scale[j])
+                    row[j] = ((dY[i, j] * scale[j] + k0[j])
+                              - k1[j] * ((X[i, j] - m0[j]) * scale[j]))
                 stream_copy(row, dX[i])
             store_fence()
         elif code == 0:
             for i in range(start, stop):
                 for j in range(C):
-                    dX[i, j] = (dY[i, j] * scale[j] + k0[j]) - k1[j] * ((X[i, j] - m0[j]) * scale[j])
+                    dX[i, j] = ((dY[i, j] * scale[j] + k0[j])
+                                - k1[j] * ((X[i, j] - m0[j]) * scale[j]))
         else:
             one, neg = piecewise_slopes(code, alpha, m0)
             for i in range(start, stop):
