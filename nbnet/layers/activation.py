@@ -23,15 +23,29 @@ from .base import LayerBase
 _BLOCK = 1 << 14
 
 
-def activation_forward(layer, activation, X, Y):
-    """``Y = f(X)`` elementwise with the kernels of ``layer``'s device (``Y`` may be ``X``).
+def runs_apart(activation, device):
+    """True when a normalization or dense layer's ``act_fn`` runs as its own pass
+    (:func:`activation_forward` / :func:`activation_backward`) instead of fused into the
+    layer's kernels: a smooth activation (ELU, GELU, tanh, sigmoid) on CPU. Fused, it was
+    one C-library call per value in every pass: BatchNorm1D(act_fn="gelu") training at
+    (2048, 1024) float32 took 67 ms, against 4 ms as the normalization then this pass
+    (which costs one more read and write of the output). The piecewise-linear ones are
+    selects, free to fuse; on CUDA every activation stays fused."""
+    return device == "cpu" and not activation.piecewise_linear
 
-    The activation layers run this; so do the normalization and dense layers on CPU for
-    a smooth ``act_fn`` (:attr:`~nbnet.activations.Activation.piecewise_linear` false):
-    fused into their own passes it cost one C-library call per value and per pass, where
-    this pass is vectorised (float32 in float32). BatchNorm1D(act_fn="gelu") training at
-    (2048, 1024) float32: 67 ms fused, 4 ms as the normalization then this pass.
-    """
+
+def fused_activation(activation, device):
+    """``(code, alpha)`` that a layer's own kernels fuse: the activation's, or the identity
+    when it :func:`runs_apart`."""
+    if runs_apart(activation, device):
+        return 0, 0.0
+    return activation.code, float(activation.alpha)
+
+
+def activation_forward(layer, activation, X, Y):
+    """``Y = f(X)`` elementwise with the kernels of ``layer``'s device (vectorised; float32
+    computed in float32). ``Y`` should not be ``X``: on the same memory the loop fails
+    LLVM's no-overlap check and runs scalar (4x slower measured)."""
     if X.size:
         layer._kernel("act_forward")(X.size, X.reshape(-1), activation.code,
                                      float(activation.alpha), _BLOCK, Y.reshape(-1))
@@ -39,7 +53,8 @@ def activation_forward(layer, activation, X, Y):
 
 
 def activation_backward(layer, activation, X, dy, dX):
-    """``dX = dy * f'(X)`` elementwise (``X`` the activation's input; ``dX`` may be ``dy``)."""
+    """``dX = dy * f'(X)`` elementwise (``X`` the activation's input; ``dX`` a separate
+    array, as for :func:`activation_forward`)."""
     if X.size:
         layer._kernel("act_backward")(X.size, X.reshape(-1), dy.reshape(-1), activation.code,
                                       float(activation.alpha), _BLOCK, dX.reshape(-1))

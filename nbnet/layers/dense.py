@@ -17,7 +17,7 @@ import numpy as np
 from .. import config, devices
 from .._validation import check_float_array
 from ..activations import LEAKY_RELU, RELU, TANH, parse_activation
-from .activation import activation_backward, activation_forward
+from .activation import activation_backward, activation_forward, fused_activation, runs_apart
 from .base import LayerBase
 
 _F64 = np.float64
@@ -164,16 +164,6 @@ class FullyConnected(LayerBase):
         self.derived_variables = {"Z": []}
         self._grads_are_zero = True
 
-    @property
-    def _epilogue_act(self):
-        """``(code, alpha)`` the epilogue kernels fuse: ``act_fn``, or on CPU the identity
-        for a smooth activation, which then runs as its own vectorised pass over ``Z``
-        (:func:`~nbnet.layers.activation.activation_forward`): fused, it was one
-        C-library call per value."""
-        if self.device == "cpu" and not self.act_fn.piecewise_linear:
-            return 0, 0.0
-        return self.act_fn.code, float(self.act_fn.alpha)
-
     # -------------------------------------------------------------- parameters
     @property
     def hyperparameters(self):
@@ -252,7 +242,7 @@ class FullyConnected(LayerBase):
         N = X.shape[0]
         C = self.n_out
         p = self.parameters
-        code, alpha = self._epilogue_act
+        code, alpha = fused_activation(self.act_fn, self.device)
         Z = self._empty((N, C), X.dtype)
         self._kernel("matmul")(X, p["W"], Z)
         Y = Z if self.act_fn.code == 0 else self._empty((N, C), X.dtype)
@@ -260,7 +250,7 @@ class FullyConnected(LayerBase):
             rpc = config.rows_per_chunk(C, X.dtype.itemsize)
             self._kernel("dense_forward_epilogue")(_work(N, C, rpc), Z, p["b"].reshape(-1), code,
                                                    alpha, rpc, Y)
-        if code != self.act_fn.code:  # a smooth activation, as its own pass (see _epilogue_act)
+        if runs_apart(self.act_fn, self.device):  # a smooth activation, as its own pass
             activation_forward(self, self.act_fn, Z, Y)
         if self._is_training(retain_derived):
             self.X.append(X)
@@ -283,7 +273,8 @@ class FullyConnected(LayerBase):
                                  f"{(X.shape[0], self.n_out)}, got {tuple(dy.shape)}")
             checked.append(dy if dy.dtype == X.dtype else dy.astype(X.dtype))
         p, g = self.parameters, self.gradients
-        code, alpha = self._epilogue_act
+        code, alpha = fused_activation(self.act_fn, self.device)
+        apart = runs_apart(self.act_fn, self.device)
         matmul, add_into = self._kernel("matmul"), self._kernel("add_into")
         out = []
         for dy, X, Z in zip(checked, self.X, self.derived_variables["Z"]):
@@ -291,7 +282,7 @@ class FullyConnected(LayerBase):
             rpc = config.rows_per_chunk(C, dy.dtype.itemsize)
             n_chunks = max(1, -(-N // rpc))
             partial = self._empty((n_chunks, C), _F64)
-            if code != self.act_fn.code:  # a smooth activation, as its own pass
+            if apart:  # a smooth activation, as its own pass
                 dZ = activation_backward(self, self.act_fn, Z, dy, self._empty((N, C), dy.dtype))
                 if N:
                     self._kernel("column_partial_sums")(_work(N, C, rpc), dZ, rpc, partial)

@@ -32,7 +32,7 @@ import numpy as np
 from .. import config, devices
 from .._validation import check_float_array
 from ..activations import parse_activation
-from .activation import activation_backward, activation_forward
+from .activation import activation_backward, activation_forward, fused_activation, runs_apart
 from .base import LayerBase
 
 _F64 = np.float64
@@ -172,25 +172,19 @@ class _NormBase(LayerBase):
 
     @property
     def _act_apart(self):
-        """True when ``act_fn`` runs as its own elementwise pass, not in the kernels: a
-        smooth activation on CPU. Fused, it was one C-library call per value in each of the
-        three passes of a training step (BatchNorm1D(act_fn="gelu") (2048, 1024) float32:
-        67 ms against 4 ms apart, which costs one more read and write of the output)."""
-        return self.device == "cpu" and not self.act_fn.piecewise_linear
+        """True when ``act_fn`` runs as its own elementwise pass, not in the kernels (a
+        smooth activation on CPU; see :func:`~nbnet.layers.activation.runs_apart`)."""
+        return runs_apart(self.act_fn, self.device)
 
     @property
     def _act(self):
         """``(code, alpha)`` of the activation the kernels fuse: ``act_fn``, or the identity
         when it runs apart (:attr:`_act_apart`)."""
-        if self._act_apart:
-            return 0, 0.0
-        return self.act_fn.code, float(self.act_fn.alpha)
+        return fused_activation(self.act_fn, self.device)
 
     def _activation_forward(self, Z, train):
         """The layer's output from the kernels' output ``Z``: ``f(Z)`` into a new array when
-        the activation runs apart (``Z`` retained for backward in training), else ``Z``.
-        (Not in place: with its output on its input the activation loop fails LLVM's
-        no-overlap check and runs scalar, 4x slower.)"""
+        the activation runs apart (``Z`` retained for backward in training), else ``Z``."""
         if not self._act_apart:
             return Z
         if train:
