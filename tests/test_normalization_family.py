@@ -289,6 +289,19 @@ def test_smooth_act_fn_is_the_activation_layer_after_the_layer(name, act):
     assert fused.derived_variables["Z"] == []
 
 
+def test_act_fn_changed_to_a_smooth_one_between_forward_and_backward_raises():
+    """A smooth act_fn set after forward has no retained pre-activation: backward raises
+    and changes nothing, instead of differentiating an activation forward never ran."""
+    layer, X, dY, _ = _setup("bn2d_nhwc", "relu", np.float32)
+    layer.forward(X)
+    layer.set_params({"hyperparameters": {"act_fn": "gelu"}})
+    grads = {k: v.copy() for k, v in layer.gradients.items()}
+    with pytest.raises(RuntimeError, match="act_fn was changed between forward and backward"):
+        layer.backward(dY)
+    for k, v in grads.items():
+        np.testing.assert_array_equal(layer.gradients[k], v)
+
+
 @pytest.mark.parametrize("name", list(SPECS))
 @pytest.mark.parametrize("act", [None, "relu"])
 def test_float32_extreme_scale_matches_reference(name, act):
