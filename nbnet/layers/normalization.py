@@ -171,21 +171,16 @@ class _NormBase(LayerBase):
             self.is_initialized = True
 
     @property
-    def _act_apart(self):
-        """True when ``act_fn`` runs as its own elementwise pass, not in the kernels (a
-        smooth activation on CPU; see :func:`~nbnet.layers.activation.runs_apart`)."""
-        return runs_apart(self.act_fn, self.device)
-
-    @property
     def _act(self):
         """``(code, alpha)`` of the activation the kernels fuse: ``act_fn``, or the identity
-        when it runs apart (:attr:`_act_apart`)."""
+        when it runs apart (a smooth activation on CPU,
+        :func:`~nbnet.layers.activation.runs_apart`)."""
         return fused_activation(self.act_fn, self.device)
 
     def _activation_forward(self, Z, train):
         """The layer's output from the kernels' output ``Z``: ``f(Z)`` into a new array when
         the activation runs apart (``Z`` retained for backward in training), else ``Z``."""
-        if not self._act_apart:
+        if not runs_apart(self.act_fn, self.device):
             return Z
         if train:
             self.derived_variables.setdefault("Z", []).append(Z)
@@ -194,7 +189,7 @@ class _NormBase(LayerBase):
     def _activation_grads(self, grads):
         """The gradients the kernels' backward takes: ``dL/dZ = dL/dY * f'(Z)`` for each
         retained forward when the activation runs apart, else ``grads`` (checked dL/dY)."""
-        if not self._act_apart:
+        if not runs_apart(self.act_fn, self.device):
             return grads
         Zs = self.derived_variables.get("Z", [])
         if len(Zs) != len(grads):
@@ -458,7 +453,7 @@ class BatchNorm1D(_BatchNormBase):
     act_fn : str or None
         Activation applied to the output: fused into the kernel passes (identity, ReLU,
         leaky ReLU, and every activation on CUDA), or its own vectorised pass on CPU for
-        ELU, GELU, tanh and sigmoid (see :attr:`_NormBase._act_apart`).
+        ELU, GELU, tanh and sigmoid (see :func:`nbnet.layers.activation.runs_apart`).
     unbiased_running_var : bool, default False
         Store the unbiased batch variance ``var * N / (N - 1)`` in ``running_var``, as
         PyTorch does; the default (biased) is numpy-ml's. Normalization in training
@@ -498,7 +493,7 @@ class LayerNorm1D(_NormBase):
     act_fn : str or None
         Activation applied to the output: fused into the kernel passes (identity, ReLU,
         leaky ReLU, and every activation on CUDA), or its own vectorised pass on CPU for
-        ELU, GELU, tanh and sigmoid (see :attr:`_NormBase._act_apart`).
+        ELU, GELU, tanh and sigmoid (see :func:`nbnet.layers.activation.runs_apart`).
     device : {"cpu", "cuda"}, optional
     n_in : int, optional
     """
@@ -652,7 +647,7 @@ class BatchNorm2D(_BatchNormBase):
     act_fn : str or None
         Activation applied to the output: fused into the kernel passes (identity, ReLU,
         leaky ReLU, and every activation on CUDA), or its own vectorised pass on CPU for
-        ELU, GELU, tanh and sigmoid (see :attr:`_NormBase._act_apart`).
+        ELU, GELU, tanh and sigmoid (see :func:`nbnet.layers.activation.runs_apart`).
     unbiased_running_var : bool, default False
         Store the unbiased batch variance ``var * M / (M - 1)`` (``M = N*H*W``) in
         ``running_var``, as PyTorch does; the default (biased) is numpy-ml's.
@@ -717,7 +712,7 @@ class LayerNorm2D(LayerNorm1D):
     act_fn : str or None
         Activation applied to the output: fused into the kernel passes (identity, ReLU,
         leaky ReLU, and every activation on CUDA), or its own vectorised pass on CPU for
-        ELU, GELU, tanh and sigmoid (see :attr:`_NormBase._act_apart`).
+        ELU, GELU, tanh and sigmoid (see :func:`nbnet.layers.activation.runs_apart`).
     device : {"cpu", "cuda"}, optional
 
     Notes
@@ -788,7 +783,7 @@ class RMSNorm(LayerNorm1D):
     act_fn : str or None
         Activation applied to the output: fused into the kernel passes (identity, ReLU,
         leaky ReLU, and every activation on CUDA), or its own vectorised pass on CPU for
-        ELU, GELU, tanh and sigmoid (see :attr:`_NormBase._act_apart`).
+        ELU, GELU, tanh and sigmoid (see :func:`nbnet.layers.activation.runs_apart`).
     device : {"cpu", "cuda"}, optional
     n_in : int, optional
         ``D``; inferred from the first input when omitted.
@@ -848,7 +843,7 @@ class GroupNorm(_NormBase):
     act_fn : str or None
         Activation applied to the output: fused into the kernel passes (identity, ReLU,
         leaky ReLU, and every activation on CUDA), or its own vectorised pass on CPU for
-        ELU, GELU, tanh and sigmoid (see :attr:`_NormBase._act_apart`).
+        ELU, GELU, tanh and sigmoid (see :func:`nbnet.layers.activation.runs_apart`).
     data_format : {"NHWC", "NCHW"}, default "NHWC"
         Layout of 4-D input: ``(N, H, W, C)`` or ``(N, C, H, W)``. 2-D input ``(N, C)`` is
         accepted either way.
