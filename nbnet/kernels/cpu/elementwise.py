@@ -164,21 +164,15 @@ def dense_backward_epilogue(Z, dY, code, alpha, rows_per_chunk, dZ, partial_db):
         acc = partial_db[k]
         for j in range(C):
             acc[j] = 0.0
-        if code == 1:
-            for i in range(start, stop):
-                for j in range(C):
-                    z = Z[i, j]
-                    g = dY[i, j] if z > 0 else dY[i, j] * (z - z)
-                    dZ[i, j] = g
-                    acc[j] += g
-        else:  # identity and leaky ReLU (smooth codes were rejected above)
-            one, neg = piecewise_slopes(code, alpha, dY)
-            for i in range(start, stop):
-                for j in range(C):
-                    z = Z[i, j]
-                    g = dY[i, j] * (one if z > 0 else neg + (z - z))
-                    dZ[i, j] = g
-                    acc[j] += g
+        # identity, ReLU, leaky ReLU as one select (smooth codes were rejected above);
+        # z - z keeps NaN a NaN
+        one, neg = piecewise_slopes(code, alpha, dY)
+        for i in range(start, stop):
+            for j in range(C):
+                z = Z[i, j]
+                g = dY[i, j] * (one if z > 0 else neg + (z - z))
+                dZ[i, j] = g
+                acc[j] += g
 
 
 @kernel
