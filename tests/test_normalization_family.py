@@ -447,6 +447,41 @@ def test_groupnorm_one_group_per_channel_is_instancenorm(fmt):
     assert np.array_equal(gn.gradients["scaler"], inn.gradients["scaler"])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("act", [None, "relu", "leaky_relu"])
+@pytest.mark.parametrize("G", [8, 64])
+def test_groupnorm_channels_last_tiles_match_reference(G, act, dtype):
+    """The channels-last kernels walk an example in tiles of several positions (8 at
+    C = 64), statistics and output alike, then take the positions past the last whole
+    tile one by one; ReLU and leaky ReLU are selects in X's dtype inside the tile loop.
+    P = 7 * 13 = 91 positions (11 tiles and 3 more; ROW_BLOCK blocks of tiles and a
+    partial one) take every path (the family's small shapes fit in one tile)."""
+    rng = np.random.default_rng(12)
+    Nn, Hh, Ww, Cc = 2, 7, 13, 64
+    X = rng.normal(1.5, 2.0, (Nn, Hh, Ww, Cc)).astype(dtype)
+    dY = rng.normal(size=X.shape).astype(dtype)
+    layer = nbnet.GroupNorm(G, act_fn=act)
+    layer.forward(X[:1], retain_derived=False)
+    gamma = rng.uniform(0.5, 1.5, Cc).astype(dtype)
+    beta = rng.normal(0, 0.5, Cc).astype(dtype)
+    layer.set_params({"parameters": {"scaler": gamma, "intercept": beta}})
+    Y = layer.forward(X)
+    dX = layer.backward(dY)
+    canon = (lambda a: np.asarray(a, np.float64).reshape(Nn, Hh, Ww, G, Cc // G))
+    g64, b64 = (np.asarray(p, np.float64).reshape(G, Cc // G) for p in (gamma, beta))
+    Yr, _, var = ref.norm_forward_ref(canon(X), (1, 2, 4), g64, b64, layer.epsilon, ACTS[act])
+    dXr, dgr, dbr = ref.norm_backward_ref(canon(X), canon(dY), (1, 2, 4), g64, b64, layer.epsilon,
+                                          ACTS[act], param_axes=(0, 1, 2))
+    tol = 1e-10 if dtype == np.float64 else 2e-6
+    dx_scale = float(np.abs(canon(dY) * g64 / np.sqrt(var + layer.epsilon)).max())
+    assert _rel(canon(Y), Yr) < tol
+    assert _rel(canon(dX), dXr, dx_scale) < tol
+    assert _rel(layer.gradients["scaler"], dgr.reshape(Cc)) < tol
+    assert _rel(layer.gradients["intercept"], dbr.reshape(Cc)) < tol
+    # inference takes the same kernel: the same bits
+    assert np.array_equal(layer.forward(X, retain_derived=False), Y)
+
+
 def test_groupnorm_one_group_is_layernorm_without_elementwise_affine():
     rng = np.random.default_rng(7)
     X = rng.normal(2, 3, (N, H, W, C))

@@ -42,7 +42,7 @@ import numpy as np
 from numba import prange
 
 from ._jit import helper, kernel, task_body
-from .activations import act_row, slope_inplace
+from .activations import act_row, piecewise_slopes, reject_smooth, slope_inplace
 from .block_sums import ROW_BLOCK, rescue_columns, shifted_result
 
 
@@ -107,6 +107,30 @@ def _shifted_channel_sums(xf, P, C, kp, m0, m0_t, blk, blk2, acc_t, acc2_t, acc,
             acc2[c] += d * d
 
 
+@helper
+def _affine_tiles(xf, yf, m0_t, scale_t, shift_t, code, neg):
+    """``yf = f((xf - m0_t) * scale_t + shift_t)`` over whole tiles of ``W = len(m0_t)``
+    values, the factors repeating every tile; ``f`` the identity (``code`` 0) or ReLU /
+    leaky ReLU as a select in X's dtype (``neg`` the slope left of 0).
+
+    One tile at a time, in memory order. (Two or four adjacent tiles per pass over the
+    factors and accumulators halve their loads and stores: 10-20% faster while the input
+    sits in the caches, but 15-35% slower when it streams from DRAM, (128,32,32,64) float32
+    on the 2-core reference machine, so the hardware prefetcher keeps its one stream.)
+    """
+    W = m0_t.shape[0]
+    for t in range(xf.shape[0] // W):
+        xs = xf[t * W:(t + 1) * W]
+        ys = yf[t * W:(t + 1) * W]
+        if code == 0:
+            for j in range(W):
+                ys[j] = (xs[j] - m0_t[j]) * scale_t[j] + shift_t[j]
+        else:
+            for j in range(W):
+                z = (xs[j] - m0_t[j]) * scale_t[j] + shift_t[j]
+                ys[j] = z if z > 0.0 else z * neg  # z * neg keeps NaN a NaN
+
+
 @task_body(ordered=True)
 def _group_forward_cl_task(k, X, gamma, beta, n_groups, eps, code, alpha, rows_per_chunk,
                            Y, mean, invstd):
@@ -151,7 +175,8 @@ def _group_forward_cl_task(k, X, gamma, beta, n_groups, eps, code, alpha, rows_p
     m0_t = np.empty(W, X.dtype)
     scale_t = np.empty(W, X.dtype)
     shift_t = np.empty(W, X.dtype)
-    tmp = np.empty(C, np.float64)
+    reject_smooth(code)
+    _, neg = piecewise_slopes(code, alpha, m0)
     for n in range(start, stop):
         xf = X[n].reshape(P * C)
         yf = Y[n].reshape(P * C)
@@ -181,35 +206,19 @@ def _group_forward_cl_task(k, X, gamma, beta, n_groups, eps, code, alpha, rows_p
                 m0[c] = mc[c]
         # pass 3: normalise, affine, activation. z = (x - m0) * scale + shift with the
         # float64 remainder mean - m0 folded into shift (see column_stats._affine_factors)
-        if code == 0:
-            for c in range(C):
-                m0[c] = mc[c]
-                r = invstd[n, c // cg]
-                sc = r * gamma[c]
-                scale[c] = sc
-                shift[c] = beta[c] - (mc[c] - m0[c]) * sc
-            _tile(m0, m0_t)
-            _tile(scale, scale_t)
-            _tile(shift, shift_t)
-            for t in range(n_tiles):
-                xs = xf[t * W:(t + 1) * W]
-                ys = yf[t * W:(t + 1) * W]
-                for j in range(W):
-                    ys[j] = (xs[j] - m0_t[j]) * scale_t[j] + shift_t[j]
-            for p in range(tail, P):
-                xs = xf[p * C:(p + 1) * C]
-                ys = yf[p * C:(p + 1) * C]
-                for c in range(C):
-                    ys[c] = (xs[c] - m0[c]) * scale[c] + shift[c]
-        else:
-            for c in range(C):
-                scale[c] = invstd[n, c // cg] * gamma[c]
-            for p in range(P):
-                for c in range(C):
-                    tmp[c] = (X[n, p, c] - mc[c]) * scale[c] + beta[c]
-                act_row(code, alpha, tmp)
-                for c in range(C):
-                    Y[n, p, c] = tmp[c]
+        for c in range(C):
+            m0[c] = mc[c]
+            r = invstd[n, c // cg]
+            sc = r * gamma[c]
+            scale[c] = sc
+            shift[c] = beta[c] - (mc[c] - m0[c]) * sc
+        _tile(m0, m0_t)
+        _tile(scale, scale_t)
+        _tile(shift, shift_t)
+        _affine_tiles(xf[:tail * C], yf[:tail * C], m0_t, scale_t, shift_t, code, neg)
+        for p in range(tail, P):
+            _affine_tiles(xf[p * C:(p + 1) * C], yf[p * C:(p + 1) * C], m0, scale, shift, code,
+                          neg)
 
 
 @kernel(ordered=True)
