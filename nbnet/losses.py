@@ -57,6 +57,33 @@ def _check_finite(name, arr):
                          + ("; training diverged? try a smaller learning rate" if name == "y_pred" else ""))
 
 
+def _check_logits(z):
+    """Logits may hold -inf (a masked class: softmax 0, no gradient), not NaN or +inf, and
+    every row needs a finite logit. Returns the -inf mask, or None when there is none."""
+    if np.isfinite(z).all():
+        return None
+    bad = np.isnan(z) | np.isposinf(z)
+    if bad.any():
+        where = np.argwhere(bad)[0].tolist()
+        what = "NaN" if np.isnan(z).any() else "+inf"
+        raise ValueError(f"y_pred contains {what} (at index {where}); logits may be finite or "
+                         "-inf (masked); training diverged? try a smaller learning rate")
+    masked = np.isneginf(z)
+    empty = masked.all(axis=1)
+    if empty.any():
+        raise ValueError(f"y_pred row {int(np.argmax(empty))} has no finite logit (every class "
+                         "is -inf, masked): its softmax is undefined")
+    return masked
+
+
+def _check_targets_unmasked(hit):
+    """Target weight on a -inf logit makes the loss infinite: say where."""
+    if hit.any():
+        where = np.argwhere(hit)[0].tolist()
+        raise ValueError(f"the target puts weight on a -inf logit (y_pred at {where}): the loss "
+                         "would be infinite; a masked class cannot be the target")
+
+
 class _Loss:
     name = "loss"
 
@@ -147,7 +174,10 @@ class CrossEntropy(_Loss):
         ``p`` came from a softmax). True: ``y_pred`` holds logits ``z``; the loss is the
         stable ``lse(z) * sum(y) - sum(y * z)`` and the gradient (with respect to ``z``)
         ``softmax(z) * sum(y) - y``. PyTorch's ``CrossEntropyLoss`` is
-        ``CrossEntropy(from_logits=True, reduction="mean")``.
+        ``CrossEntropy(from_logits=True, reduction="mean")``. Logits may be ``-inf`` to
+        mask a class (its softmax and gradient are 0), as long as each row keeps a finite
+        logit and no target weight falls on a masked class (either raises
+        ``ValueError``); NaN and ``+inf`` are rejected.
     reduction : {"sum", "mean"}, default "sum"
 
     Targets: one-hot/probability rows shaped like ``y_pred``, or integer labels ``(N,)``.
@@ -167,7 +197,11 @@ class CrossEntropy(_Loss):
         y_pred = _as_float("y_pred", y_pred)
         if y_pred.ndim != 2:
             raise ValueError(f"y_pred must be 2-D (N, n_classes), got shape {y_pred.shape}")
-        _check_finite("y_pred", y_pred)
+        masked = None
+        if self.from_logits:
+            masked = _check_logits(y_pred)
+        else:
+            _check_finite("y_pred", y_pred)
         y_arr = np.asarray(devices.to_host(y) if devices.is_device_array(y) else y)
         N, C = y_pred.shape
         if y_arr.ndim == 1:
@@ -183,12 +217,18 @@ class CrossEntropy(_Loss):
             if N and (labels.min() < 0 or labels.max() >= C):
                 raise ValueError(f"class labels must be in [0, {C}), got values in "
                                  f"[{labels.min()}, {labels.max()}]")
+            if masked is not None:
+                onehot = np.zeros_like(masked)
+                onehot[np.arange(N), labels] = True
+                _check_targets_unmasked(masked & onehot)
             return np.ascontiguousarray(labels), y_pred
         y = _as_float("y", y_arr, dtype=y_pred.dtype)
         if y.shape != y_pred.shape:
             raise ValueError(f"y must have the shape of y_pred {y_pred.shape} (one-hot) or be 1-D "
                              f"labels of length {N}, got {y.shape}")
         _check_finite("y", y)
+        if masked is not None:
+            _check_targets_unmasked(masked & (y != 0))
         return y, y_pred
 
     def _run(self, y, y_pred, want_grad):

@@ -137,6 +137,73 @@ def test_squared_error_matches_torch_mse(dtype):
     np.testing.assert_allclose(SquaredError(reduction="mean").loss(T, Y), 0.5 * mean * 3, **tol)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("targets", ["labels", "onehot", "soft"])
+def test_cross_entropy_masked_logits(dtype, targets):
+    """-inf logits mask classes (the idiom of attention masks and constrained decoding):
+    the loss and gradient equal those over the unmasked classes alone, and the masked
+    classes get a zero gradient."""
+    rng = np.random.default_rng(3)
+    N, C = 6, 5
+    Z = _logits((N, C), dtype, scale=3)
+    mask = np.zeros((N, C), bool)
+    mask[0, [1, 3]] = mask[2, 0] = mask[5, [0, 1, 2, 4]] = True  # row 5 keeps class 3 only
+    labels = np.array([0, 4, 1, 2, 3, 3])
+    if targets == "labels":
+        T = labels
+    else:
+        T = ref.one_hot(labels, C).astype(dtype)
+        if targets == "soft":  # weight spread over unmasked classes only
+            W = rng.uniform(0.1, 1.0, (N, C)) * ~mask
+            T = (W / W.sum(axis=1, keepdims=True)).astype(dtype)
+    Zm = np.where(mask, -np.inf, Z).astype(dtype)
+    ce = CrossEntropy(from_logits=True, reduction="sum")
+    lv, g = ce.loss_and_grad(T, Zm)
+    Tf = ref.one_hot(labels, C) if targets == "labels" else np.asarray(T, np.float64)
+    want_loss, want_grad = 0.0, np.zeros((N, C))
+    for i in range(N):  # the reference: each row restricted to its unmasked classes
+        keep = ~mask[i]
+        z = Z[i, keep].astype(np.float64)
+        p = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+        want_loss -= float((Tf[i, keep] * np.log(p)).sum())
+        want_grad[i, keep] = p * Tf[i, keep].sum() - Tf[i, keep]
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-14)
+    assert np.isfinite(lv) and np.isfinite(g).all()
+    np.testing.assert_allclose(lv, want_loss, **tol)
+    np.testing.assert_allclose(g, want_grad, **tol)
+    assert (g[mask] == 0).all()
+    if torch is not None and targets != "soft":
+        lt = torch.nn.functional.cross_entropy(torch.from_numpy(Zm), torch.from_numpy(labels),
+                                               reduction="sum")
+        np.testing.assert_allclose(lv, lt.item(), **tol)
+
+
+def test_cross_entropy_masked_logits_errors():
+    """A row with every class masked, or a target on a masked class, has no finite loss:
+    one ValueError naming where; NaN and +inf logits stay errors, and so does -inf in
+    numpy-ml's probability form."""
+    Z = _logits((3, 4))
+    ce = CrossEntropy(from_logits=True)
+    all_masked = Z.copy()
+    all_masked[1] = -np.inf
+    with pytest.raises(ValueError, match="row 1 has no finite logit"):
+        ce.loss(np.array([0, 1, 2]), all_masked)
+    target_masked = Z.copy()
+    target_masked[2, 3] = -np.inf
+    with pytest.raises(ValueError, match=r"weight on a -inf logit \(y_pred at \[2, 3\]\)"):
+        ce.loss(np.array([0, 1, 3]), target_masked)
+    with pytest.raises(ValueError, match=r"\[2, 3\]"):
+        ce.grad(ref.one_hot([0, 1, 3], 4), target_masked)
+    ce.loss(ref.one_hot([0, 1, 2], 4), target_masked)  # weight 0 there: fine
+    plus = target_masked.copy()
+    plus[0, 0] = np.inf
+    with pytest.raises(ValueError, match=r"\+inf \(at index \[0, 0\]\)"):
+        ce.loss(np.array([0, 1, 2]), plus)
+    with pytest.raises(ValueError, match="y_pred contains inf"):
+        CrossEntropy().loss(np.array([0, 1, 2]), np.where(np.isinf(target_masked), -np.inf,
+                                                           np.full_like(Z, 0.25)))
+
+
 @pytest.mark.parametrize("loss", [SquaredError(), CrossEntropy(), CrossEntropy(from_logits=True)])
 def test_validation_errors(loss):
     Y = _logits((4, 3))

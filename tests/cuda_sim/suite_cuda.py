@@ -284,6 +284,11 @@ def test_dense_and_loss_kernels(dtype):
     T = np.eye(C, dtype=dtype)[np.arange(R) % C]
     cpu, dev = both("softmax_xent_onehot", Z, T, 0.5, np.empty(R), np.empty_like(Z), size=R * C)
     assert_outputs(cpu, dev, dtype, [3, 4])
+    # -inf logits mask classes of zero target weight: finite loss, zero gradient there
+    Zm = np.where((T == 0) & (np.arange(R * C).reshape(R, C) % 3 == 0), -np.inf, Z).astype(dtype)
+    cpu, dev = both("softmax_xent_onehot", Zm, T, 0.5, np.empty(R), np.empty_like(Z), size=R * C)
+    assert_outputs(cpu, dev, dtype, [3, 4])
+    assert np.isfinite(cpu[3]).all() and (cpu[4][np.isinf(Zm)] == 0).all()
     labels = (np.arange(R) % C).astype(np.int64)
     cpu, dev = both("softmax_xent_labels", Z, labels, 0.5, np.empty(R), np.empty_like(Z), size=R * C)
     assert_outputs(cpu, dev, dtype, [3, 4])

@@ -234,6 +234,8 @@ def softmax_xent_onehot(Z, T, scale, loss_rows, dZ):
 
     loss_rows[i] = lse(Z[i]) * sum(T[i]) - sum(T[i] * Z[i]) (= -sum T log softmax Z);
     dZ[i] = scale * (softmax(Z[i]) * sum(T[i]) - T[i]). Pass a zero-size dZ to skip it.
+    A logit of -inf (a masked class) with target weight 0 adds nothing (softmax 0); the
+    caller rejects rows with no finite logit and -inf under a positive weight.
     """
     R, D = Z.shape
     want_grad = dZ.shape[0] == R
@@ -252,7 +254,8 @@ def softmax_xent_onehot(Z, T, scale, loss_rows, dZ):
         tz = 0.0
         for j in range(D):
             tsum += T[i, j]
-            tz += np.float64(T[i, j]) * Z[i, j]
+            if T[i, j] != 0.0:  # 0 * -inf (a masked logit) would be NaN
+                tz += np.float64(T[i, j]) * Z[i, j]
         loss_rows[i] = lse * tsum - tz
         if want_grad:
             for j in range(D):

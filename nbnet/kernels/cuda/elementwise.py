@@ -206,7 +206,8 @@ def _xent_onehot(Z, T, scale, loss_rows, dZ):
         tz = 0.0
         for j in range(D):
             tsum += T[i, j]
-            tz += F64(T[i, j]) * Z[i, j]
+            if T[i, j] != 0.0:  # 0 * -inf (a masked logit) would be NaN
+                tz += F64(T[i, j]) * Z[i, j]
         loss_rows[i] = lse * tsum - tz
         if dZ.shape[0] == R:
             for j in range(D):
