@@ -67,6 +67,37 @@ def test_batchnorm1d_matches_reference(shape, dtype, rng):
     assert rel_err(layer.parameters["running_var"], 0.8 + 0.2 * var) < tol
 
 
+@pytest.mark.parametrize("shape", [(7, 1), (33, 1031), (1000, 3), (513, 70)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("act,ref_name,alpha", [("relu", "relu", None),
+                                                ("leaky_relu(alpha=0.2)", "leaky_relu", 0.2)])
+@pytest.mark.parametrize("make,axis", [(nbnet.BatchNorm1D, 0), (nbnet.LayerNorm1D, 1)])
+def test_fused_relu_matches_reference(make, axis, act, ref_name, alpha, shape, dtype, rng):
+    """ReLU and leaky ReLU fused into the kernels (selects in X's dtype; the slope formed
+    from the same pre-activation as the output), at serial and parallel shapes, with
+    several row blocks and chunks."""
+    X = rng.normal(0.5, 2.0, shape).astype(dtype)
+    dY = rng.normal(size=shape).astype(dtype)
+    layer = make(act_fn=act)
+    layer.forward(X[:2], retain_derived=False)
+    layer.flush_gradients()
+    _random_params(layer, rng, dtype)
+    gamma = layer.parameters["scaler"].astype(np.float64)
+    beta = layer.parameters["intercept"].astype(np.float64)
+    Y = layer.forward(X)
+    dX = layer.backward(dY)
+    Yr, _, var = norm_forward_ref(X, (axis,), gamma, beta, layer.epsilon, ref_name, alpha)
+    dXr, dgr, dbr = norm_backward_ref(X, dY, (axis,), gamma, beta, layer.epsilon, ref_name, alpha,
+                                      param_axes=(0,))
+    tol = TOL[dtype]
+    terms = np.abs(gamma * dY.astype(np.float64)) / np.sqrt(var + layer.epsilon)
+    assert rel_err(Y, Yr) < tol
+    assert np.abs(dX - dXr).max() <= tol * 10 * max(np.abs(dXr).max(), terms.max())
+    scale = np.abs(dY).sum(axis=0).max()  # the sums' natural size (cancellation in dgamma)
+    assert np.abs(layer.gradients["scaler"] - dgr).max() <= tol * 10 * max(np.abs(dgr).max(), scale)
+    assert np.abs(layer.gradients["intercept"] - dbr).max() <= tol * 10 * max(np.abs(dbr).max(), scale)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_layernorm1d_matches_reference(shape, dtype, rng):

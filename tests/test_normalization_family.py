@@ -100,7 +100,7 @@ def _rel(a, r, scale=0.0):
 
 
 CASES = [(n, a, np.float64) for n in SPECS for a in ACTS] + \
-        [(n, a, np.float32) for n in SPECS for a in (None, "gelu")]
+        [(n, a, np.float32) for n in SPECS for a in (None, "relu", "leaky_relu", "gelu")]
 
 
 @pytest.mark.parametrize("name,act,dtype", CASES)

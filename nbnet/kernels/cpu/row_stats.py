@@ -41,7 +41,7 @@ import numpy as np
 from numba import prange
 
 from ._jit import helper, kernel, task_body
-from .activations import act_row, slope_inplace
+from .activations import piecewise_slopes, reject_smooth
 from .block_sums import ROW_BLOCK, SUM_BLOCK, block_shifted_moments, shifted_result
 
 @helper
@@ -91,26 +91,25 @@ def _row_forward_task(k, X, gamma, beta, eps, center, code, alpha, rows_per_chun
     stop = min(start + rows_per_chunk, R)
     shift = np.empty(1, X.dtype)
     coef = np.empty(2, X.dtype)  # invstd and c in X's dtype
-    tmp = np.empty(D if code != 0 else 0, np.float64)
+    reject_smooth(code)
+    _, neg = piecewise_slopes(code, alpha, coef)
     for i in range(start, stop):
         x = X[i]
         m, r, m0, c = _row_stats(x, center, eps, inv_d, shift)
         mean[i] = m
         invstd[i] = r
+        coef[0] = r
+        coef[1] = c
+        rr = coef[0]
+        cc = coef[1]
+        y = Y[i]
         if code == 0:
-            coef[0] = r
-            coef[1] = c
-            rr = coef[0]
-            cc = coef[1]
-            y = Y[i]
             for j in range(D):
                 y[j] = ((x[j] - m0) * rr - cc) * gamma[j] + beta[j]
-        else:
+        else:  # ReLU, leaky ReLU: a select in X's dtype
             for j in range(D):
-                tmp[j] = ((x[j] - m0) * r - c) * gamma[j] + beta[j]
-            act_row(code, alpha, tmp)
-            for j in range(D):
-                Y[i, j] = tmp[j]
+                z = ((x[j] - m0) * rr - cc) * gamma[j] + beta[j]
+                y[j] = z if z > 0.0 else z * neg  # z * neg keeps NaN a NaN
 
 
 @kernel
@@ -143,92 +142,73 @@ def _row_backward_task(k, X, dY, mean, invstd, gamma, beta, center, code, alpha,
     for j in range(pdg.shape[0]):
         pdg[j] = 0.0
         pdb[j] = 0.0
-    first = start
-    if code == 0:
-        # No activation: one row at a time in X's dtype. The parameter-gradient sums
-        # go into block accumulators of X's dtype, flushed into the float64 partials
-        # every ROW_BLOCK rows (so the float64 read-modify-write is paid once per
-        # block); the row sums run in blocks of SUM_BLOCK columns.
-        first = stop
-        k = np.empty(5, X.dtype)  # per-row constants rounded once to X's dtype
-        n_acc = D if with_partials else 0
-        acc_g = np.empty(n_acc, X.dtype)
-        acc_gx = np.empty(n_acc, X.dtype)
-        for i0 in range(start, stop, ROW_BLOCK):
-            for j in range(n_acc):
-                acc_g[j] = 0.0
-                acc_gx[j] = 0.0
-            for i in range(i0, min(i0 + ROW_BLOCK, stop)):
-                ri = invstd[i]
-                m0, rr, cc = _row_shift(mean[i], ri, k)
-                x, gy, dx = X[i], dY[i], dX[i]
-                s_h = 0.0
-                s_hx = 0.0
-                for b in range(0, D, SUM_BLOCK):
-                    e = min(b + SUM_BLOCK, D)
-                    # slices, so that the block loop vectorises
-                    xb, gb, gmb = x[b:e], gy[b:e], gamma[b:e]
-                    h = m0 - m0
-                    hx = m0 - m0
-                    for j in range(e - b):
-                        hh = gb[j] * gmb[j]
-                        h += hh
-                        hx += hh * ((xb[j] - m0) * rr - cc)
-                    s_h += h
-                    s_hx += hx
-                # dx = r * (h - mh - xhat * mhx) = (g * gamma) * r + k0 - k1 * xhat with
-                # k0 = -r * mh, k1 = r * mhx and xhat = (x - m0) * r - c formed in the loop.
-                # (Folding the xhat's r into k1, r * r * mhx, underflows float32 for rows
-                # with a standard deviation past ~1e19.)
-                mh = s_h * inv_d if center else 0.0
-                mhx = s_hx * inv_d
-                k[3] = -ri * mh
-                k[4] = ri * mhx
-                k0, k1 = k[3], k[4]
-                # the dx loop also feeds the block accumulators: it is elementwise (no
-                # reduction), so it vectorises; mixing the stores into the reduction
-                # loop above stopped that one vectorising.
-                if with_partials:
-                    for j in range(D):
-                        g = gy[j]
-                        xh = (x[j] - m0) * rr - cc
-                        dx[j] = ((g * gamma[j]) * rr + k0) - k1 * xh
-                        acc_g[j] += g
-                        acc_gx[j] += g * xh
-                else:  # parameter gradients come from row_param_grads
-                    for j in range(D):
-                        dx[j] = ((gy[j] * gamma[j]) * rr + k0) - k1 * ((x[j] - m0) * rr - cc)
+    # One row at a time in X's dtype. The parameter-gradient sums go into block
+    # accumulators of X's dtype, flushed into the float64 partials every ROW_BLOCK rows
+    # (so the float64 read-modify-write is paid once per block); the row sums run in
+    # blocks of SUM_BLOCK columns. With ReLU / leaky ReLU, g = dY * f'(z) is formed first
+    # into a row buffer (in L1/L2), and the rest runs as without an activation.
+    reject_smooth(code)
+    kc = np.empty(5, X.dtype)  # per-row constants rounded once to X's dtype
+    _, neg = piecewise_slopes(code, alpha, kc)
+    gs = np.empty(D if code != 0 else 0, X.dtype)
+    n_acc = D if with_partials else 0
+    acc_g = np.empty(n_acc, X.dtype)
+    acc_gx = np.empty(n_acc, X.dtype)
+    for i0 in range(start, stop, ROW_BLOCK):
+        for j in range(n_acc):
+            acc_g[j] = 0.0
+            acc_gx[j] = 0.0
+        for i in range(i0, min(i0 + ROW_BLOCK, stop)):
+            ri = invstd[i]
+            m0, rr, cc = _row_shift(mean[i], ri, kc)
+            x, gy, dx = X[i], dY[i], dX[i]
+            if code != 0:
+                for j in range(D):
+                    z = ((x[j] - m0) * rr - cc) * gamma[j] + beta[j]
+                    g = gy[j]
+                    # g * (neg + (z - z)): NaN where z is NaN, as the slope is
+                    gs[j] = g if z > 0.0 else g * (neg + (z - z))
+                gy = gs
+            s_h = 0.0
+            s_hx = 0.0
+            for b in range(0, D, SUM_BLOCK):
+                e = min(b + SUM_BLOCK, D)
+                # slices, so that the block loop vectorises
+                xb, gb, gmb = x[b:e], gy[b:e], gamma[b:e]
+                h = m0 - m0
+                hx = m0 - m0
+                for j in range(e - b):
+                    hh = gb[j] * gmb[j]
+                    h += hh
+                    hx += hh * ((xb[j] - m0) * rr - cc)
+                s_h += h
+                s_hx += hx
+            # dx = r * (h - mh - xhat * mhx) = (g * gamma) * r + k0 - k1 * xhat with
+            # k0 = -r * mh, k1 = r * mhx and xhat = (x - m0) * r - c formed in the loop.
+            # (Folding the xhat's r into k1, r * r * mhx, underflows float32 for rows
+            # with a standard deviation past ~1e19.)
+            mh = s_h * inv_d if center else 0.0
+            mhx = s_hx * inv_d
+            kc[3] = -ri * mh
+            kc[4] = ri * mhx
+            k0, k1 = kc[3], kc[4]
+            # the dx loop also feeds the block accumulators: it is elementwise (no
+            # reduction), so it vectorises; mixing the stores into the reduction
+            # loop above stopped that one vectorising.
             if with_partials:
                 for j in range(D):
-                    pdg[j] += acc_gx[j]
-                    pdb[j] += acc_g[j]
-    g = np.empty(D, np.float64)
-    for i in range(first, stop):
-        mi = mean[i]
-        ri = invstd[i]
-        if code == 0:
+                    g = gy[j]
+                    xh = (x[j] - m0) * rr - cc
+                    dx[j] = ((g * gamma[j]) * rr + k0) - k1 * xh
+                    acc_g[j] += g
+                    acc_gx[j] += g * xh
+            else:  # parameter gradients come from row_param_grads
+                for j in range(D):
+                    dx[j] = ((gy[j] * gamma[j]) * rr + k0) - k1 * ((x[j] - m0) * rr - cc)
+        if with_partials:
             for j in range(D):
-                g[j] = dY[i, j]
-        else:
-            for j in range(D):
-                g[j] = (X[i, j] - mi) * ri * gamma[j] + beta[j]
-            slope_inplace(code, alpha, g)  # branch-free for ReLU-like codes
-            for j in range(D):
-                g[j] *= dY[i, j]
-        sh = 0.0
-        shx = 0.0
-        for j in range(D):
-            xhat = (X[i, j] - mi) * ri
-            h = g[j] * gamma[j]
-            sh += h
-            shx += h * xhat
-            pdg[j] += g[j] * xhat
-            pdb[j] += g[j]
-        mh = sh * inv_d if center else 0.0
-        mhx = shx * inv_d
-        for j in range(D):
-            xhat = (X[i, j] - mi) * ri
-            dX[i, j] = ri * (g[j] * gamma[j] - mh - xhat * mhx)
+                pdg[j] += acc_gx[j]
+                pdb[j] += acc_g[j]
 
 
 @kernel
