@@ -5,8 +5,9 @@ inner loop, so the inner loop stays a straight vectorisable line. Codes are thos
 :mod:`nbnet.activations`.
 
 Two kinds. The piecewise-linear activations (identity, ReLU, leaky ReLU: codes 0-2) are
-selects, fused into the normalization and dense kernels' own passes
-(:func:`piecewise_into`, :func:`act_row`, :func:`slope_inplace`). The smooth ones (ELU,
+selects, fused into the normalization and dense kernels' own passes in the input's dtype
+(:func:`piecewise_slopes` gives the slope left of 0; :func:`piecewise_into` for the
+activation layers). The smooth ones (ELU,
 GELU, tanh, sigmoid: codes 3-7) are not: they run as kernels of their own, one per
 activation, vectorised over :mod:`.vector_math` (:func:`smooth_into`, float32 data in
 float32), after the normalization's pass on CPU (see ``nbnet.layers.activation``). Fused
@@ -197,39 +198,3 @@ def reject_smooth(code):
         raise ValueError("a smooth activation (ELU, GELU, tanh, sigmoid) is not fused into "
                          "the CPU normalization and dense kernels: run the act_forward / "
                          "act_backward kernels as a pass of their own")
-
-
-@helper
-def act_row(code, alpha, row):
-    """Apply a piecewise-linear f in place to a float64 buffer (identity, ReLU and leaky
-    ReLU through :func:`piecewise_into`); smooth codes raise (see the module notes)."""
-    reject_smooth(code)
-    if code != 0:
-        piecewise_into(code, alpha, row, row)
-
-
-@helper
-def slope_inplace(code, alpha, buf):
-    """buf[j] = f'(buf[j]) for a float64 buffer of pre-activations (codes 0-2; smooth
-    codes raise).
-
-    The code branch sits outside the loops and each loop is one select, so the loops
-    vectorise: per element, a data-dependent branch mispredicts half the time on centred
-    data and measured ~25x slower (20 ms against 0.8 ms for BatchNorm2D backward on 2M
-    values). NaN stays NaN (``z - z``). Called once per row or position: no
-    :func:`piecewise_slopes` here, whose small buffer would be an allocation per call
-    (GroupNorm(32, relu) training 0.46-0.50 -> 0.58-0.64 ms when tried).
-    """
-    reject_smooth(code)
-    n = buf.shape[0]
-    if code == 0:
-        for j in range(n):
-            buf[j] = 1.0
-    elif code == 1:
-        for j in range(n):
-            z = buf[j]
-            buf[j] = 1.0 if z > 0.0 else z - z
-    else:
-        for j in range(n):
-            z = buf[j]
-            buf[j] = 1.0 if z > 0.0 else alpha + (z - z)

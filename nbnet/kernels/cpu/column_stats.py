@@ -63,7 +63,7 @@ from numba import prange
 from ._jit import helper, kernel, task_body
 from .block_sums import (ROW_BLOCK, SUM_BLOCK, block_shifted_moments, rescue_columns,
                          shifted_result)
-from .activations import act_row, piecewise_slopes, reject_smooth, slope_inplace
+from .activations import piecewise_slopes, reject_smooth
 from .streaming import store_fence, stream_copy
 
 
@@ -490,16 +490,27 @@ def _cf_task(t, C, n_per_chunk, channels_per_task, N):
 
 
 @helper
-def _cf_slopes(X, n, c, mean, invstd, gamma, beta, code, alpha, slope):
-    """``slope[j] = f'(xhat * gamma + beta)`` along the run ``X[n, c]`` (float64 buffer of
-    length L), for the backward kernels' activation paths."""
-    m = mean[c]
-    r = invstd[c]
-    gc = np.float64(gamma[c])
-    bc = np.float64(beta[c])
-    for j in range(slope.shape[0]):
-        slope[j] = ((X[n, c, j] - m) * r) * gc + bc
-    slope_inplace(code, alpha, slope)
+def _cf_affine(mean, invstd, gamma, beta, c0, m0, a, b):
+    """Channels ``c0:c0 + len(m0)``: the factors of ``z = (x - m0) * a + b`` in X's dtype
+    (``m0`` the mean rounded, ``a = invstd * gamma``, ``b = beta - (mean - m0) * a``; see
+    :func:`_affine_factors`)."""
+    for c in range(m0.shape[0]):
+        m = mean[c0 + c]
+        scale = invstd[c0 + c] * gamma[c0 + c]
+        m0[c] = m
+        a[c] = scale
+        b[c] = beta[c0 + c] - (m - m0[c]) * scale
+
+
+@helper
+def _cf_slope_run(x, gy, mc, ac, bc, neg, out):
+    """``out = gy * f'(z)`` along one run, ``z = (x - mc) * ac + bc`` formed as the forward
+    forms it (so the slope agrees with the output); ReLU / leaky ReLU as a select, ``neg``
+    the slope left of 0 (NaN where ``z`` is NaN: ``g * (neg + (z - z))``)."""
+    for j in range(x.shape[0]):
+        z = (x[j] - mc) * ac + bc
+        g = gy[j]
+        out[j] = g if z > 0.0 else g * (neg + (z - z))
 
 
 @helper
@@ -571,35 +582,24 @@ def _column_normalize_cf_task(t, X, mean, invstd, gamma, beta, code, alpha, n_pe
     N, C, L = X.shape
     k, start, stop, c0, c1 = _cf_task(t, C, n_per_chunk, channels_per_task, N)
     w = c1 - c0
-    if code == 0:
-        m0 = np.empty(w, X.dtype)
-        a = np.empty(w, X.dtype)
-        b = np.empty(w, X.dtype)
+    reject_smooth(code)
+    m0 = np.empty(w, X.dtype)
+    a = np.empty(w, X.dtype)
+    b = np.empty(w, X.dtype)
+    _cf_affine(mean, invstd, gamma, beta, c0, m0, a, b)
+    _, neg = piecewise_slopes(code, alpha, m0)
+    for n in range(start, stop):
         for c in range(w):
-            m = mean[c0 + c]
-            scale = invstd[c0 + c] * gamma[c0 + c]
-            m0[c] = m
-            a[c] = scale
-            b[c] = beta[c0 + c] - (m - m0[c]) * scale
-        for n in range(start, stop):
-            for c in range(w):
-                x = X[n, c0 + c]
-                y = Y[n, c0 + c]
-                mc, ac, bc = m0[c], a[c], b[c]
+            x = X[n, c0 + c]
+            y = Y[n, c0 + c]
+            mc, ac, bc = m0[c], a[c], b[c]
+            if code == 0:
                 for j in range(L):
                     y[j] = (x[j] - mc) * ac + bc
-    else:
-        tmp = np.empty(L, np.float64)
-        for n in range(start, stop):
-            for c in range(c0, c1):
-                m = mean[c]
-                scale = invstd[c] * gamma[c]
-                shift = np.float64(beta[c])
+            else:  # ReLU, leaky ReLU: a select in X's dtype
                 for j in range(L):
-                    tmp[j] = (X[n, c, j] - m) * scale + shift
-                act_row(code, alpha, tmp)
-                for j in range(L):
-                    Y[n, c, j] = tmp[j]
+                    z = (x[j] - mc) * ac + bc
+                    y[j] = z if z > 0.0 else z * neg  # z * neg keeps NaN a NaN
 
 
 @kernel
@@ -629,40 +629,36 @@ def _column_backward_reduce_cf_task(t, X, dY, mean, invstd, gamma, beta, code, a
     w = c1 - c0
     sg = np.zeros(w, np.float64)
     sgx = np.zeros(w, np.float64)
-    if code == 0:
-        m0 = np.empty(w, X.dtype)
+    # with ReLU / leaky ReLU, g = dY * f'(z) is formed first into a run buffer of X's
+    # dtype, and the sums run as without an activation
+    reject_smooth(code)
+    m0 = np.empty(w, X.dtype)
+    a = np.empty(w, X.dtype)
+    b = np.empty(w, X.dtype)
+    _cf_affine(mean, invstd, gamma, beta, c0, m0, a, b)
+    _, neg = piecewise_slopes(code, alpha, m0)
+    gs = np.empty(L if code != 0 else 0, X.dtype)
+    for n in range(start, stop):
         for c in range(w):
-            m0[c] = mean[c0 + c]
-        for n in range(start, stop):
-            for c in range(w):
-                x = X[n, c0 + c]
-                gy = dY[n, c0 + c]
-                mc = m0[c]
-                for b in range(0, L, SUM_BLOCK):
-                    xb = x[b:b + SUM_BLOCK]
-                    gb = gy[b:b + SUM_BLOCK]
-                    p1 = mc - mc
-                    p2 = mc - mc
-                    for j in range(xb.shape[0]):
-                        g = gb[j]
-                        p1 += g
-                        p2 += g * (xb[j] - mc)
-                    sg[c] += p1
-                    sgx[c] += p2
-        for c in range(w):
-            sgx[c] = invstd[c0 + c] * (sgx[c] - (mean[c0 + c] - m0[c]) * sg[c])
-    else:
-        slope = np.empty(L, np.float64)
-        for n in range(start, stop):
-            for c in range(c0, c1):
-                m = mean[c]
-                r = invstd[c]
-                _cf_slopes(X, n, c, mean, invstd, gamma, beta, code, alpha, slope)
-                for j in range(L):
-                    xhat = (X[n, c, j] - m) * r
-                    g = dY[n, c, j] * slope[j]
-                    sg[c - c0] += g
-                    sgx[c - c0] += g * xhat
+            x = X[n, c0 + c]
+            gy = dY[n, c0 + c]
+            mc = m0[c]
+            if code != 0:
+                _cf_slope_run(x, gy, mc, a[c], b[c], neg, gs)
+                gy = gs
+            for bb in range(0, L, SUM_BLOCK):
+                xb = x[bb:bb + SUM_BLOCK]
+                gb = gy[bb:bb + SUM_BLOCK]
+                p1 = mc - mc
+                p2 = mc - mc
+                for j in range(xb.shape[0]):
+                    g = gb[j]
+                    p1 += g
+                    p2 += g * (xb[j] - mc)
+                sg[c] += p1
+                sgx[c] += p2
+    for c in range(w):
+        sgx[c] = invstd[c0 + c] * (sgx[c] - (mean[c0 + c] - m0[c]) * sg[c])
     for c in range(w):
         partial_sum_g[k, c0 + c] = sg[c]
         partial_sum_gx[k, c0 + c] = sgx[c]
@@ -692,45 +688,40 @@ def _column_backward_dx_cf_task(t, X, dY, mean, invstd, gamma, beta, code, alpha
     k, start, stop, c0, c1 = _cf_task(t, C, n_per_chunk, channels_per_task, N)
     w = c1 - c0
     inv_r = 1.0 / (N * L)
-    if code == 0:
-        # dX = g * a + k0 - k1 * ((x - m0) * a), per-channel factors rounded once to X's
-        # dtype (k1 = invstd * mgx: a * k1 would underflow float32 past std ~1e19)
-        m0 = np.empty(w, X.dtype)
-        a = np.empty(w, X.dtype)
-        k0 = np.empty(w, X.dtype)
-        k1 = np.empty(w, X.dtype)
+    # dX = g * a + k0 - k1 * ((x - m0) * a), per-channel factors rounded once to X's
+    # dtype (k1 = invstd * mgx: a * k1 would underflow float32 past std ~1e19); with ReLU /
+    # leaky ReLU, g = dY * f'(z) formed first into a run buffer of X's dtype
+    reject_smooth(code)
+    m0 = np.empty(w, X.dtype)
+    a = np.empty(w, X.dtype)
+    sh = np.empty(w, X.dtype)
+    k0 = np.empty(w, X.dtype)
+    k1 = np.empty(w, X.dtype)
+    _cf_affine(mean, invstd, gamma, beta, c0, m0, a, sh)
+    _, neg = piecewise_slopes(code, alpha, m0)
+    gs = np.empty(L if code != 0 else 0, X.dtype)
+    for c in range(w):
+        m = mean[c0 + c]
+        r = invstd[c0 + c]
+        scale = np.float64(gamma[c0 + c]) * r
+        mg = sum_g[c0 + c] * inv_r
+        mgx = sum_gx[c0 + c] * inv_r
+        m0[c] = m
+        cc = (m - m0[c]) * r
+        a[c] = scale
+        k0[c] = scale * (cc * mgx - mg)
+        k1[c] = r * mgx
+    for n in range(start, stop):
         for c in range(w):
-            m = mean[c0 + c]
-            r = invstd[c0 + c]
-            scale = np.float64(gamma[c0 + c]) * r
-            mg = sum_g[c0 + c] * inv_r
-            mgx = sum_gx[c0 + c] * inv_r
-            m0[c] = m
-            cc = (m - m0[c]) * r
-            a[c] = scale
-            k0[c] = scale * (cc * mgx - mg)
-            k1[c] = r * mgx
-        for n in range(start, stop):
-            for c in range(w):
-                x = X[n, c0 + c]
-                gy = dY[n, c0 + c]
-                dx = dX[n, c0 + c]
-                mc, ac, k0c, k1c = m0[c], a[c], k0[c], k1[c]
-                for j in range(L):
-                    dx[j] = (gy[j] * ac + k0c) - k1c * ((x[j] - mc) * ac)
-    else:
-        slope = np.empty(L, np.float64)
-        for n in range(start, stop):
-            for c in range(c0, c1):
-                m = mean[c]
-                r = invstd[c]
-                scale = np.float64(gamma[c]) * r
-                mg = sum_g[c] * inv_r
-                mgx = sum_gx[c] * inv_r
-                _cf_slopes(X, n, c, mean, invstd, gamma, beta, code, alpha, slope)
-                for j in range(L):
-                    xhat = (X[n, c, j] - m) * r
-                    dX[n, c, j] = scale * (dY[n, c, j] * slope[j] - mg - xhat * mgx)
+            x = X[n, c0 + c]
+            gy = dY[n, c0 + c]
+            dx = dX[n, c0 + c]
+            mc, ac, k0c, k1c = m0[c], a[c], k0[c], k1[c]
+            if code != 0:
+                _cf_slope_run(x, gy, mc, ac, sh[c], neg, gs)
+                gy = gs
+            for j in range(L):
+                dx[j] = (gy[j] * ac + k0c) - k1c * ((x[j] - mc) * ac)
 
 
 @kernel
