@@ -490,16 +490,23 @@ def _cf_task(t, C, n_per_chunk, channels_per_task, N):
 
 
 @helper
-def _cf_affine(mean, invstd, gamma, beta, c0, m0, a, b):
-    """Channels ``c0:c0 + len(m0)``: the factors of ``z = (x - m0) * a + b`` in X's dtype
-    (``m0`` the mean rounded, ``a = invstd * gamma``, ``b = beta - (mean - m0) * a``; see
-    :func:`_affine_factors`)."""
-    for c in range(m0.shape[0]):
+def _cf_factors(X, mean, invstd, gamma, beta, code, alpha, c0, w):
+    """``(m0, a, b, neg)`` for channels ``c0:c0 + w``: the factors of ``z = (x - m0) * a +
+    b`` in X's dtype (``m0`` the mean rounded, ``a = invstd * gamma``, ``b = beta - (mean -
+    m0) * a``; see :func:`_affine_factors`), and the activation's slope left of 0 (ReLU,
+    leaky ReLU; a smooth ``code`` raises)."""
+    reject_smooth(code)
+    m0 = np.empty(w, X.dtype)
+    a = np.empty(w, X.dtype)
+    b = np.empty(w, X.dtype)
+    for c in range(w):
         m = mean[c0 + c]
         scale = invstd[c0 + c] * gamma[c0 + c]
         m0[c] = m
         a[c] = scale
         b[c] = beta[c0 + c] - (m - m0[c]) * scale
+    _, neg = piecewise_slopes(code, alpha, m0)
+    return m0, a, b, neg
 
 
 @helper
@@ -582,12 +589,7 @@ def _column_normalize_cf_task(t, X, mean, invstd, gamma, beta, code, alpha, n_pe
     N, C, L = X.shape
     k, start, stop, c0, c1 = _cf_task(t, C, n_per_chunk, channels_per_task, N)
     w = c1 - c0
-    reject_smooth(code)
-    m0 = np.empty(w, X.dtype)
-    a = np.empty(w, X.dtype)
-    b = np.empty(w, X.dtype)
-    _cf_affine(mean, invstd, gamma, beta, c0, m0, a, b)
-    _, neg = piecewise_slopes(code, alpha, m0)
+    m0, a, b, neg = _cf_factors(X, mean, invstd, gamma, beta, code, alpha, c0, w)
     for n in range(start, stop):
         for c in range(w):
             x = X[n, c0 + c]
@@ -631,12 +633,7 @@ def _column_backward_reduce_cf_task(t, X, dY, mean, invstd, gamma, beta, code, a
     sgx = np.zeros(w, np.float64)
     # with ReLU / leaky ReLU, g = dY * f'(z) is formed first into a run buffer of X's
     # dtype, and the sums run as without an activation
-    reject_smooth(code)
-    m0 = np.empty(w, X.dtype)
-    a = np.empty(w, X.dtype)
-    b = np.empty(w, X.dtype)
-    _cf_affine(mean, invstd, gamma, beta, c0, m0, a, b)
-    _, neg = piecewise_slopes(code, alpha, m0)
+    m0, a, b, neg = _cf_factors(X, mean, invstd, gamma, beta, code, alpha, c0, w)
     gs = np.empty(L if code != 0 else 0, X.dtype)
     for n in range(start, stop):
         for c in range(w):
@@ -691,24 +688,17 @@ def _column_backward_dx_cf_task(t, X, dY, mean, invstd, gamma, beta, code, alpha
     # dX = g * a + k0 - k1 * ((x - m0) * a), per-channel factors rounded once to X's
     # dtype (k1 = invstd * mgx: a * k1 would underflow float32 past std ~1e19); with ReLU /
     # leaky ReLU, g = dY * f'(z) formed first into a run buffer of X's dtype
-    reject_smooth(code)
-    m0 = np.empty(w, X.dtype)
-    a = np.empty(w, X.dtype)
-    sh = np.empty(w, X.dtype)
+    m0, a, sh, neg = _cf_factors(X, mean, invstd, gamma, beta, code, alpha, c0, w)
     k0 = np.empty(w, X.dtype)
     k1 = np.empty(w, X.dtype)
-    _cf_affine(mean, invstd, gamma, beta, c0, m0, a, sh)
-    _, neg = piecewise_slopes(code, alpha, m0)
     gs = np.empty(L if code != 0 else 0, X.dtype)
-    for c in range(w):
+    for c in range(w):  # (a[c] is scale, rounded)
         m = mean[c0 + c]
         r = invstd[c0 + c]
         scale = np.float64(gamma[c0 + c]) * r
         mg = sum_g[c0 + c] * inv_r
         mgx = sum_gx[c0 + c] * inv_r
-        m0[c] = m
         cc = (m - m0[c]) * r
-        a[c] = scale
         k0[c] = scale * (cc * mgx - mg)
         k1[c] = r * mgx
     for n in range(start, stop):
