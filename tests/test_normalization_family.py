@@ -617,19 +617,21 @@ def test_instancenorm_running_stats_used_in_eval():
 
 
 # ------------------------------------------- row-pattern parameter gradients, both paths
+@pytest.mark.parametrize("act", [None, "relu", "leaky_relu"])
 @pytest.mark.parametrize("center", [True, False])
 @pytest.mark.parametrize("ratio", [0.0, float("inf")])
-def test_row_parameter_gradients_by_columns_and_by_partials(monkeypatch, center, ratio, rng):
+def test_row_parameter_gradients_by_columns_and_by_partials(monkeypatch, center, ratio, act, rng):
     """LayerNorm/RMSNorm reduce their parameter gradients either by column blocks
     (row_param_grads, chosen for wide, short inputs) or by per-chunk partials; ratio 0
-    forces the first, inf the second. Both must match the float64 reference, and both
-    must *accumulate* over two backward calls."""
+    forces the first, inf the second. Both must match the float64 reference, with and
+    without a fused activation, and both must *accumulate* over two backward calls."""
     from nbnet import config
     monkeypatch.setattr(config, "WIDE_PARTIALS_RATIO", ratio)
     monkeypatch.setattr(config, "PARAM_GRAD_COLUMNS", 7)  # several column tasks, a ragged last one
     X = rng.normal(3.0, 2.0, (37, 45))
     dY = rng.normal(size=X.shape)
-    layer = nbnet.LayerNorm1D(epsilon=1e-4) if center else nbnet.RMSNorm(epsilon=1e-4)
+    layer = (nbnet.LayerNorm1D(epsilon=1e-4, act_fn=act) if center
+             else nbnet.RMSNorm(epsilon=1e-4, act_fn=act))
     layer.forward(X[:2], retain_derived=False)
     gamma = rng.uniform(0.5, 1.5, X.shape[1])
     params = {"scaler": gamma}
@@ -641,8 +643,8 @@ def test_row_parameter_gradients_by_columns_and_by_partials(monkeypatch, center,
     layer.forward(X)
     dX, dX2 = layer.backward([dY, dY])  # numpy-ml: one gradient per forward call
     np.testing.assert_array_equal(dX, dX2)
-    dXr, dgr, dbr = ref.norm_backward_ref(X, dY, (1,), gamma, beta, 1e-4, center=center,
-                                          param_axes=(0,))
+    dXr, dgr, dbr = ref.norm_backward_ref(X, dY, (1,), gamma, beta, 1e-4, ACTS[act],
+                                          center=center, param_axes=(0,))
     assert rel_err(dX, dXr) < 1e-10
     assert rel_err(layer.gradients["scaler"], 2 * dgr) < 1e-10
     if center:

@@ -560,12 +560,12 @@ class LayerNorm1D(_NormBase):
             self.derived_variables["invstd"].append(invstd)
         return self._activation_forward(Y, train)
 
-    def _wide_param_grads(self, R, D, code, itemsize):
+    def _wide_param_grads(self, R, D, itemsize):
         """True when the parameter gradients are cheaper by column blocks
         (:func:`~nbnet.kernels.cpu.row_stats.row_param_grads`) than by per-chunk
-        partials: CPU, no activation, and partials at least ``config.WIDE_PARTIALS_RATIO``
-        of the input's bytes (few rows, very wide: LayerNorm2D on images)."""
-        if self.device != "cpu" or code != 0:
+        partials: CPU, and partials at least ``config.WIDE_PARTIALS_RATIO`` of the
+        input's bytes (few rows, very wide: LayerNorm2D on images)."""
+        if self.device != "cpu":
             return False
         n_chunks = -(-R // config.rows_per_chunk(D, itemsize))
         # one chunk: the partials would only be copied by the merge (small batches)
@@ -584,7 +584,7 @@ class LayerNorm1D(_NormBase):
             dy2 = dy.reshape(X2.shape)
             R, D = X2.shape
             dX = self._output("dX", X.shape, X.dtype)
-            if R > 0 and D > 0 and self._wide_param_grads(R, D, code, X.dtype.itemsize):
+            if R > 0 and D > 0 and self._wide_param_grads(R, D, X.dtype.itemsize):
                 # wide, short input: parameter gradients by column blocks, no partials
                 empty = self._empty((0, D), _F64)
                 self._kernel("row_backward")(R * D, X2, dy2, mean, invstd, gamma, beta, self._center,
@@ -594,8 +594,9 @@ class LayerNorm1D(_NormBase):
                     dgamma = self.gradients["scaler"].reshape(D)
                     dbeta = (self.gradients["intercept"].reshape(D) if "intercept" in self.gradients
                              else np.zeros(D, dgamma.dtype))  # RMSNorm: no intercept
-                    self._kernel("row_param_grads")(R * D, X2, dy2, mean, invstd,
-                                                    config.PARAM_GRAD_COLUMNS, True, dgamma, dbeta)
+                    self._kernel("row_param_grads")(R * D, X2, dy2, mean, invstd, gamma, beta,
+                                                    code, alpha, config.PARAM_GRAD_COLUMNS, True,
+                                                    dgamma, dbeta)
             elif R > 0 and D > 0:
                 rpc = config.rows_per_chunk(D, X.dtype.itemsize)
                 n_chunks = -(-R // rpc)

@@ -135,7 +135,7 @@ def _row_backward_task(k, X, dY, mean, invstd, gamma, beta, center, code, alpha,
     start = k * rows_per_chunk
     stop = min(start + rows_per_chunk, R)
     # Empty partial buffers (shape (0, D)): the parameter gradients come from
-    # row_param_grads instead (no activation only).
+    # row_param_grads instead.
     with_partials = partial_dgamma.shape[0] > 0
     pdg = partial_dgamma[k] if with_partials else partial_dgamma.ravel()
     pdb = partial_dbeta[k] if with_partials else partial_dbeta.ravel()
@@ -236,7 +236,8 @@ def row_backward(X, dY, mean, invstd, gamma, beta, center, code, alpha, rows_per
 
 
 @task_body
-def _row_param_grads_task(t, X, dY, mean, invstd, cols_per_task, accumulate, dgamma, dbeta):
+def _row_param_grads_task(t, X, dY, mean, invstd, gamma, beta, code, alpha, cols_per_task,
+                          accumulate, dgamma, dbeta):
     """Task ``t`` of :func:`row_param_grads` (the ``prange`` body; see ``task_body``)."""
     R, D = X.shape
     j0 = t * cols_per_task
@@ -247,6 +248,10 @@ def _row_param_grads_task(t, X, dY, mean, invstd, cols_per_task, accumulate, dga
     acc_g = np.empty(w, X.dtype)
     acc_gx = np.empty(w, X.dtype)
     k = np.empty(3, X.dtype)
+    reject_smooth(code)
+    _, neg = piecewise_slopes(code, alpha, k)
+    gm = gamma[j0:j1]
+    bt = beta[j0:j1]
     for i0 in range(0, R, ROW_BLOCK):
         for j in range(w):
             acc_g[j] = 0.0
@@ -255,9 +260,17 @@ def _row_param_grads_task(t, X, dY, mean, invstd, cols_per_task, accumulate, dga
             m0, rr, cc = _row_shift(mean[i], invstd[i], k)
             x = X[i, j0:j1]
             g = dY[i, j0:j1]
-            for j in range(w):
-                acc_g[j] += g[j]
-                acc_gx[j] += g[j] * ((x[j] - m0) * rr - cc)
+            if code == 0:
+                for j in range(w):
+                    acc_g[j] += g[j]
+                    acc_gx[j] += g[j] * ((x[j] - m0) * rr - cc)
+            else:  # g * f'(z), z formed as row_forward forms it (see _row_backward_task)
+                for j in range(w):
+                    xh = (x[j] - m0) * rr - cc
+                    z = xh * gm[j] + bt[j]
+                    gj = g[j] if z > 0.0 else g[j] * (neg + (z - z))
+                    acc_g[j] += gj
+                    acc_gx[j] += gj * xh
         for j in range(w):
             sg[j] += acc_g[j]
             sgx[j] += acc_gx[j]
@@ -274,11 +287,13 @@ def _row_param_grads_task(t, X, dY, mean, invstd, cols_per_task, accumulate, dga
 
 
 @kernel
-def row_param_grads(X, dY, mean, invstd, cols_per_task, accumulate, dgamma, dbeta):
+def row_param_grads(X, dY, mean, invstd, gamma, beta, code, alpha, cols_per_task, accumulate,
+                    dgamma, dbeta):
     """Parameter gradients of the row pattern, reduced over rows by column blocks.
 
-    ``dgamma[j] (+)= sum_i dY[i, j] * xhat[i, j]``, ``dbeta[j] (+)= sum_i dY[i, j]`` (no
-    activation), summed in float64 and stored in the outputs' dtype: added to them when
+    ``dgamma[j] (+)= sum_i g[i, j] * xhat[i, j]``, ``dbeta[j] (+)= sum_i g[i, j]`` with
+    ``g = dY * f'(xhat * gamma + beta)`` (``f`` the identity, ReLU or leaky ReLU of
+    ``code``), summed in float64 and stored in the outputs' dtype: added to them when
     ``accumulate`` is true (the layer's gradient arrays), written otherwise.
 
     For wide, short inputs (LayerNorm2D: 32 rows of 65,536 values) per-chunk
@@ -290,8 +305,8 @@ def row_param_grads(X, dY, mean, invstd, cols_per_task, accumulate, dgamma, dbet
     R, D = X.shape
     n_tasks = (D + cols_per_task - 1) // cols_per_task
     for t in prange(n_tasks):
-        _row_param_grads_task(np.int64(t), X, dY, mean, invstd, cols_per_task, accumulate,
-                              dgamma, dbeta)
+        _row_param_grads_task(np.int64(t), X, dY, mean, invstd, gamma, beta, code, alpha,
+                              cols_per_task, accumulate, dgamma, dbeta)
 
 
 KERNELS = {
