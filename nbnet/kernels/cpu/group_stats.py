@@ -253,17 +253,69 @@ def _slope_tiles(xf, gf, out, m0_t, scale_t, shift_t, neg):
             os[j] = g if z > 0.0 else g * (neg + (z - z))
 
 
+@helper
+def _grad_channel_sums(xf, gf, P, C, kp, m0, m0_t, blk, blk2, acc_t, acc2_t, acc, acc2):
+    """Per-channel ``sum(g)`` and ``sum(g * (x - m0))`` (float64, into ``acc`` and ``acc2``)
+    of one example (``xf``, ``gf``: P positions of C channels, flat), in X's dtype over
+    blocks of ``ROW_BLOCK`` tiles of ``kp`` positions, then the positions past the last
+    whole tile: the backward twin of :func:`_shifted_channel_sums`."""
+    W = kp * C
+    n_tiles = P // kp
+    for j in range(W):
+        acc_t[j] = 0.0
+        acc2_t[j] = 0.0
+    for t0 in range(0, n_tiles, ROW_BLOCK):
+        for j in range(W):
+            blk[j] = 0.0
+            blk2[j] = 0.0
+        for t in range(t0, min(t0 + ROW_BLOCK, n_tiles)):
+            xs = xf[t * W:(t + 1) * W]
+            gs = gf[t * W:(t + 1) * W]
+            for j in range(W):
+                g = gs[j]
+                blk[j] += g
+                blk2[j] += g * (xs[j] - m0_t[j])
+        for j in range(W):
+            acc_t[j] += blk[j]
+            acc2_t[j] += blk2[j]
+    _fold(acc_t, acc)
+    _fold(acc2_t, acc2)
+    for p in range(n_tiles * kp, P):
+        xs = xf[p * C:(p + 1) * C]
+        gs = gf[p * C:(p + 1) * C]
+        for c in range(C):
+            g = gs[c]
+            acc[c] += g
+            acc2[c] += g * (xs[c] - m0[c])
+
+
+@helper
+def _dx_tiles(xf, gf, dxf, m0_t, fa_t, fb_t, fr_t, fq_t):
+    """``dx = (g * fa + fb) - ((x - m0) * fr) * fq`` over whole tiles of ``len(m0_t)``
+    values, the per-channel factors tiled (see :func:`_group_backward_cl_task`)."""
+    W = m0_t.shape[0]
+    for t in range(xf.shape[0] // W):
+        xs = xf[t * W:(t + 1) * W]
+        gs = gf[t * W:(t + 1) * W]
+        ds = dxf[t * W:(t + 1) * W]
+        for j in range(W):
+            ds[j] = (gs[j] * fa_t[j] + fb_t[j]) - ((xs[j] - m0_t[j]) * fr_t[j]) * fq_t[j]
+
+
 @task_body(ordered=True)
 def _group_backward_cl_task(k, X, dY, mean, invstd, gamma, beta, n_groups, code, alpha,
                             rows_per_chunk, dX, partial_dgamma, partial_dbeta):
     """Task ``k`` of :func:`group_backward_cl` (the ``prange`` body; see ``task_body``).
 
-    In X's dtype: sums of g and g * (x - m0) per block of positions (m0 the mean rounded
-    to X's dtype), flushed into float64; then sum(g * (x - mean)) = sum(g * (x - m0)) -
-    (mean - m0) * sum(g), times invstd once per channel. With ReLU / leaky ReLU,
-    ``g = dY * f'(z)`` of the example is formed first into a buffer of X's dtype (tiled
-    as in the forward), and the rest runs as without an activation (the per-position
-    float64 path it replaces made GroupNorm(32, relu) training 1.9x the identity's).
+    In X's dtype: sums of g and g * (x - m0) per block of tiles (m0 the mean rounded to
+    X's dtype), flushed into float64; then sum(g * (x - mean)) = sum(g * (x - m0)) -
+    (mean - m0) * sum(g), times invstd once per channel. Both passes walk the example in
+    the forward's tiles of ``kp`` positions (inner loops ``kp * C`` long, the per-channel
+    factors and accumulators tiled; per position, C = 64 loops were bound by their own
+    overhead). With ReLU / leaky ReLU, ``g = dY * f'(z)`` of the example is formed first
+    into a buffer of X's dtype, and the rest runs as without an activation (the
+    per-position float64 path it replaces made GroupNorm(32, relu) training 1.9x the
+    identity's).
     """
     N, P, C = X.shape
     cg = C // n_groups
@@ -275,29 +327,31 @@ def _group_backward_cl_task(k, X, dY, mean, invstd, gamma, beta, n_groups, code,
     for c in range(C):
         pdg[c] = 0.0
         pdb[c] = 0.0
+    kp = max(1, min(P, _TILE // C))
+    W = kp * C
+    tail = (P // kp) * kp
     mc = np.empty(C, np.float64)
     rc = np.empty(C, np.float64)
     ag = np.empty(C, np.float64)
     agx = np.empty(C, np.float64)
     m0 = np.empty(C, X.dtype)
-    bg = np.empty(C, X.dtype)
-    bgx = np.empty(C, X.dtype)
     fa = np.empty(C, X.dtype)
     fb = np.empty(C, X.dtype)
     fq = np.empty(C, X.dtype)
     fr = np.empty(C, X.dtype)
+    blk = np.empty(W, X.dtype)        # tiled block accumulators in X's dtype
+    blk2 = np.empty(W, X.dtype)
+    acc_t = np.empty(W, np.float64)   # tiled float64 accumulators
+    acc2_t = np.empty(W, np.float64)
+    m0_t = np.empty(W, X.dtype)
+    fa_t = np.empty(W, X.dtype)
+    fb_t = np.empty(W, X.dtype)
+    fq_t = np.empty(W, X.dtype)
+    fr_t = np.empty(W, X.dtype)
     reject_smooth(code)
     _, neg = piecewise_slopes(code, alpha, m0)
     act = code != 0
-    kp = max(1, min(P, _TILE // C))
-    W = kp * C if act else 0
-    tail = (P // kp) * kp
     gbuf = np.empty(P * C if act else 0, X.dtype)
-    scale = np.empty(C, X.dtype)
-    shift = np.empty(C, X.dtype)
-    m0_t = np.empty(W, X.dtype)
-    scale_t = np.empty(W, X.dtype)
-    shift_t = np.empty(W, X.dtype)
     for n in range(start, stop):
         xf = X[n].reshape(P * C)
         gy = dY[n].reshape(P * C)
@@ -308,36 +362,20 @@ def _group_backward_cl_task(k, X, dY, mean, invstd, gamma, beta, n_groups, code,
                 rc[c] = invstd[n, g]
         for c in range(C):
             m0[c] = mc[c]
-            ag[c] = 0.0
-            agx[c] = 0.0
-        if act:
+        _tile(m0, m0_t)
+        if act:  # the forward's z = (x - m0) * scale + shift; fa, fb hold scale, shift here
             for c in range(C):
                 sc = rc[c] * gamma[c]
-                scale[c] = sc
-                shift[c] = beta[c] - (mc[c] - m0[c]) * sc
-            _tile(m0, m0_t)
-            _tile(scale, scale_t)
-            _tile(shift, shift_t)
-            _slope_tiles(xf[:tail * C], gy[:tail * C], gbuf[:tail * C], m0_t, scale_t, shift_t,
-                         neg)
+                fa[c] = sc
+                fb[c] = beta[c] - (mc[c] - m0[c]) * sc
+            _tile(fa, fa_t)
+            _tile(fb, fb_t)
+            _slope_tiles(xf[:tail * C], gy[:tail * C], gbuf[:tail * C], m0_t, fa_t, fb_t, neg)
             for p in range(tail, P):
                 _slope_tiles(xf[p * C:(p + 1) * C], gy[p * C:(p + 1) * C],
-                             gbuf[p * C:(p + 1) * C], m0, scale, shift, neg)
+                             gbuf[p * C:(p + 1) * C], m0, fa, fb, neg)
             gy = gbuf
-        for p0 in range(0, P, ROW_BLOCK):
-            for c in range(C):
-                bg[c] = 0.0
-                bgx[c] = 0.0
-            for p in range(p0, min(p0 + ROW_BLOCK, P)):
-                xs = xf[p * C:(p + 1) * C]
-                gp = gy[p * C:(p + 1) * C]
-                for c in range(C):
-                    gv = gp[c]
-                    bg[c] += gv
-                    bgx[c] += gv * (xs[c] - m0[c])
-            for c in range(C):
-                ag[c] += bg[c]
-                agx[c] += bgx[c]
+        _grad_channel_sums(xf, gy, P, C, kp, m0, m0_t, blk, blk2, acc_t, acc2_t, ag, agx)
         for c in range(C):
             agx[c] = (agx[c] - (mc[c] - m0[c]) * ag[c]) * rc[c]
         for c in range(C):
@@ -363,12 +401,14 @@ def _group_backward_cl_task(k, X, dY, mean, invstd, gamma, beta, n_groups, code,
             fb[c] = (mc[c] - m0[c]) * rc[c] * q - rc[c] * ag[c]
             fq[c] = q
             fr[c] = rc[c]
-        for p in range(P):
-            xs = xf[p * C:(p + 1) * C]
-            gp = gy[p * C:(p + 1) * C]
-            ds = dxf[p * C:(p + 1) * C]
-            for c in range(C):
-                ds[c] = (gp[c] * fa[c] + fb[c]) - ((xs[c] - m0[c]) * fr[c]) * fq[c]
+        _tile(fa, fa_t)
+        _tile(fb, fb_t)
+        _tile(fq, fq_t)
+        _tile(fr, fr_t)
+        _dx_tiles(xf[:tail * C], gy[:tail * C], dxf[:tail * C], m0_t, fa_t, fb_t, fr_t, fq_t)
+        for p in range(tail, P):
+            _dx_tiles(xf[p * C:(p + 1) * C], gy[p * C:(p + 1) * C], dxf[p * C:(p + 1) * C],
+                      m0, fa, fb, fr, fq)
 
 
 @kernel(ordered=True)
