@@ -314,6 +314,15 @@ def normalization_rows(nbnet, torch, npml, quick, dtypes_1d=("float32", "float64
                   bn_relu_torch, None, img, f32, "nhwc"))
     specs.append(("BatchNorm2D + ReLU layer NHWC", _bn_plus_relu(nbnet), bn_relu_torch, None,
                   img, f32, "nhwc"))
+    # ReLU fused into the other layer families (selects in the input's dtype; PyTorch: the
+    # layer, then nn.ReLU)
+    gn_relu_torch = nn and (lambda: nn.Sequential(nn.GroupNorm(32, img[3], eps=1e-5), nn.ReLU()))
+    specs.append(("GroupNorm(32, act_fn=relu) NHWC", nb("GroupNorm", n_groups=32, act_fn="relu"),
+                  gn_relu_torch, None, img, f32, "nhwc"))
+    ln_relu_torch = nn and (lambda C=shapes_1d[1][1]: nn.Sequential(nn.LayerNorm(C, eps=1e-5),
+                                                                    nn.ReLU()))
+    specs.append(("LayerNorm1D(act_fn=relu)", nb("LayerNorm1D", act_fn="relu"), ln_relu_torch,
+                  None, shapes_1d[1], f32, "rows"))
     # a smooth act_fn (on CPU its own vectorised pass after the normalization); PyTorch has
     # no fused form, so its row is the same two modules in sequence
     bn_gelu_torch = nn and (lambda C=shapes_1d[1][1]: nn.Sequential(
