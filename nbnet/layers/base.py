@@ -191,15 +191,20 @@ class LayerBase:
         return None
 
     def _check_dtype_matches(self, X):
-        dtype = self._param_dtype()
-        if dtype is not None and np.dtype(X.dtype) != dtype:
-            raise TypeError(f"{type(self).__name__} holds {dtype} parameters (set by its first "
-                            f"input) but got {np.dtype(X.dtype)} input; pass {dtype} data")
+        for v in self.parameters.values():  # the first parameter's dtype (all share it)
+            if v.dtype != X.dtype:
+                dtype = np.dtype(v.dtype)
+                raise TypeError(f"{type(self).__name__} holds {dtype} parameters (set by its "
+                                f"first input) but got {np.dtype(X.dtype)} input; pass {dtype} "
+                                "data")
+            return
 
     def _kernel(self, op):
         return get_kernel(op, self.device)
 
     def _empty(self, shape, dtype):
+        if self.device == "cpu":  # (the common case without a second call: a few per step)
+            return np.empty(shape, dtype)
         return devices.empty(shape, dtype, self.device)
 
     def _output(self, key, shape, dtype):

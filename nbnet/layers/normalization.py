@@ -252,7 +252,9 @@ class _BatchNormBase(_NormBase):
 
     # -------------------------------------------------------------- views
     def _rows(self, X):
-        """The ``(rows, C)`` view the column kernels run on."""
+        """The ``(rows, C)`` view the column kernels run on (``X`` itself when 2-D)."""
+        if X.ndim == 2:
+            return X
         return X.reshape(-1, X.shape[-1])
 
     def _column_layout(self, X):
@@ -525,6 +527,8 @@ class LayerNorm1D(_NormBase):
         }
 
     def _rows(self, X):
+        if X.ndim == 2:
+            return X
         return X.reshape(X.shape[0], math.prod(X.shape[1:]))
 
     def _build_for(self, X):
@@ -533,9 +537,12 @@ class LayerNorm1D(_NormBase):
     def _gamma_beta(self):
         """Flat ``(D,)`` scaler and intercept (zeros for a layer without an intercept)."""
         p = self.parameters
-        gamma = p["scaler"].reshape(-1)
+        gamma = p["scaler"]
+        if gamma.ndim != 1:  # LayerNorm2D's (H, W, C)
+            gamma = gamma.reshape(-1)
         if "intercept" in p:
-            return gamma, p["intercept"].reshape(-1)
+            beta = p["intercept"]
+            return gamma, (beta if beta.ndim == 1 else beta.reshape(-1))
         return gamma, self._zeros(gamma.shape[0], gamma.dtype)
 
     def forward(self, X, retain_derived=True):
