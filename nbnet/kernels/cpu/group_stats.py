@@ -108,6 +108,21 @@ def _shifted_channel_sums(xf, P, C, kp, m0, m0_t, blk, blk2, acc_t, acc2_t, acc,
 
 
 @helper
+def _group_affine(mc, inv, cg, gamma, beta, m0, scale, shift):
+    """Per-channel factors of the output ``z = (x - m0) * scale + shift`` of one example:
+    ``m0`` the group mean ``mc`` rounded to X's dtype, ``scale = invstd * gamma`` and
+    ``shift = beta - (mean - m0) * scale`` (the float64 remainder folded in; see
+    column_stats._affine_factors). ``inv``: the example's invstd per group. The forward
+    and the activation slopes of the backward both take them from here, so a slope
+    always agrees with the output it belongs to."""
+    for c in range(mc.shape[0]):
+        m0[c] = mc[c]
+        sc = inv[c // cg] * gamma[c]
+        scale[c] = sc
+        shift[c] = beta[c] - (mc[c] - m0[c]) * sc
+
+
+@helper
 def _affine_tiles(xf, yf, m0_t, scale_t, shift_t, code, neg):
     """``yf = f((xf - m0_t) * scale_t + shift_t)`` over whole tiles of ``W = len(m0_t)``
     values, the factors repeating every tile; ``f`` the identity (``code`` 0) or ReLU /
@@ -204,14 +219,8 @@ def _group_forward_cl_task(k, X, gamma, beta, n_groups, eps, code, alpha, rows_p
                 break
             for c in range(C):  # again, around the mean just found
                 m0[c] = mc[c]
-        # pass 3: normalise, affine, activation. z = (x - m0) * scale + shift with the
-        # float64 remainder mean - m0 folded into shift (see column_stats._affine_factors)
-        for c in range(C):
-            m0[c] = mc[c]
-            r = invstd[n, c // cg]
-            sc = r * gamma[c]
-            scale[c] = sc
-            shift[c] = beta[c] - (mc[c] - m0[c]) * sc
+        # pass 3: normalise, affine, activation
+        _group_affine(mc, invstd[n], cg, gamma, beta, m0, scale, shift)
         _tile(m0, m0_t)
         _tile(scale, scale_t)
         _tile(shift, shift_t)
@@ -360,14 +369,10 @@ def _group_backward_cl_task(k, X, dY, mean, invstd, gamma, beta, n_groups, code,
             for c in range(g * cg, (g + 1) * cg):
                 mc[c] = mean[n, g]
                 rc[c] = invstd[n, g]
-        for c in range(C):
-            m0[c] = mc[c]
+        # m0, and the forward's scale and shift (in fa, fb until the dx factors replace them)
+        _group_affine(mc, invstd[n], cg, gamma, beta, m0, fa, fb)
         _tile(m0, m0_t)
-        if act:  # the forward's z = (x - m0) * scale + shift; fa, fb hold scale, shift here
-            for c in range(C):
-                sc = rc[c] * gamma[c]
-                fa[c] = sc
-                fb[c] = beta[c] - (mc[c] - m0[c]) * sc
+        if act:
             _tile(fa, fa_t)
             _tile(fb, fb_t)
             _slope_tiles(xf[:tail * C], gy[:tail * C], gbuf[:tail * C], m0_t, fa_t, fb_t, neg)
