@@ -433,6 +433,26 @@ def test_flatten():
         Flatten("middle")
 
 
+@pytest.mark.parametrize("keep_dim, out_shape", [("first", (4, 30)), ("last", (24, 5)),
+                                                 (-1, (1, 120))])
+def test_flatten_backward_needs_the_output_shape(keep_dim, out_shape):
+    """A gradient with as many values but another shape (transposed, or the input's own
+    shape) is an error naming both shapes, not a silent reshape that mixes examples."""
+    X = _data((4, 3, 2, 5), np.float32)
+    layer = Flatten(keep_dim)
+    assert layer.forward(X).shape == out_shape
+    for bad in (np.ones(out_shape[::-1], np.float32), np.ones(X.shape, np.float32),
+                np.ones((X.size,), np.float32)):
+        with pytest.raises(ValueError, match=r"must have the shape forward returned"):
+            layer.backward(bad)
+    dY = _data(out_shape, np.float32, seed=3)
+    np.testing.assert_array_equal(layer.backward(dY), dY.reshape(X.shape))
+    # empty batches keep their trailing size
+    E = np.zeros((0, 3, 2, 5), np.float32)
+    assert Flatten(keep_dim).forward(E, retain_derived=False).shape == \
+        {"first": (0, 30), "last": (0, 5), -1: (1, 0)}[keep_dim]
+
+
 # ---------------------------------------------------------------- vectorisable CPU math
 def _vector_math_eval():
     """Loops over (exp, expm1, tanh, erf) of vector_math: the float64 ones and the float32 ones."""

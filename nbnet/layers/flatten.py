@@ -27,26 +27,40 @@ class Flatten(LayerBase):
     def hyperparameters(self):
         return {"layer": "Flatten", "keep_dim": self.keep_dim, "device": self.device}
 
+    def _out_shape(self, shape):
+        """The output shape for an input of ``shape`` (see ``keep_dim``)."""
+        shape = tuple(int(d) for d in shape)
+        if not shape:  # a 0-d input is one value
+            return (1, 1)
+        if self.keep_dim == "first":
+            return (shape[0], int(np.prod(shape[1:], dtype=np.int64)))
+        if self.keep_dim == "last":
+            return (int(np.prod(shape[:-1], dtype=np.int64)), shape[-1])
+        return (1, int(np.prod(shape, dtype=np.int64)))
+
     def forward(self, X, retain_derived=True):
         X = check_float_array(X, "X", device=self.device)
-        if self.keep_dim == "first":
-            Y = X.reshape(X.shape[0] if X.ndim else 1, -1)
-        elif self.keep_dim == "last":
-            Y = X.reshape(-1, X.shape[-1] if X.ndim else 1)
-        else:
-            Y = X.reshape(1, -1)
+        Y = X.reshape(self._out_shape(X.shape))
         if self._is_training(retain_derived):
             self.X.append(X)
             self.derived_variables["in_dims"].append(tuple(X.shape))
         return Y
 
     def backward(self, dLdy, retain_grads=True):
+        """dL/dX: ``dLdy`` (the shape forward returned) reshaped to the input's shape.
+
+        A gradient of any other shape is a ``ValueError``, even one with as many values: a
+        transposed ``(features, N)`` gradient would otherwise reshape without complaint and
+        mix the examples.
+        """
         grads, was_list = self._gradient_list(dLdy)
-        out = []
+        checked = []
         for dy, X in zip(grads, self.X):
             dy = check_float_array(dy, "dLdy", device=self.device)
-            if int(np.prod(dy.shape)) != int(np.prod(X.shape)):
-                raise ValueError(f"dLdy of shape {tuple(dy.shape)} cannot be reshaped to the "
-                                 f"layer's input shape {tuple(X.shape)}")
-            out.append(dy.reshape(X.shape))
+            want = self._out_shape(X.shape)
+            if tuple(dy.shape) != want:
+                raise ValueError(f"{type(self).__name__}.backward: dLdy must have the shape "
+                                 f"forward returned, {want}; got {tuple(dy.shape)}")
+            checked.append(dy)
+        out = [dy.reshape(X.shape) for dy, X in zip(checked, self.X)]
         return out if was_list else out[0]
