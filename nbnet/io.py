@@ -184,6 +184,19 @@ def _read(path):
     """(header dict, {name: array}) from a checkpoint, every check done."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"checkpoint {path} is a directory, expected an .npz file "
+                                "written by nbnet.save")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    # np.load takes anything that is not a zip or .npy for a pickle; say what it really is
+    if magic[:2] != b"PK":
+        what = ("an empty file" if not magic else
+                "a single .npy array" if magic.startswith(b"\x93NUM") else
+                "a pickle" if magic[:1] == b"\x80" else
+                f"not a zip archive (it starts with {magic!r})")
+        raise CheckpointError(f"{path} is not an nbnet checkpoint: {what}; expected the .npz "
+                              "archive that nbnet.save writes")
     try:
         with np.load(path, allow_pickle=False) as npz:
             names = list(npz.files)

@@ -146,8 +146,21 @@ def test_corrupt_truncated_and_foreign_files(tmp_path):
         nbnet.load(tampered)
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"not a zip file at all")
-    with pytest.raises(CheckpointError, match="garbage.npz"):
+    with pytest.raises(CheckpointError, match="garbage.npz is not an nbnet checkpoint: not a zip"):
         nbnet.load(garbage)
+    # files np.load would take for a pickle are named for what they are, not "pickled"
+    for name, content, what in (("empty.npz", b"", "an empty file"),
+                                ("pickle.npz", b"\x80\x04K\x01.", "a pickle"),
+                                ("random.npz", bytes(range(7, 200)), "not a zip archive")):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(CheckpointError, match=f"{name} is not an nbnet checkpoint: {what}"):
+            nbnet.load(tmp_path / name)
+    single = tmp_path / "single.npy"
+    np.save(single, np.ones(3))
+    with pytest.raises(CheckpointError, match="single.npy is not an nbnet checkpoint: a single"):
+        nbnet.load(single)
+    with pytest.raises(IsADirectoryError, match="is a directory, expected an .npz"):
+        nbnet.load(tmp_path)
     foreign = tmp_path / "foreign.npz"
     np.savez(foreign, x=np.ones(3))
     with pytest.raises(CheckpointError, match="foreign.npz.*not an nbnet checkpoint"):
