@@ -504,11 +504,42 @@ class Model:
                 y = y.reshape(-1, 1)
         return y
 
-    def _prep_data(self, X, y, name="X"):
+    def _prep_finite_X(self, X, name="X"):
+        """:meth:`_prep_X`, and NaN or inf in ``X`` is a ``ValueError`` naming the first row
+        (it would give a NaN loss, or, in ``predict``, class 0 for that row without a word)."""
         X = self._prep_X(X)
         if X.dtype.kind == "f" and not np.isfinite(X).all():
             raise ValueError(f"{name} contains NaN or inf (at row {int(np.argwhere(~np.isfinite(X))[0][0])})")
+        return X
+
+    def _prep_data(self, X, y, name="X"):
+        X = self._prep_finite_X(X, name)
         return X, self._check_targets(y, X.shape[0], "y" if name == "X" else "y_val")
+
+    def _check_target_width(self, X, y, name="y"):
+        """Targets against the model's outputs, before a step changes anything.
+
+        The loss checks every batch as well, but in ``fit`` that comes too late: the batches
+        before the first bad label would already have trained (and a bad ``y_val`` would
+        only show after the first epoch). One example through the model in inference mode
+        (no running statistics touched) gives the output width.
+        """
+        if X.shape[0] == 0:
+            return
+        try:
+            out = self._logits_or_output(X[:1], 1)
+        except ValueError as exc:  # the layer names the probe's (1, ...) slice: say whose
+            x_name = "X_val" if name == "y_val" else "X"
+            raise ValueError(f"{x_name} of shape {X.shape} does not fit the model: {exc}") from None
+        width = out.shape[1] if out.ndim > 1 else 1
+        if self.is_classifier and y.ndim == 1:
+            if y.max() >= width:
+                raise ValueError(f"{name}: class labels must be in [0, {width}) for a model with "
+                                 f"{width} outputs, got labels up to {int(y.max())}")
+        elif y.shape[1:] != out.shape[1:]:
+            kind = "one-hot rows" if self.is_classifier else "targets"
+            raise ValueError(f"{name} must be {kind} of shape (N, {', '.join(map(str, out.shape[1:]))}) "
+                             f"to match the model's outputs, got shape {y.shape}")
 
     def _metric_sum(self, y, out):
         """Per-batch sum of the metric (correct predictions / squared errors)."""
@@ -580,6 +611,9 @@ class Model:
             if not (isinstance(validation_data, (tuple, list)) and len(validation_data) == 2):
                 raise ValueError("validation_data must be a pair (X_val, y_val)")
             Xv, yv = self._prep_data(*validation_data, name="X_val")
+        self._check_target_width(X, y)
+        if validation_data is not None:
+            self._check_target_width(Xv, yv, "y_val")
         callbacks = list(callbacks or [])
         rng = np.random.default_rng(seed) if seed is not None else self._rng
         n = X.shape[0]
@@ -687,7 +721,7 @@ class Model:
 
     def predict(self, X, batch_size=1024):
         """Class indices (classifier) or outputs (regressor), in inference mode."""
-        out = self._infer(self._prep_X(X), batch_size)
+        out = self._infer(self._prep_finite_X(X), batch_size)
         if self.is_classifier:
             return np.argmax(out, axis=1)
         return out
@@ -696,7 +730,7 @@ class Model:
         """Class probabilities (softmax of the logits, or a trailing Softmax's output)."""
         if not self.is_classifier:
             raise AttributeError("predict_proba needs a classifier (loss='cross_entropy')")
-        out = self._infer(self._prep_X(X), batch_size)
+        out = self._infer(self._prep_finite_X(X), batch_size)
         if isinstance(self.layers[-1], Softmax):
             return out
         z = out.astype(np.float64)

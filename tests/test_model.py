@@ -234,6 +234,55 @@ def test_fit_input_validation():
         m.predict(np.zeros((2, 5)))
 
 
+def _state(model):
+    return [{k: np.array(v, copy=True) for k, v in w.items()} for w in model.get_weights()]
+
+
+def _same_state(a, b):
+    return all(set(x) == set(y) and all(np.array_equal(x[k], y[k]) for k in x)
+               for x, y in zip(a, b))
+
+
+def test_fit_checks_every_target_before_the_first_step():
+    """A label the model has no output for, in the last batch only, or a bad y_val (only
+    evaluated after an epoch) raise before any step: weights, running statistics and the
+    optimizer's step count stay as they were (the per-batch check in the loss came after
+    the earlier batches had trained)."""
+    X, y = _blobs(64)
+    model = Model([FullyConnected(8), BatchNorm1D(act_fn="relu"), FullyConnected(3)],
+                  optimizer="adam", seed=0)
+    model.fit(X, y, epochs=1, batch_size=16, verbose=0)
+    before = _state(model)
+    steps = [layer.optimizer.cur_step for layer in model.layers if layer.optimizer is not None]
+    y_last = y.copy()
+    y_last[-1] = 3  # in the last batch when not shuffled
+    onehot4 = np.eye(4, dtype=np.float32)[y]
+    cases = [
+        (dict(x=X, y=y_last, shuffle=False), r"y: class labels must be in \[0, 3\).*up to 3"),
+        (dict(x=X, y=onehot4), r"y must be one-hot rows of shape \(N, 3\).*\(64, 4\)"),
+        (dict(x=X, y=y, validation_data=(X, y + 3)), r"y_val: class labels must be in \[0, 3\)"),
+        (dict(x=X[:, :, None], y=y), r"X of shape \(64, 6, 1\) does not fit the model"),
+    ]
+    for kw, msg in cases:
+        kw = dict(kw)
+        with pytest.raises(ValueError, match=msg):
+            model.fit(kw.pop("x"), kw.pop("y"), epochs=2, batch_size=16, verbose=0, **kw)
+        assert _same_state(before, _state(model))
+        assert [layer.optimizer.cur_step for layer in model.layers
+                if layer.optimizer is not None] == steps
+    # a regressor's targets must match its output width too
+    reg = Model([FullyConnected(2)], loss="mse", seed=0)
+    with pytest.raises(ValueError, match=r"targets of shape \(N, 2\).*\(64, 3\)"):
+        reg.fit(X, np.zeros((64, 3), np.float32), verbose=0)
+    # predict: NaN is named, not turned into class 0
+    bad = X.copy()
+    bad[5, 2] = np.nan
+    with pytest.raises(ValueError, match=r"NaN or inf \(at row 5\)"):
+        model.predict(bad)
+    with pytest.raises(ValueError, match=r"NaN or inf \(at row 5\)"):
+        model.predict_proba(bad)
+
+
 def test_optimizer_and_scheduler_through_model():
     model = Model([FullyConnected(4), BatchNorm1D(), FullyConnected(3)], optimizer="sgd(lr=0.05)",
                   lr_scheduler="exponential(initial_lr=0.1, stage_length=1, decay=0.5)", seed=0)
