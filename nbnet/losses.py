@@ -76,6 +76,22 @@ def _check_logits(z):
     return masked
 
 
+def _check_probabilities(p):
+    """``CrossEntropy(from_logits=False)`` reads ``y_pred`` as probabilities: a value
+    outside [0, 1] (beyond a few ulps of rounding) is almost always logits passed to the
+    probability form, which would give a finite, wrong (even negative) loss."""
+    if p.size == 0:
+        return
+    slack = 16 * np.finfo(p.dtype).eps
+    lo, hi = float(p.min()), float(p.max())
+    if lo < -slack or hi > 1.0 + slack:
+        bad = p < -slack if lo < -slack else p > 1.0 + slack
+        where = np.argwhere(bad)[0].tolist()
+        raise ValueError(f"CrossEntropy(from_logits=False) takes probabilities in [0, 1]; y_pred "
+                         f"holds {float(p[tuple(where)]):.6g} at index {where} (values in [{lo:.4g}, "
+                         f"{hi:.4g}]). For logits use CrossEntropy(from_logits=True)")
+
+
 def _check_targets_unmasked(hit):
     """Target weight on a -inf logit makes the loss infinite: say where."""
     if hit.any():
@@ -221,6 +237,8 @@ class CrossEntropy(_Loss):
                 onehot = np.zeros_like(masked)
                 onehot[np.arange(N), labels] = True
                 _check_targets_unmasked(masked & onehot)
+            if not self.from_logits:  # values last, once the shapes are known to be right
+                _check_probabilities(y_pred)
             return np.ascontiguousarray(labels), y_pred
         y = _as_float("y", y_arr, dtype=y_pred.dtype)
         if y.shape != y_pred.shape:
@@ -229,6 +247,8 @@ class CrossEntropy(_Loss):
         _check_finite("y", y)
         if masked is not None:
             _check_targets_unmasked(masked & (y != 0))
+        if not self.from_logits:
+            _check_probabilities(y_pred)
         return y, y_pred
 
     def _run(self, y, y_pred, want_grad):

@@ -96,6 +96,25 @@ def test_cross_entropy_numpy_ml_probability_form():
                                rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cross_entropy_probability_form_rejects_logits(dtype):
+    """Logits (or anything outside [0, 1]) given to the probability form are an error that
+    points to from_logits=True: the loss would be finite and wrong, negative for p > 1."""
+    Z = _logits((5, 4)).astype(dtype)
+    labels = np.array([0, 1, 2, 3, 0])
+    ce = CrossEntropy()
+    for bad in (Z, np.abs(Z) + 1.5, -ref.softmax_ref(Z).astype(dtype)):
+        with pytest.raises(ValueError, match=r"takes probabilities in \[0, 1\].*from_logits=True"):
+            ce.loss(labels, bad)
+        with pytest.raises(ValueError, match="from_logits=True"):
+            ce.grad(labels, bad)
+    # exact 0 and 1 (a saturated softmax) and the float32 softmax itself are probabilities
+    P = ref.softmax_ref(Z).astype(dtype)
+    P[0] = 0.0
+    P[0, 0] = 1.0
+    assert np.isfinite(ce.loss(labels, P))
+
+
 def test_cross_entropy_is_stable_for_huge_logits():
     Z = np.array([[1e4, 0.0, -1e4], [0.0, 1e4, 1e4 - 20]], np.float32)
     labels = np.array([2, 2])
