@@ -746,7 +746,12 @@ class Model:
                 for layer in self.layers]
 
     def set_weights(self, weights):
-        """Copy values from :meth:`get_weights` into the parameters (in place)."""
+        """Copy values from :meth:`get_weights` into the parameters (in place).
+
+        Everything is checked before anything is copied (layer count, parameter names,
+        shapes, numeric and finite values, ``running_var >= 0``): a failed call changes
+        nothing.
+        """
         if len(weights) != len(self.layers):
             raise ValueError(f"expected weights for {len(self.layers)} layers, got {len(weights)}")
         for layer, w in zip(self.layers, weights):
@@ -754,9 +759,18 @@ class Model:
                 raise ValueError(f"{type(layer).__name__}: expected parameters "
                                  f"{sorted(layer.parameters)}, got {sorted(w)}")
             for k, v in w.items():
+                where = f"{type(layer).__name__}.{k}"
                 if tuple(np.shape(v)) != tuple(layer.parameters[k].shape):
-                    raise ValueError(f"{type(layer).__name__}.{k}: shape {np.shape(v)} != "
+                    raise ValueError(f"{where}: shape {np.shape(v)} != "
                                      f"{tuple(layer.parameters[k].shape)}")
+                a = np.asarray(devices.to_host(v) if devices.is_device_array(v) else v)
+                if a.dtype.kind not in "fiu":
+                    raise TypeError(f"{where}: expected a numeric array, got dtype {a.dtype}")
+                if a.dtype.kind == "f" and not np.isfinite(a).all():
+                    raise ValueError(f"{where} contains NaN or inf (at index "
+                                     f"{np.argwhere(~np.isfinite(a))[0].tolist()})")
+                if k == "running_var" and a.size and a.min() < 0:
+                    raise ValueError(f"{where}: a variance cannot be negative, got {a.min()}")
         for layer, w in zip(self.layers, weights):
             for k, v in w.items():
                 p = layer.parameters[k]

@@ -319,3 +319,37 @@ def test_tqdm_progress_bar_on_a_terminal(monkeypatch):
     Model([FullyConnected(4), FullyConnected(3)], seed=0).fit(X, y, epochs=2, batch_size=16, verbose=1)
     text = term.getvalue()
     assert "epoch 1/2" in text and "epoch 2/2" in text and "4/4" in text and "accuracy" in text
+
+
+def test_set_weights_checks_everything_before_copying():
+    X, y = _blobs(32, d=5)
+    model = Model([FullyConnected(4), BatchNorm1D(), FullyConnected(3)], seed=0)
+    model.fit(X, y, epochs=1, batch_size=16, verbose=0)
+    before = _state(model)
+    other = Model([FullyConnected(4), BatchNorm1D(), FullyConnected(3)], seed=1)
+    other.fit(X, y, epochs=2, batch_size=16, verbose=0)
+    good = other.get_weights()
+
+    def spoil(i, key, fn):
+        w = [dict(layer) for layer in good]
+        w[i][key] = fn(w[i][key].copy())
+        return w
+
+    def nan_at_0(a):
+        a.flat[0] = np.nan
+        return a
+
+    bad = [
+        (spoil(2, "W", lambda a: a[:, :2]), ValueError, r"FullyConnected.W: shape \(4, 2\)"),
+        (spoil(2, "b", nan_at_0), ValueError, r"FullyConnected.b contains NaN or inf"),
+        (spoil(1, "running_var", lambda a: -a), ValueError, "variance cannot be negative"),
+        (spoil(0, "W", lambda a: a.astype(str)), TypeError, "numeric"),
+        (good[:2], ValueError, "expected weights for 3 layers"),
+    ]
+    for w, exc, msg in bad:
+        with pytest.raises(exc, match=msg):
+            model.set_weights(w)
+        assert _same_state(before, _state(model))  # the valid layers before it were not copied
+    model.set_weights(good)
+    assert _same_state(_state(other), _state(model))
+    np.testing.assert_array_equal(model.predict(X), other.predict(X))
