@@ -448,7 +448,7 @@ def _parser():
     t.add_argument("data", nargs="?", help="data.csv or data.npz (default: bundled digits)")
     t.add_argument("--target", help="target column (default: the last column; 'target' for digits)")
     t.add_argument("--task", choices=("classify", "regress"), help="override the inferred task")
-    t.add_argument("--hidden", default="256,128", help="hidden layer sizes, e.g. 256,128")
+    t.add_argument("--hidden", default="256,128", help="hidden layer sizes, e.g. 256,128 (0 or none: no hidden layer, a linear model)")
     t.add_argument("--norm", choices=("batch", "layer", "none"), default="batch")
     t.add_argument("--epochs", type=int, default=20)
     t.add_argument("--batch-size", type=int, default=128)
