@@ -15,6 +15,15 @@ def _dtype_error(name, dtype):
                      f"cast it first (e.g. {name}.astype(np.float32))")
 
 
+def check_finite(name, arr, hint=""):
+    """``ValueError`` naming NaN or inf and the index of the first one in a float array
+    (``hint`` appended to the message); other dtypes pass."""
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        what = "NaN" if np.isnan(arr).any() else "inf"
+        raise ValueError(f"{name} contains {what} (at index "
+                         f"{np.argwhere(~np.isfinite(arr))[0].tolist()}){hint}")
+
+
 def check_float_array(X, name="X", ndim=None, device="cpu"):
     """Return ``X`` as a C-contiguous float32/float64 array for ``device``.
 

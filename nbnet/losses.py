@@ -22,6 +22,7 @@ the offending argument.
 import numpy as np
 
 from . import devices
+from ._validation import check_finite
 from .registry import get_kernel
 
 _BLOCK = 1 << 14
@@ -51,10 +52,8 @@ def _as_float(name, x, dtype=None):
 
 
 def _check_finite(name, arr):
-    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-        what = "NaN" if np.isnan(arr).any() else "inf"
-        raise ValueError(f"{name} contains {what} (at index {np.argwhere(~np.isfinite(arr))[0].tolist()})"
-                         + ("; training diverged? try a smaller learning rate" if name == "y_pred" else ""))
+    check_finite(name, arr, "; training diverged? try a smaller learning rate"
+                 if name == "y_pred" else "")
 
 
 def _check_logits(z):

@@ -45,6 +45,7 @@ import time
 import numpy as np
 
 from . import devices
+from ._validation import check_finite
 from .layers.activation import Softmax
 from .layers.base import LayerBase
 from .losses import CrossEntropy, get_loss
@@ -766,9 +767,7 @@ class Model:
                 a = np.asarray(devices.to_host(v) if devices.is_device_array(v) else v)
                 if a.dtype.kind not in "fiu":
                     raise TypeError(f"{where}: expected a numeric array, got dtype {a.dtype}")
-                if a.dtype.kind == "f" and not np.isfinite(a).all():
-                    raise ValueError(f"{where} contains NaN or inf (at index "
-                                     f"{np.argwhere(~np.isfinite(a))[0].tolist()})")
+                check_finite(where, a)
                 if k == "running_var" and a.size and a.min() < 0:
                     raise ValueError(f"{where}: a variance cannot be negative, got {a.min()}")
         for layer, w in zip(self.layers, weights):

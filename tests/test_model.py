@@ -341,7 +341,7 @@ def test_set_weights_checks_everything_before_copying():
 
     bad = [
         (spoil(2, "W", lambda a: a[:, :2]), ValueError, r"FullyConnected.W: shape \(4, 2\)"),
-        (spoil(2, "b", nan_at_0), ValueError, r"FullyConnected.b contains NaN or inf"),
+        (spoil(2, "b", nan_at_0), ValueError, r"FullyConnected.b contains NaN \(at index \[0, 0\]\)"),
         (spoil(1, "running_var", lambda a: -a), ValueError, "variance cannot be negative"),
         (spoil(0, "W", lambda a: a.astype(str)), TypeError, "numeric"),
         (good[:2], ValueError, "expected weights for 3 layers"),
