@@ -316,6 +316,10 @@ class KingScheduler(SchedulerBase):
         if cur_loss is None:
             raise ValueError("KingScheduler needs cur_loss (a float), got None")
         cur_loss = float(cur_loss)
+        if not math.isfinite(cur_loss):
+            # a NaN in the history makes every later slope test false: the rate would never
+            # decay again, without a word (the history is left as it was)
+            raise ValueError(f"KingScheduler needs a finite cur_loss, got {cur_loss}")
         self.loss_history.append(cur_loss)
         if len(self.loss_history) < self.patience:
             return self.current_lr

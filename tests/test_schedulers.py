@@ -87,6 +87,10 @@ def test_king_needs_loss_and_state_round_trip():
         sched(step, cur_loss=loss)
     state = sched.state_dict()
     assert isinstance(state["loss_history"], np.ndarray)
+    for bad in (np.nan, np.inf):  # a NaN in the history would stop every later decay
+        with pytest.raises(ValueError, match="finite cur_loss"):
+            sched(20, cur_loss=bad)
+    np.testing.assert_array_equal(sched.state_dict()["loss_history"], state["loss_history"])
     other = KingScheduler(initial_lr=0.1, patience=5, decay=0.5)
     other.load_state_dict(state)
     a = [sched(s, cur_loss=v) for s, v in enumerate(losses[20:], 20)]
