@@ -764,7 +764,7 @@ class Model:
                 if tuple(np.shape(v)) != tuple(layer.parameters[k].shape):
                     raise ValueError(f"{where}: shape {np.shape(v)} != "
                                      f"{tuple(layer.parameters[k].shape)}")
-                a = np.asarray(devices.to_host(v) if devices.is_device_array(v) else v)
+                a = devices.to_host(v)
                 if a.dtype.kind not in "fiu":
                     raise TypeError(f"{where}: expected a numeric array, got dtype {a.dtype}")
                 check_finite(where, a)

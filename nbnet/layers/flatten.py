@@ -54,13 +54,12 @@ class Flatten(LayerBase):
         mix the examples.
         """
         grads, was_list = self._gradient_list(dLdy)
-        checked = []
+        out = []
         for dy, X in zip(grads, self.X):
             dy = check_float_array(dy, "dLdy", device=self.device)
             want = self._out_shape(X.shape)
             if tuple(dy.shape) != want:
                 raise ValueError(f"{type(self).__name__}.backward: dLdy must have the shape "
                                  f"forward returned, {want}; got {tuple(dy.shape)}")
-            checked.append(dy)
-        out = [dy.reshape(X.shape) for dy, X in zip(checked, self.X)]
+            out.append(dy.reshape(X.shape))
         return out if was_list else out[0]
