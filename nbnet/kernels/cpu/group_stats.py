@@ -74,11 +74,18 @@ def _fold(src, dst):
 
 
 @helper
-def _shifted_channel_sums(xf, P, C, kp, m0, m0_t, blk, blk2, acc_t, acc2_t, acc, acc2):
-    """Per-channel ``sum(x - m0)`` and ``sum((x - m0)**2)`` (float64, into ``acc`` and
-    ``acc2``) of one example ``xf`` (P positions of C channels, flat), in X's dtype over
-    blocks of ``ROW_BLOCK`` tiles of ``kp`` positions (``m0_t`` is ``m0`` tiled ``kp``
-    times), then the positions past the last whole tile."""
+def _channel_sums(xf, gf, grad, P, C, kp, m0, m0_t, blk, blk2, acc_t, acc2_t, acc, acc2):
+    """Per-channel sums of one example (``xf``, ``gf``: P positions of C channels, flat),
+    float64, into ``acc`` and ``acc2``: with ``d = x - m0``,
+
+    * ``grad`` false (the forward's shifted moments): ``sum(d)`` and ``sum(d**2)``
+      (``gf`` is not read);
+    * ``grad`` true (the backward): ``sum(g)`` and ``sum(g * d)``.
+
+    In X's dtype over blocks of ``ROW_BLOCK`` tiles of ``kp`` positions (``m0_t`` is ``m0``
+    tiled ``kp`` times), then the positions past the last whole tile. ``grad`` is a
+    constant at each call site, so the select folds away and each caller gets the loop it
+    would have written alone."""
     W = kp * C
     n_tiles = P // kp
     for j in range(W):
@@ -90,10 +97,12 @@ def _shifted_channel_sums(xf, P, C, kp, m0, m0_t, blk, blk2, acc_t, acc2_t, acc,
             blk2[j] = 0.0
         for t in range(t0, min(t0 + ROW_BLOCK, n_tiles)):
             xs = xf[t * W:(t + 1) * W]
+            gs = gf[t * W:(t + 1) * W]
             for j in range(W):
                 d = xs[j] - m0_t[j]
-                blk[j] += d
-                blk2[j] += d * d
+                g = gs[j] if grad else d
+                blk[j] += g
+                blk2[j] += g * d
         for j in range(W):
             acc_t[j] += blk[j]
             acc2_t[j] += blk2[j]
@@ -101,10 +110,12 @@ def _shifted_channel_sums(xf, P, C, kp, m0, m0_t, blk, blk2, acc_t, acc2_t, acc,
     _fold(acc2_t, acc2)
     for p in range(n_tiles * kp, P):
         xs = xf[p * C:(p + 1) * C]
+        gs = gf[p * C:(p + 1) * C]
         for c in range(C):
             d = xs[c] - m0[c]
-            acc[c] += d
-            acc2[c] += d * d
+            g = gs[c] if grad else d
+            acc[c] += g
+            acc2[c] += g * d
 
 
 @helper
@@ -200,7 +211,8 @@ def _group_forward_cl_task(k, X, gamma, beta, n_groups, eps, code, alpha, rows_p
                 m0[c] = xf[g * cg]
         for attempt in range(2):
             _tile(m0, m0_t)
-            _shifted_channel_sums(xf, P, C, kp, m0, m0_t, blk, blk2, acc_t, acc2_t, acc, acc2)
+            _channel_sums(xf, xf, False, P, C, kp, m0, m0_t, blk, blk2, acc_t, acc2_t, acc,
+                          acc2)
             rescue_columns(xf.reshape(P, C), 0, P, m0, acc, acc2)  # overflowed float32 squares
             far = False
             for g in range(n_groups):
@@ -260,42 +272,6 @@ def _slope_tiles(xf, gf, out, m0_t, scale_t, shift_t, neg):
             z = (xs[j] - m0_t[j]) * scale_t[j] + shift_t[j]
             g = gs[j]
             os[j] = g if z > 0.0 else g * (neg + (z - z))
-
-
-@helper
-def _grad_channel_sums(xf, gf, P, C, kp, m0, m0_t, blk, blk2, acc_t, acc2_t, acc, acc2):
-    """Per-channel ``sum(g)`` and ``sum(g * (x - m0))`` (float64, into ``acc`` and ``acc2``)
-    of one example (``xf``, ``gf``: P positions of C channels, flat), in X's dtype over
-    blocks of ``ROW_BLOCK`` tiles of ``kp`` positions, then the positions past the last
-    whole tile: the backward twin of :func:`_shifted_channel_sums`."""
-    W = kp * C
-    n_tiles = P // kp
-    for j in range(W):
-        acc_t[j] = 0.0
-        acc2_t[j] = 0.0
-    for t0 in range(0, n_tiles, ROW_BLOCK):
-        for j in range(W):
-            blk[j] = 0.0
-            blk2[j] = 0.0
-        for t in range(t0, min(t0 + ROW_BLOCK, n_tiles)):
-            xs = xf[t * W:(t + 1) * W]
-            gs = gf[t * W:(t + 1) * W]
-            for j in range(W):
-                g = gs[j]
-                blk[j] += g
-                blk2[j] += g * (xs[j] - m0_t[j])
-        for j in range(W):
-            acc_t[j] += blk[j]
-            acc2_t[j] += blk2[j]
-    _fold(acc_t, acc)
-    _fold(acc2_t, acc2)
-    for p in range(n_tiles * kp, P):
-        xs = xf[p * C:(p + 1) * C]
-        gs = gf[p * C:(p + 1) * C]
-        for c in range(C):
-            g = gs[c]
-            acc[c] += g
-            acc2[c] += g * (xs[c] - m0[c])
 
 
 @helper
@@ -380,7 +356,7 @@ def _group_backward_cl_task(k, X, dY, mean, invstd, gamma, beta, n_groups, code,
                 _slope_tiles(xf[p * C:(p + 1) * C], gy[p * C:(p + 1) * C],
                              gbuf[p * C:(p + 1) * C], m0, fa, fb, neg)
             gy = gbuf
-        _grad_channel_sums(xf, gy, P, C, kp, m0, m0_t, blk, blk2, acc_t, acc2_t, ag, agx)
+        _channel_sums(xf, gy, True, P, C, kp, m0, m0_t, blk, blk2, acc_t, acc2_t, ag, agx)
         for c in range(C):
             agx[c] = (agx[c] - (mc[c] - m0[c]) * ag[c]) * rc[c]
         for c in range(C):
