@@ -365,12 +365,14 @@ def test_batchnorm_float32_outlier_first_value_keeps_statistics_exact(fmt):
 
 
 @pytest.mark.parametrize("make,shape", [(nbnet.LayerNorm1D, (16, 4096)),
+                                        (nbnet.LayerNorm1D, (24, 256)),
                                         (nbnet.LayerNorm2D, (4, 16, 16, 16))])
 def test_layernorm_float32_outlier_first_value_keeps_statistics_exact(make, shape):
     """LayerNorm takes each row's one-pass moments around the row's first value; a first
     value far from the mean (0 before values at 1e4 +- 1, 64 standard deviations away)
     must make the row take its moments again around the mean it found. The other rows
-    (first value typical) take the one pass."""
+    (first value typical) take the one pass. (24, 256): the short rows go through the
+    forward in blocks of several rows, far and typical ones mixed in each block."""
     rng = np.random.default_rng(8)
     X = (1e4 + rng.normal(size=shape)).astype(np.float32)
     X[::2].reshape(X[::2].shape[0], -1)[:, 0] = 0.0
