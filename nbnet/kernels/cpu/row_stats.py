@@ -63,35 +63,25 @@ def _row_shift(m, r, buf):
 
 
 @helper
-def _row_stats(x, center, eps, inv_d):
-    """``(mean, invstd, far)`` of one row: one pass of moments shifted by the row's first
-    value (:func:`~nbnet.kernels.cpu.block_sums.shifted_result`); ``far`` is true when that
-    value lies more than ``SHIFT_LIMIT`` standard deviations from the mean, and the caller
-    then takes the moments again around the mean (:func:`_row_stats_again`). RMSNorm
-    (``center`` false): ``mean = 0``, ``invstd = 1/sqrt(mean(x^2) + eps)``, never far.
+def _row_stats(x, s, center, eps, inv_d):
+    """``(mean, invstd, far)`` of one row from its moments around the shift ``s`` (x's
+    dtype; :func:`~nbnet.kernels.cpu.block_sums.shifted_result`). ``far`` is true when
+    ``s`` lies more than ``SHIFT_LIMIT`` standard deviations from the mean: the caller
+    then takes the moments again around the mean rounded to x's dtype. The first pass
+    shifts by the row's first value. RMSNorm (``center`` false, ``s = 0``): ``mean = 0``,
+    ``invstd = 1/sqrt(mean(x^2) + eps)``, never far.
 
-    One call of the moments for both forms, the shift picked first (0 for RMSNorm): with a
-    call in each branch, the row's view lived on two paths and numba's reference-count
-    pruning left an ``NRT_incref``/``NRT_decref`` call pair in every row (seen in the
-    assembly); a 64-wide float32 row went from 29 to 23 ns (serial ``row_forward``).
+    The caller picks the shift and this makes one call of the moments for both forms:
+    with a call in each branch, the row's view lived on two paths and numba's
+    reference-count pruning left an ``NRT_incref``/``NRT_decref`` call pair in every row
+    (seen in the assembly); a 64-wide float32 row went from 29 to 23 ns (serial
+    ``row_forward``).
     """
-    s = x[0] if center else x[0] - x[0]
     sd, sdd = block_shifted_moments(x, s)
     if center:
         mean, m2, far = shifted_result(np.float64(s), sd, sdd, inv_d)
         return mean, 1.0 / math.sqrt(m2 * inv_d + eps), far
     return 0.0, 1.0 / math.sqrt(sdd * inv_d + eps), False
-
-
-@helper
-def _row_stats_again(x, mean, eps, inv_d, shift):
-    """``(mean, invstd)`` of one row from its moments around ``mean`` rounded to x's dtype
-    (``shift``, a 1-element buffer of x's dtype, does the rounding): the second pass of a
-    row whose first shift was far (:func:`_row_stats`)."""
-    shift[0] = mean
-    sd, sdd = block_shifted_moments(x, shift[0])
-    m, m2, _ = shifted_result(np.float64(shift[0]), sd, sdd, inv_d)
-    return m, 1.0 / math.sqrt(m2 * inv_d + eps)
 
 
 @task_body
@@ -124,10 +114,13 @@ def _row_forward_task(k, X, gamma, beta, eps, center, code, alpha, rows_per_chun
     for i0 in range(start, stop, nb):
         i1 = min(i0 + nb, stop)
         for i in range(i0, i1):
-            mean[i], invstd[i], far[i - i0] = _row_stats(X[i], center, eps, inv_d)
+            x = X[i]
+            mean[i], invstd[i], far[i - i0] = _row_stats(x, x[0] if center else x[0] - x[0],
+                                                         center, eps, inv_d)
         for i in range(i0, i1):
-            if far[i - i0]:
-                mean[i], invstd[i] = _row_stats_again(X[i], mean[i], eps, inv_d, kc)
+            if far[i - i0]:  # again, around the mean rounded to X's dtype
+                kc[0] = mean[i]
+                mean[i], invstd[i], _ = _row_stats(X[i], kc[0], True, eps, inv_d)
         for i in range(i0, i1):
             m0, rr, cc = _row_shift(mean[i], invstd[i], kc)
             x = X[i]
