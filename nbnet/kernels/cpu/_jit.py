@@ -26,6 +26,13 @@ speed (one call per chunk either way).
 
 Kernels must not read dynamic globals (``numba.get_num_threads()``, config values):
 that silently disables caching. Everything tunable is passed in as an argument.
+
+Array views made in a hot loop (``x = X[i]``, ``xs = xf[a:b]``) are free when numba's
+reference-count pruning removes their ``NRT_incref``/``NRT_decref`` pair, and it does not
+always: a row's view used on two paths (a helper call in each branch of an ``if``, or an
+array chosen by a branch) kept one call pair per row in the LayerNorm forward, 6 of its
+29 ns per 64-wide float32 row (row_stats._row_stats). Pick the values first, then make
+one call on the view; ``inspect_asm`` shows whether any NRT call is left in a loop.
 """
 import ast
 import contextlib
