@@ -46,8 +46,9 @@ from .block_sums import ROW_BLOCK, SUM_BLOCK, block_shifted_moments, shifted_res
 
 #: Bytes of rows per block of the forward's three loops (at most ``ROW_BLOCK`` rows, at
 #: least one): small enough that the block is still in L1 when its outputs are written.
-#: With 16 KiB blocks (four 1024-value float32 rows) the output loop found them in L2: a
-#: serial (2048, 1024) float32 forward took 400-580 us against 380-420 us row by row.
+#: With 16 KiB blocks (four 1024-value float32 rows) a serial (2048, 1024) float32 forward
+#: read 400-580 us against 380-420 us row by row (one set of noisy runs, 8 KiB matched row
+#: by row), as if the output loop found the block in L2.
 _STATS_BLOCK_BYTES = 8192
 
 
@@ -97,10 +98,11 @@ def _row_forward_task(k, X, gamma, beta, eps, center, code, alpha, rows_per_chun
     overlap the latency chains of neighbouring rows (horizontal sums, square root,
     division). (LLVM does not unroll it: one square root per iteration in the assembly.)
     Row by row, with the second pass in the same loop, a 64-wide float32 row cost 34 ns
-    and its statistics alone 19 ns (10.6 without that branch in a standalone loop);
-    serial ``row_forward`` on the 2-core reference machine, float32, this form against
-    row by row: (1024, 64) 28.3-30.0 against 34.3-36.6 us, (512, 256) 28.7-29.0 against
-    36.5-38.8 us, (2048, 1024) the same within noise. Same bits either way.
+    and its statistics alone 19 ns (10.6 without that branch in a standalone loop).
+    Serial ``row_forward`` on the 2-core reference machine, float32, min of 3000 calls:
+    (1024, 64) 35.7-37.2 us row by row, 28.3-30.0 us in these blocks, 23.7-23.8 us once
+    :func:`_row_stats` also stopped paying a reference-count call pair per row; (1024,
+    256) 61.4-64.9 -> 51.2-55.6 us; (2048, 1024) the same within noise. Same bits.
     """
     R, D = X.shape
     inv_d = 1.0 / D
