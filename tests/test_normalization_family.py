@@ -455,11 +455,13 @@ def test_groupnorm_one_group_per_channel_is_instancenorm(fmt):
 def test_groupnorm_channels_last_tiles_match_reference(G, act, dtype):
     """The channels-last kernels walk an example in tiles of several positions (8 at
     C = 64), statistics and output alike, then take the positions past the last whole
-    tile one by one; ReLU and leaky ReLU are selects in X's dtype inside the tile loop.
-    P = 7 * 13 = 91 positions (11 tiles and 3 more; ROW_BLOCK blocks of tiles and a
-    partial one) take every path (the family's small shapes fit in one tile)."""
+    tile one by one; the sums walk the whole tiles as four segments side by side (then
+    the tiles left over); ReLU and leaky ReLU are selects in X's dtype inside the tile
+    loop. P = 19 * 18 = 342 positions (42 tiles: four segments of 10, a ROW_BLOCK block
+    of passes and a partial one, 2 tiles left over, then 6 positions) take every path
+    (the family's small shapes fit in one tile)."""
     rng = np.random.default_rng(12)
-    Nn, Hh, Ww, Cc = 2, 7, 13, 64
+    Nn, Hh, Ww, Cc = 2, 19, 18, 64
     X = rng.normal(1.5, 2.0, (Nn, Hh, Ww, Cc)).astype(dtype)
     dY = rng.normal(size=X.shape).astype(dtype)
     layer = nbnet.GroupNorm(G, act_fn=act)
