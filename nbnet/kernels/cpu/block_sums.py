@@ -8,8 +8,10 @@ conversions) and keep every *running* sum in float64. Two block shapes serve the
   lane adds about 16 values), then added to a float64 total
   (:func:`block_shifted_moments`);
 * across rows (per-column accumulators: BatchNorm, GroupNorm channels-last, parameter
-  gradients): accumulators of the input's dtype over ``ROW_BLOCK`` rows, flushed into
-  float64 (the loops live in the kernels).
+  gradients): accumulators of the input's dtype over ``ROW_BLOCK`` passes, flushed into
+  float64 (the loops live in the kernels). A pass adds one row, or the pairwise sum of
+  four rows from four segments of the chunk (``(a + b) + (c + d)``, the column and
+  GroupNorm sums), so a block holds 8 or 32 values.
 
 Either way a float32 partial sum holds at most a few dozen terms, so its rounding
 (relative ~1e-7 of its own magnitude) never grows with the array.
