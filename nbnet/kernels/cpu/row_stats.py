@@ -51,6 +51,10 @@ from .block_sums import ROW_BLOCK, SUM_BLOCK, block_shifted_moments, shifted_res
 #: by row), as if the output loop found the block in L2.
 _STATS_BLOCK_BYTES = 8192
 
+#: Row segments :func:`row_param_grads` walks side by side (the pass is written out for
+#: four).
+_STREAMS = 4
+
 
 @helper
 def _row_shift(m, r, buf):
@@ -259,6 +263,69 @@ def row_backward(X, dY, mean, invstd, gamma, beta, center, code, alpha, rows_per
                            alpha, rows_per_chunk, dX, partial_dgamma, partial_dbeta)
 
 
+@helper
+def _row_param_sums(X, dY, mean, invstd, i, q, j0, j1, gm, bt, code, neg, k, acc_g, acc_gx):
+    """Add the terms of columns ``j0:j1`` of rows ``i, i + q, i + 2q, i + 3q`` (four
+    segments of the rows, walked side by side) to the block accumulators: ``acc_g += g``,
+    ``acc_gx += g * xhat``, the four rows' terms added pairwise (``(a + b) + (c + d)``),
+    so that each accumulator load and store serves four values. ``q = 0`` takes row
+    ``i`` alone (the rows left over). ``g = dY * f'(z)``, ``z`` formed as row_forward forms
+    it (see :func:`_row_backward_task`). (One row per pass stored two accumulators per
+    value and was bound by those stores.)"""
+    w = j1 - j0
+    if q == 0:
+        m0, rr, cc = _row_shift(mean[i], invstd[i], k)
+        x = X[i, j0:j1]
+        g = dY[i, j0:j1]
+        for j in range(w):
+            xh = (x[j] - m0) * rr - cc
+            z = xh * gm[j] + bt[j]
+            gj = g[j] if code == 0 or z > 0.0 else g[j] * (neg + (z - z))
+            acc_g[j] += gj
+            acc_gx[j] += gj * xh
+        return
+    a0, r0, c0 = _row_shift(mean[i], invstd[i], k)
+    a1, r1, c1 = _row_shift(mean[i + q], invstd[i + q], k)
+    a2, r2, c2 = _row_shift(mean[i + 2 * q], invstd[i + 2 * q], k)
+    a3, r3, c3 = _row_shift(mean[i + 3 * q], invstd[i + 3 * q], k)
+    x0 = X[i, j0:j1]
+    x1 = X[i + q, j0:j1]
+    x2 = X[i + 2 * q, j0:j1]
+    x3 = X[i + 3 * q, j0:j1]
+    g0 = dY[i, j0:j1]
+    g1 = dY[i + q, j0:j1]
+    g2 = dY[i + 2 * q, j0:j1]
+    g3 = dY[i + 3 * q, j0:j1]
+    if code == 0:
+        for j in range(w):
+            e0 = (x0[j] - a0) * r0 - c0
+            e1 = (x1[j] - a1) * r1 - c1
+            e2 = (x2[j] - a2) * r2 - c2
+            e3 = (x3[j] - a3) * r3 - c3
+            h0 = g0[j]
+            h1 = g1[j]
+            h2 = g2[j]
+            h3 = g3[j]
+            acc_g[j] += (h0 + h1) + (h2 + h3)
+            acc_gx[j] += (h0 * e0 + h1 * e1) + (h2 * e2 + h3 * e3)
+    else:
+        for j in range(w):
+            e0 = (x0[j] - a0) * r0 - c0
+            e1 = (x1[j] - a1) * r1 - c1
+            e2 = (x2[j] - a2) * r2 - c2
+            e3 = (x3[j] - a3) * r3 - c3
+            z0 = e0 * gm[j] + bt[j]
+            z1 = e1 * gm[j] + bt[j]
+            z2 = e2 * gm[j] + bt[j]
+            z3 = e3 * gm[j] + bt[j]
+            h0 = g0[j] if z0 > 0.0 else g0[j] * (neg + (z0 - z0))
+            h1 = g1[j] if z1 > 0.0 else g1[j] * (neg + (z1 - z1))
+            h2 = g2[j] if z2 > 0.0 else g2[j] * (neg + (z2 - z2))
+            h3 = g3[j] if z3 > 0.0 else g3[j] * (neg + (z3 - z3))
+            acc_g[j] += (h0 + h1) + (h2 + h3)
+            acc_gx[j] += (h0 * e0 + h1 * e1) + (h2 * e2 + h3 * e3)
+
+
 @task_body
 def _row_param_grads_task(t, X, dY, mean, invstd, gamma, beta, code, alpha, cols_per_task,
                           accumulate, dgamma, dbeta):
@@ -276,28 +343,28 @@ def _row_param_grads_task(t, X, dY, mean, invstd, gamma, beta, code, alpha, cols
     _, neg = piecewise_slopes(code, alpha, k)
     gm = gamma[j0:j1]
     bt = beta[j0:j1]
-    for i0 in range(0, R, ROW_BLOCK):
+    # Rows in four segments walked side by side, one row of each per pass (then the rows
+    # left over): each accumulator load and store serves four rows (see
+    # _row_param_sums).
+    q = R // _STREAMS
+    for i0 in range(0, q, ROW_BLOCK):
         for j in range(w):
             acc_g[j] = 0.0
             acc_gx[j] = 0.0
-        for i in range(i0, min(i0 + ROW_BLOCK, R)):
-            m0, rr, cc = _row_shift(mean[i], invstd[i], k)
-            x = X[i, j0:j1]
-            g = dY[i, j0:j1]
-            if code == 0:
-                for j in range(w):
-                    acc_g[j] += g[j]
-                    acc_gx[j] += g[j] * ((x[j] - m0) * rr - cc)
-            else:  # g * f'(z), z formed as row_forward forms it (see _row_backward_task)
-                for j in range(w):
-                    xh = (x[j] - m0) * rr - cc
-                    z = xh * gm[j] + bt[j]
-                    gj = g[j] if z > 0.0 else g[j] * (neg + (z - z))
-                    acc_g[j] += gj
-                    acc_gx[j] += gj * xh
+        for i in range(i0, min(i0 + ROW_BLOCK, q)):
+            _row_param_sums(X, dY, mean, invstd, i, q, j0, j1, gm, bt, code, neg, k, acc_g,
+                            acc_gx)
         for j in range(w):
             sg[j] += acc_g[j]
             sgx[j] += acc_gx[j]
+    for j in range(w):
+        acc_g[j] = 0.0
+        acc_gx[j] = 0.0
+    for i in range(_STREAMS * q, R):  # fewer than _STREAMS rows
+        _row_param_sums(X, dY, mean, invstd, i, 0, j0, j1, gm, bt, code, neg, k, acc_g, acc_gx)
+    for j in range(w):
+        sg[j] += acc_g[j]
+        sgx[j] += acc_gx[j]
     og = dgamma[j0:j1]
     ob = dbeta[j0:j1]
     if accumulate:
