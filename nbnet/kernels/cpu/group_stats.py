@@ -78,21 +78,26 @@ def _fold(src, dst):
 
 
 @helper
-def _channel_sums(xf, gf, grad, P, C, kp, m0, m0_t, blk, blk2, acc_t, acc2_t, acc, acc2):
+def _channel_sums(xf, gf, mode, P, C, kp, m0, m0_t, sc, sc_t, sh, sh_t, neg, blk, blk2, acc_t,
+                  acc2_t, acc, acc2):
     """Per-channel sums of one example (``xf``, ``gf``: P positions of C channels, flat),
     float64, into ``acc`` and ``acc2``: with ``d = x - m0``,
 
-    * ``grad`` false (the forward's shifted moments): ``sum(d)`` and ``sum(d**2)``
-      (``gf`` is not read);
-    * ``grad`` true (the backward): ``sum(g)`` and ``sum(g * d)``.
+    * ``mode`` 0 (the forward's shifted moments): ``sum(d)`` and ``sum(d**2)`` (``gf``,
+      ``sc``, ``sh`` and ``neg`` are not read);
+    * ``mode`` 1 (the backward): ``sum(g)`` and ``sum(g * d)``, ``g`` the values of ``gf``;
+    * ``mode`` 2 (the backward through ReLU / leaky ReLU): the same with ``g = gf *
+      f'(z)``, ``z = d * sc + sh`` the forward's pre-activation (formed as
+      :func:`_affine_tiles` forms it, so a slope agrees with its output) and ``neg`` the
+      slope left of 0, as a select; a NaN ``z`` gives a NaN ``g``.
 
-    In X's dtype over tiles of ``kp`` positions (``m0_t`` is ``m0`` tiled ``kp`` times):
-    the example's whole tiles split into ``_STREAMS`` equal segments, walked side by
-    side, one tile of each per pass, so every accumulator load and store serves
-    ``_STREAMS`` values; blocks of ``ROW_BLOCK`` passes are flushed into float64. Then the
-    tiles past the segments one at a time, and the positions past the last whole tile.
-    ``grad`` is a constant at each call site, so the select folds away and each caller
-    gets the loop it would have written alone.
+    In X's dtype over tiles of ``kp`` positions (``m0_t``, ``sc_t``, ``sh_t``: the
+    per-channel factors tiled ``kp`` times): the example's whole tiles split into
+    ``_STREAMS`` equal segments, walked side by side, one tile of each per pass, so every
+    accumulator load and store serves ``_STREAMS`` values; blocks of ``ROW_BLOCK`` passes
+    are flushed into float64. Then the tiles past the segments one at a time, and the
+    positions past the last whole tile. ``mode`` is a constant at each call site, so the
+    selects fold away and each caller gets the loop it would have written alone.
 
     Why segments: a pass of one tile at a time is bound by its two accumulator
     load-add-store streams, not by memory (GroupNorm(32) (32,32,32,64) float32 forward
@@ -132,10 +137,24 @@ def _channel_sums(xf, gf, grad, P, C, kp, m0, m0_t, blk, blk2, acc_t, acc2_t, ac
                 d1 = x1[j] - m
                 d2 = x2[j] - m
                 d3 = x3[j] - m
-                h0 = g0[j] if grad else d0
-                h1 = g1[j] if grad else d1
-                h2 = g2[j] if grad else d2
-                h3 = g3[j] if grad else d3
+                if mode == 0:
+                    h0, h1, h2, h3 = d0, d1, d2, d3
+                else:
+                    h0 = g0[j]
+                    h1 = g1[j]
+                    h2 = g2[j]
+                    h3 = g3[j]
+                    if mode == 2:
+                        s = sc_t[j]
+                        f = sh_t[j]
+                        z0 = d0 * s + f
+                        z1 = d1 * s + f
+                        z2 = d2 * s + f
+                        z3 = d3 * s + f
+                        h0 = h0 if z0 > 0.0 else h0 * (neg + (z0 - z0))
+                        h1 = h1 if z1 > 0.0 else h1 * (neg + (z1 - z1))
+                        h2 = h2 if z2 > 0.0 else h2 * (neg + (z2 - z2))
+                        h3 = h3 if z3 > 0.0 else h3 * (neg + (z3 - z3))
                 blk[j] += (h0 + h1) + (h2 + h3)
                 blk2[j] += (h0 * d0 + h1 * d1) + (h2 * d2 + h3 * d3)
         for j in range(W):
@@ -145,26 +164,33 @@ def _channel_sums(xf, gf, grad, P, C, kp, m0, m0_t, blk, blk2, acc_t, acc2_t, ac
         blk[j] = 0.0
         blk2[j] = 0.0
     for t in range(_STREAMS * q, n_tiles):  # fewer than _STREAMS tiles: one block
-        xs = xf[t * W:(t + 1) * W]
-        gs = gf[t * W:(t + 1) * W]
-        for j in range(W):
-            d = xs[j] - m0_t[j]
-            h = gs[j] if grad else d
-            blk[j] += h
-            blk2[j] += h * d
+        _tile_sums(xf[t * W:(t + 1) * W], gf[t * W:(t + 1) * W], mode, m0_t, sc_t, sh_t, neg,
+                   blk, blk2)
     for j in range(W):
         acc_t[j] += blk[j]
         acc2_t[j] += blk2[j]
     _fold(acc_t, acc)
     _fold(acc2_t, acc2)
     for p in range(n_tiles * kp, P):
-        xs = xf[p * C:(p + 1) * C]
-        gs = gf[p * C:(p + 1) * C]
-        for c in range(C):
-            d = xs[c] - m0[c]
-            h = gs[c] if grad else d
-            acc[c] += h
-            acc2[c] += h * d
+        _tile_sums(xf[p * C:(p + 1) * C], gf[p * C:(p + 1) * C], mode, m0, sc, sh, neg, acc,
+                   acc2)
+
+
+@helper
+def _tile_sums(xs, gs, mode, m0, sc, sh, neg, acc, acc2):
+    """``acc += h``, ``acc2 += h * d`` over one tile (or one position: factors of the
+    tile's length), ``d = xs - m0`` and ``h`` as in :func:`_channel_sums`."""
+    for j in range(m0.shape[0]):
+        d = xs[j] - m0[j]
+        if mode == 0:
+            h = d
+        else:
+            h = gs[j]
+            if mode == 2:
+                z = d * sc[j] + sh[j]
+                h = h if z > 0.0 else h * (neg + (z - z))
+        acc[j] += h
+        acc2[j] += h * d
 
 
 @helper
@@ -260,8 +286,8 @@ def _group_forward_cl_task(k, X, gamma, beta, n_groups, eps, code, alpha, rows_p
                 m0[c] = xf[g * cg]
         for attempt in range(2):
             _tile(m0, m0_t)
-            _channel_sums(xf, xf, False, P, C, kp, m0, m0_t, blk, blk2, acc_t, acc2_t, acc,
-                          acc2)
+            _channel_sums(xf, xf, 0, P, C, kp, m0, m0_t, m0, m0_t, m0, m0_t, neg, blk, blk2,
+                          acc_t, acc2_t, acc, acc2)
             rescue_columns(xf.reshape(P, C), 0, P, m0, acc, acc2)  # overflowed float32 squares
             far = False
             for g in range(n_groups):
@@ -307,33 +333,26 @@ def group_forward_cl(X, gamma, beta, n_groups, eps, code, alpha, rows_per_chunk,
 
 
 @helper
-def _slope_tiles(xf, gf, out, m0_t, scale_t, shift_t, neg):
-    """``out = gf * f'(z)``, ``z = (xf - m0_t) * scale_t + shift_t`` (the forward's
-    pre-activation, formed as :func:`_affine_tiles` forms it, so the slope agrees with the
-    output) over whole tiles of ``len(m0_t)`` values; ReLU / leaky ReLU as a select
-    (``neg`` the slope left of 0; NaN where ``z`` is NaN, ``g * (neg + (z - z))``)."""
-    W = m0_t.shape[0]
-    for t in range(xf.shape[0] // W):
-        xs = xf[t * W:(t + 1) * W]
-        gs = gf[t * W:(t + 1) * W]
-        os = out[t * W:(t + 1) * W]
-        for j in range(W):
-            z = (xs[j] - m0_t[j]) * scale_t[j] + shift_t[j]
-            g = gs[j]
-            os[j] = g if z > 0.0 else g * (neg + (z - z))
-
-
-@helper
-def _dx_tiles(xf, gf, dxf, m0_t, fa_t, fb_t, fr_t, fq_t):
+def _dx_tiles(xf, gf, dxf, act, m0_t, sc_t, sh_t, neg, fa_t, fb_t, fr_t, fq_t):
     """``dx = (g * fa + fb) - ((x - m0) * fr) * fq`` over whole tiles of ``len(m0_t)``
-    values, the per-channel factors tiled (see :func:`_group_backward_cl_task`)."""
+    values, the per-channel factors tiled (see :func:`_group_backward_cl_task`); ``g`` the
+    values of ``gf``, or with ``act`` (ReLU / leaky ReLU) ``gf * f'(z)``, ``z = (x - m0) *
+    sc + sh`` formed as the forward forms it (``neg`` the slope left of 0; NaN where ``z``
+    is NaN)."""
     W = m0_t.shape[0]
     for t in range(xf.shape[0] // W):
         xs = xf[t * W:(t + 1) * W]
         gs = gf[t * W:(t + 1) * W]
         ds = dxf[t * W:(t + 1) * W]
-        for j in range(W):
-            ds[j] = (gs[j] * fa_t[j] + fb_t[j]) - ((xs[j] - m0_t[j]) * fr_t[j]) * fq_t[j]
+        if act:
+            for j in range(W):
+                d = xs[j] - m0_t[j]
+                z = d * sc_t[j] + sh_t[j]
+                g = gs[j] if z > 0.0 else gs[j] * (neg + (z - z))
+                ds[j] = (g * fa_t[j] + fb_t[j]) - (d * fr_t[j]) * fq_t[j]
+        else:
+            for j in range(W):
+                ds[j] = (gs[j] * fa_t[j] + fb_t[j]) - ((xs[j] - m0_t[j]) * fr_t[j]) * fq_t[j]
 
 
 @task_body(ordered=True)
@@ -346,10 +365,11 @@ def _group_backward_cl_task(k, X, dY, mean, invstd, gamma, beta, n_groups, code,
     (mean - m0) * sum(g), times invstd once per channel. Both passes walk the example in
     the forward's tiles of ``kp`` positions (inner loops ``kp * C`` long, the per-channel
     factors and accumulators tiled; per position, C = 64 loops were bound by their own
-    overhead). With ReLU / leaky ReLU, ``g = dY * f'(z)`` of the example is formed first
-    into a buffer of X's dtype, and the rest runs as without an activation (the
-    per-position float64 path it replaces made GroupNorm(32, relu) training 1.9x the
-    identity's).
+    overhead). With ReLU / leaky ReLU, both passes form ``g = dY * f'(z)`` as they go,
+    ``z`` recomputed from the forward's per-channel scale and shift (one multiply-add and
+    a select per value: cheaper than writing ``g`` of the whole example into a buffer and
+    reading it twice, as round 9's kernel did; and a per-position float64 path before
+    that made GroupNorm(32, relu) training 1.9x the identity's).
     """
     N, P, C = X.shape
     cg = C // n_groups
@@ -369,6 +389,8 @@ def _group_backward_cl_task(k, X, dY, mean, invstd, gamma, beta, n_groups, code,
     ag = np.empty(C, np.float64)
     agx = np.empty(C, np.float64)
     m0 = np.empty(C, X.dtype)
+    sc = np.empty(C, X.dtype)         # the forward's scale and shift, per channel
+    sh = np.empty(C, X.dtype)
     fa = np.empty(C, X.dtype)
     fb = np.empty(C, X.dtype)
     fq = np.empty(C, X.dtype)
@@ -378,6 +400,8 @@ def _group_backward_cl_task(k, X, dY, mean, invstd, gamma, beta, n_groups, code,
     acc_t = np.empty(W, np.float64)   # tiled float64 accumulators
     acc2_t = np.empty(W, np.float64)
     m0_t = np.empty(W, X.dtype)
+    sc_t = np.empty(W, X.dtype)
+    sh_t = np.empty(W, X.dtype)
     fa_t = np.empty(W, X.dtype)
     fb_t = np.empty(W, X.dtype)
     fq_t = np.empty(W, X.dtype)
@@ -385,7 +409,6 @@ def _group_backward_cl_task(k, X, dY, mean, invstd, gamma, beta, n_groups, code,
     reject_smooth(code)
     _, neg = piecewise_slopes(code, alpha, m0)
     act = code != 0
-    gbuf = np.empty(P * C if act else 0, X.dtype)
     for n in range(start, stop):
         xf = X[n].reshape(P * C)
         gy = dY[n].reshape(P * C)
@@ -394,18 +417,17 @@ def _group_backward_cl_task(k, X, dY, mean, invstd, gamma, beta, n_groups, code,
             for c in range(g * cg, (g + 1) * cg):
                 mc[c] = mean[n, g]
                 rc[c] = invstd[n, g]
-        # m0, and the forward's scale and shift (in fa, fb until the dx factors replace them)
-        _group_affine(mc, invstd[n], cg, gamma, beta, m0, fa, fb)
+        # m0, and the forward's scale and shift (for the activation's slope)
+        _group_affine(mc, invstd[n], cg, gamma, beta, m0, sc, sh)
         _tile(m0, m0_t)
         if act:
-            _tile(fa, fa_t)
-            _tile(fb, fb_t)
-            _slope_tiles(xf[:tail * C], gy[:tail * C], gbuf[:tail * C], m0_t, fa_t, fb_t, neg)
-            for p in range(tail, P):
-                _slope_tiles(xf[p * C:(p + 1) * C], gy[p * C:(p + 1) * C],
-                             gbuf[p * C:(p + 1) * C], m0, fa, fb, neg)
-            gy = gbuf
-        _channel_sums(xf, gy, True, P, C, kp, m0, m0_t, blk, blk2, acc_t, acc2_t, ag, agx)
+            _tile(sc, sc_t)
+            _tile(sh, sh_t)
+            _channel_sums(xf, gy, 2, P, C, kp, m0, m0_t, sc, sc_t, sh, sh_t, neg, blk, blk2,
+                          acc_t, acc2_t, ag, agx)
+        else:
+            _channel_sums(xf, gy, 1, P, C, kp, m0, m0_t, sc, sc_t, sh, sh_t, neg, blk, blk2,
+                          acc_t, acc2_t, ag, agx)
         for c in range(C):
             agx[c] = (agx[c] - (mc[c] - m0[c]) * ag[c]) * rc[c]
         for c in range(C):
@@ -413,14 +435,14 @@ def _group_backward_cl_task(k, X, dY, mean, invstd, gamma, beta, n_groups, code,
             pdb[c] += ag[c]
         # per-group means of h and h * xhat, spread back per channel (reuse ag/agx)
         for g in range(n_groups):
-            sh = 0.0
-            shx = 0.0
+            s_h = 0.0
+            s_hx = 0.0
             for c in range(g * cg, (g + 1) * cg):
-                sh += gamma[c] * ag[c]
-                shx += gamma[c] * agx[c]
+                s_h += gamma[c] * ag[c]
+                s_hx += gamma[c] * agx[c]
             for c in range(g * cg, (g + 1) * cg):
-                ag[c] = sh * inv_cnt
-                agx[c] = shx * inv_cnt
+                ag[c] = s_h * inv_cnt
+                agx[c] = s_hx * inv_cnt
         # dx = rc * (g * gamma - mh - xhat * mhx) = g * a + b - ((x - m0) * rc) * q,
         # q = rc * mhx, with x - mean = (x - m0) - (mean - m0) and the float64
         # remainder folded into b. (rc * q as one factor underflows float32 for
@@ -435,10 +457,11 @@ def _group_backward_cl_task(k, X, dY, mean, invstd, gamma, beta, n_groups, code,
         _tile(fb, fb_t)
         _tile(fq, fq_t)
         _tile(fr, fr_t)
-        _dx_tiles(xf[:tail * C], gy[:tail * C], dxf[:tail * C], m0_t, fa_t, fb_t, fr_t, fq_t)
+        _dx_tiles(xf[:tail * C], gy[:tail * C], dxf[:tail * C], act, m0_t, sc_t, sh_t, neg,
+                  fa_t, fb_t, fr_t, fq_t)
         for p in range(tail, P):
-            _dx_tiles(xf[p * C:(p + 1) * C], gy[p * C:(p + 1) * C], dxf[p * C:(p + 1) * C],
-                      m0, fa, fb, fr, fq)
+            _dx_tiles(xf[p * C:(p + 1) * C], gy[p * C:(p + 1) * C], dxf[p * C:(p + 1) * C], act,
+                      m0, sc, sh, neg, fa, fb, fr, fq)
 
 
 @kernel(ordered=True)
