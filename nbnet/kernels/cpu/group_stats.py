@@ -29,7 +29,8 @@ standard deviations off (see :func:`_group_forward_cl_task`).
 
 Channels-last kernels compute in the input's dtype the way the column kernels do (see
 :mod:`~nbnet.kernels.cpu.column_stats`): per-channel block accumulators of the input's
-dtype flushed into float64 every ``ROW_BLOCK`` positions, and the group mean subtracted
+dtype flushed into float64 every ``ROW_BLOCK`` passes (a pass adds one tile from each of
+four segments of the example, see :func:`_channel_sums`), and the group mean subtracted
 as ``x - m0`` (``m0`` the mean rounded to X's dtype) with the float64 remainder ``mean -
 m0`` folded into per-channel constants; they compile with ``ordered=True``.
 
