@@ -41,6 +41,14 @@ param, grad, m, v and writes param, m, v: 3.5 copies of the parameter array; SGD
 momentum 2.5 copies). ``nbnet/floor`` is how far a kernel is from that bound;
 ``torch/nbnet`` > 1 means nbnet is faster.
 
+Before anything is measured, a separate process compiles nbnet's kernel set into the
+disk cache (``python -m nbnet.warmup``; a few seconds when the cache is already warm),
+so the measuring process only loads kernels. Kernels compiled inside the measuring
+process made the rows measured right after read 3-8x their usual time, torch's and
+numpy-ml's columns too (a LayerNorm1D (128,64) training step 156-223 us instead of 26 us;
+on the 2-core reference machine, reproduced by deleting the cache before a run); ``--quick``
+skips this.
+
 Every callable runs once before timing (JIT compilation, allocator warm-up); then each
 repetition times every implementation of a row in turn (rotating the order), each over
 enough calls to last ``--min-time``, and the table reports medians. Numbers from a busy
@@ -626,6 +634,21 @@ def cold_start_rows(torch, threads):
 
 # ----------------------------------------------------------------------------- report
 
+def warm_kernel_cache():
+    """Compile nbnet's kernel set into the disk cache in a child process (``python -m
+    nbnet.warmup``, the environment inherited), so that this process loads kernels instead
+    of compiling them (see the module notes). Returns the seconds it took."""
+    import nbnet  # (lazy: no kernel is loaded) for the copy of nbnet this process uses
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(nbnet.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "nbnet.warmup"], check=True, env=env,
+                   stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
 def machine_info(threads, npml):
     import numba
 
@@ -679,6 +702,8 @@ def print_table(header, results, bandwidth):
           f"torch {header['torch']}, numpy-ml {header['numpy_ml']}")
     print(f"# threads {header['threads']} (numba threading layer {header['numba_threading_layer']}, "
           f"torch {header['torch_threads']}); np.copyto bandwidth {bandwidth / 1e9:.1f} GB/s")
+    if header.get("kernel_cache_warmup_s") is not None:
+        print(f"# kernel cache warmed in a child process first ({header['kernel_cache_warmup_s']:.1f} s)")
     cols = ["case", "nbnet", "torch", "numpy-ml", "floor", "torch/nbnet", "nbnet/floor"]
     section = None
     lines = []
@@ -737,6 +762,8 @@ def main(argv=None):
         blas_limit = None
     npml = import_numpy_ml()
 
+    warm_s = None if args.quick else warm_kernel_cache()
+
     import nbnet
 
     # one parallel kernel first, so that numba reports its threading layer
@@ -747,7 +774,7 @@ def main(argv=None):
     bandwidth = copy_bandwidth(8 << 20 if args.quick else 64 << 20)
     header = machine_info(threads, npml)
     header.update(copy_bandwidth_GBps=bandwidth / 1e9, reps=reps, min_time=min_time,
-                  quick=args.quick)
+                  quick=args.quick, kernel_cache_warmup_s=warm_s)
 
     rows = (normalization_rows(nbnet, torch, npml, args.quick)
             + activation_rows(nbnet, torch, args.quick)
