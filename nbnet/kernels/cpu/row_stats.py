@@ -59,15 +59,6 @@ _STATS_BLOCK_BYTES = 8192
 _STREAMS = 4
 _SEGMENT_COLUMNS = 1024
 
-#: Inputs of at least this many bytes (and rows of at least ``_SEGMENT_COLUMNS`` values)
-#: take the backward's parameter-gradient sums in a pass of their own per chunk
-#: (:func:`_row_backward_task`). float32 row_backward on 2 threads, min of 3000 calls,
-#: round 9's code against the split pass, alternated three times: (4096, 1024)
-#: 1465-1493 -> 1242-1244 us (ReLU 2149-2213 -> 1897 us), (512, 2048) 216-241 ->
-#: 194-201 us, (64, 4096) the same; but (256, 1024), 1 MiB, in the caches: 46.8-48.5 ->
-#: 49.2-54.0 us.
-_SPLIT_BYTES = 4 << 20
-
 
 @helper
 def _row_shift(m, r, buf):
@@ -195,71 +186,11 @@ def _row_backward_task(k, X, dY, mean, invstd, gamma, beta, center, code, alpha,
     n_acc = D if with_partials else 0
     acc_g = np.empty(n_acc, X.dtype)
     acc_gx = np.empty(n_acc, X.dtype)
-    # Wide rows of a large input: dx row by row (one store per value), then the chunk's
-    # parameter-gradient sums in a pass of their own, four row segments side by side,
-    # while the chunk's X and dY are still in L2 (a chunk is CHUNK_BYTES of each). In the
-    # row loop below the sums cost two more stores per value; the extra pass costs more
-    # than that while the whole input sits in the caches (see _SPLIT_BYTES).
-    split = (with_partials and D >= _SEGMENT_COLUMNS
-             and R * D * X.itemsize >= _SPLIT_BYTES)
-    if not split:
-        for i0 in range(start, stop, ROW_BLOCK):
-            for j in range(n_acc):
-                acc_g[j] = 0.0
-                acc_gx[j] = 0.0
-            for i in range(i0, min(i0 + ROW_BLOCK, stop)):
-                ri = invstd[i]
-                m0, rr, cc = _row_shift(mean[i], ri, kc)
-                x, gy, dx = X[i], dY[i], dX[i]
-                if code != 0:
-                    for j in range(D):
-                        z = ((x[j] - m0) * rr - cc) * gamma[j] + beta[j]
-                        g = gy[j]
-                        # g * (neg + (z - z)): NaN where z is NaN, as the slope is
-                        gs[j] = g if z > 0.0 else g * (neg + (z - z))
-                    gy = gs
-                s_h = 0.0
-                s_hx = 0.0
-                for b in range(0, D, SUM_BLOCK):
-                    e = min(b + SUM_BLOCK, D)
-                    # slices, so that the block loop vectorises
-                    xb, gb, gmb = x[b:e], gy[b:e], gamma[b:e]
-                    h = m0 - m0
-                    hx = m0 - m0
-                    for j in range(e - b):
-                        hh = gb[j] * gmb[j]
-                        h += hh
-                        hx += hh * ((xb[j] - m0) * rr - cc)
-                    s_h += h
-                    s_hx += hx
-                # dx = r * (h - mh - xhat * mhx) = (g * gamma) * r + k0 - k1 * xhat with
-                # k0 = -r * mh, k1 = r * mhx and xhat = (x - m0) * r - c formed in the loop.
-                # (Folding the xhat's r into k1, r * r * mhx, underflows float32 for rows
-                # with a standard deviation past ~1e19.)
-                mh = s_h * inv_d if center else 0.0
-                mhx = s_hx * inv_d
-                kc[3] = -ri * mh
-                kc[4] = ri * mhx
-                k0, k1 = kc[3], kc[4]
-                # the dx loop also feeds the block accumulators: it is elementwise (no
-                # reduction), so it vectorises; mixing the stores into the reduction
-                # loop above stopped that one vectorising.
-                if with_partials:
-                    for j in range(D):
-                        g = gy[j]
-                        xh = (x[j] - m0) * rr - cc
-                        dx[j] = ((g * gamma[j]) * rr + k0) - k1 * xh
-                        acc_g[j] += g
-                        acc_gx[j] += g * xh
-                else:  # parameter gradients come from row_param_grads
-                    for j in range(D):
-                        dx[j] = ((gy[j] * gamma[j]) * rr + k0) - k1 * ((x[j] - m0) * rr - cc)
-            if with_partials:
-                for j in range(D):
-                    pdg[j] += acc_gx[j]
-                    pdb[j] += acc_g[j]
-    else:
-        for i in range(start, stop):
+    for i0 in range(start, stop, ROW_BLOCK):
+        for j in range(n_acc):
+            acc_g[j] = 0.0
+            acc_gx[j] = 0.0
+        for i in range(i0, min(i0 + ROW_BLOCK, stop)):
             ri = invstd[i]
             m0, rr, cc = _row_shift(mean[i], ri, kc)
             x, gy, dx = X[i], dY[i], dX[i]
@@ -267,12 +198,14 @@ def _row_backward_task(k, X, dY, mean, invstd, gamma, beta, center, code, alpha,
                 for j in range(D):
                     z = ((x[j] - m0) * rr - cc) * gamma[j] + beta[j]
                     g = gy[j]
+                    # g * (neg + (z - z)): NaN where z is NaN, as the slope is
                     gs[j] = g if z > 0.0 else g * (neg + (z - z))
                 gy = gs
             s_h = 0.0
             s_hx = 0.0
             for b in range(0, D, SUM_BLOCK):
                 e = min(b + SUM_BLOCK, D)
+                # slices, so that the block loop vectorises
                 xb, gb, gmb = x[b:e], gy[b:e], gamma[b:e]
                 h = m0 - m0
                 hx = m0 - m0
@@ -282,14 +215,32 @@ def _row_backward_task(k, X, dY, mean, invstd, gamma, beta, center, code, alpha,
                     hx += hh * ((xb[j] - m0) * rr - cc)
                 s_h += h
                 s_hx += hx
+            # dx = r * (h - mh - xhat * mhx) = (g * gamma) * r + k0 - k1 * xhat with
+            # k0 = -r * mh, k1 = r * mhx and xhat = (x - m0) * r - c formed in the loop.
+            # (Folding the xhat's r into k1, r * r * mhx, underflows float32 for rows
+            # with a standard deviation past ~1e19.)
             mh = s_h * inv_d if center else 0.0
+            mhx = s_hx * inv_d
             kc[3] = -ri * mh
-            kc[4] = ri * (s_hx * inv_d)
+            kc[4] = ri * mhx
             k0, k1 = kc[3], kc[4]
+            # the dx loop also feeds the block accumulators: it is elementwise (no
+            # reduction), so it vectorises; mixing the stores into the reduction
+            # loop above stopped that one vectorising.
+            if with_partials:
+                for j in range(D):
+                    g = gy[j]
+                    xh = (x[j] - m0) * rr - cc
+                    dx[j] = ((g * gamma[j]) * rr + k0) - k1 * xh
+                    acc_g[j] += g
+                    acc_gx[j] += g * xh
+            else:  # parameter gradients come from row_param_grads
+                for j in range(D):
+                    dx[j] = ((gy[j] * gamma[j]) * rr + k0) - k1 * ((x[j] - m0) * rr - cc)
+        if with_partials:
             for j in range(D):
-                dx[j] = ((gy[j] * gamma[j]) * rr + k0) - k1 * ((x[j] - m0) * rr - cc)
-        _param_sums_segments(X, dY, mean, invstd, start, stop, 0, D, gamma, beta, code, neg, kc,
-                             acc_g, acc_gx, pdb, pdg)
+                pdg[j] += acc_gx[j]
+                pdb[j] += acc_g[j]
 
 
 @kernel
@@ -371,37 +322,6 @@ def _row_param_sums(X, dY, mean, invstd, i, q, j0, j1, gm, bt, code, neg, k, acc
             acc_gx[j] += (h0 * e0 + h1 * e1) + (h2 * e2 + h3 * e3)
 
 
-@helper
-def _param_sums_segments(X, dY, mean, invstd, r0, r1, j0, j1, gm, bt, code, neg, k, acc_g,
-                         acc_gx, sg, sgx):
-    """``sg += sum(g)``, ``sgx += sum(g * xhat)`` (float64) over rows ``r0:r1`` of columns
-    ``j0:j1``: the rows in four segments walked side by side (:func:`_row_param_sums`),
-    blocks of ``ROW_BLOCK`` passes in X's dtype (``acc_g``, ``acc_gx``), then the (at most
-    three) rows left over one at a time. ``gm``, ``bt``: gamma and beta of the columns."""
-    w = j1 - j0
-    q = (r1 - r0) // _STREAMS
-    for i0 in range(r0, r0 + q, ROW_BLOCK):
-        for j in range(w):
-            acc_g[j] = 0.0
-            acc_gx[j] = 0.0
-        for i in range(i0, min(i0 + ROW_BLOCK, r0 + q)):
-            _row_param_sums(X, dY, mean, invstd, i, q, j0, j1, gm, bt, code, neg, k, acc_g,
-                            acc_gx)
-        for j in range(w):
-            sg[j] += acc_g[j]
-            sgx[j] += acc_gx[j]
-    for i in range(r0 + _STREAMS * q, r1):
-        m0, rr, cc = _row_shift(mean[i], invstd[i], k)
-        x = X[i, j0:j1]
-        g = dY[i, j0:j1]
-        for j in range(w):
-            xh = (x[j] - m0) * rr - cc
-            z = xh * gm[j] + bt[j]
-            gj = g[j] if code == 0 or z > 0.0 else g[j] * (neg + (z - z))
-            sg[j] += gj
-            sgx[j] += gj * xh
-
-
 @task_body
 def _row_param_grads_task(t, X, dY, mean, invstd, gamma, beta, code, alpha, cols_per_task,
                           accumulate, dgamma, dbeta):
@@ -419,36 +339,43 @@ def _row_param_grads_task(t, X, dY, mean, invstd, gamma, beta, code, alpha, cols
     _, neg = piecewise_slopes(code, alpha, k)
     gm = gamma[j0:j1]
     bt = beta[j0:j1]
-    # Rows in four segments walked side by side, one row of each per pass (see
-    # _row_param_sums): each accumulator load and store serves four rows. Blocks narrower
-    # than _SEGMENT_COLUMNS take every row one at a time: there the setup of the
-    # four-row loop costs more than its stores save.
-    if w >= _SEGMENT_COLUMNS:
-        _param_sums_segments(X, dY, mean, invstd, 0, R, j0, j1, gm, bt, code, neg, k, acc_g,
-                             acc_gx, sg, sgx)
-    else:
-        for i0 in range(0, R, ROW_BLOCK):
-            for j in range(w):
-                acc_g[j] = 0.0
-                acc_gx[j] = 0.0
-            for i in range(i0, min(i0 + ROW_BLOCK, R)):
-                m0, rr, cc = _row_shift(mean[i], invstd[i], k)
-                x = X[i, j0:j1]
-                g = dY[i, j0:j1]
-                if code == 0:
-                    for j in range(w):
-                        acc_g[j] += g[j]
-                        acc_gx[j] += g[j] * ((x[j] - m0) * rr - cc)
-                else:  # g * f'(z), z formed as row_forward forms it (see _row_backward_task)
-                    for j in range(w):
-                        xh = (x[j] - m0) * rr - cc
-                        z = xh * gm[j] + bt[j]
-                        gj = g[j] if z > 0.0 else g[j] * (neg + (z - z))
-                        acc_g[j] += gj
-                        acc_gx[j] += gj * xh
-            for j in range(w):
-                sg[j] += acc_g[j]
-                sgx[j] += acc_gx[j]
+    # Rows in four segments walked side by side, one row of each per pass (then the rows
+    # left over, one at a time): each accumulator load and store serves four rows (see
+    # _row_param_sums). Blocks narrower than _SEGMENT_COLUMNS take every row one at a
+    # time: there the setup of the four-row loop costs more than its stores save.
+    q = R // _STREAMS if w >= _SEGMENT_COLUMNS else 0
+    for i0 in range(0, q, ROW_BLOCK):
+        for j in range(w):
+            acc_g[j] = 0.0
+            acc_gx[j] = 0.0
+        for i in range(i0, min(i0 + ROW_BLOCK, q)):
+            _row_param_sums(X, dY, mean, invstd, i, q, j0, j1, gm, bt, code, neg, k, acc_g,
+                            acc_gx)
+        for j in range(w):
+            sg[j] += acc_g[j]
+            sgx[j] += acc_gx[j]
+    for i0 in range(_STREAMS * q, R, ROW_BLOCK):
+        for j in range(w):
+            acc_g[j] = 0.0
+            acc_gx[j] = 0.0
+        for i in range(i0, min(i0 + ROW_BLOCK, R)):
+            m0, rr, cc = _row_shift(mean[i], invstd[i], k)
+            x = X[i, j0:j1]
+            g = dY[i, j0:j1]
+            if code == 0:
+                for j in range(w):
+                    acc_g[j] += g[j]
+                    acc_gx[j] += g[j] * ((x[j] - m0) * rr - cc)
+            else:  # g * f'(z), z formed as row_forward forms it (see _row_backward_task)
+                for j in range(w):
+                    xh = (x[j] - m0) * rr - cc
+                    z = xh * gm[j] + bt[j]
+                    gj = g[j] if z > 0.0 else g[j] * (neg + (z - z))
+                    acc_g[j] += gj
+                    acc_gx[j] += gj * xh
+        for j in range(w):
+            sg[j] += acc_g[j]
+            sgx[j] += acc_gx[j]
     og = dgamma[j0:j1]
     ob = dbeta[j0:j1]
     if accumulate:
