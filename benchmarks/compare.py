@@ -702,8 +702,9 @@ def print_table(header, results, bandwidth):
           f"torch {header['torch']}, numpy-ml {header['numpy_ml']}")
     print(f"# threads {header['threads']} (numba threading layer {header['numba_threading_layer']}, "
           f"torch {header['torch_threads']}); np.copyto bandwidth {bandwidth / 1e9:.1f} GB/s")
-    if header.get("kernel_cache_warmup_s") is not None:
-        print(f"# kernel cache warmed in a child process first ({header['kernel_cache_warmup_s']:.1f} s)")
+    warm_s = header.get("kernel_cache_warmup_s")
+    if warm_s is not None:
+        print(f"# kernel cache warmed in a child process first ({warm_s:.1f} s)")
     cols = ["case", "nbnet", "torch", "numpy-ml", "floor", "torch/nbnet", "nbnet/floor"]
     section = None
     lines = []

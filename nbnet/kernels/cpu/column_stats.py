@@ -30,13 +30,14 @@ Inputs are computed in their own dtype (float32 runs 8-16 lanes wide with no
 conversions): the passes add rows into per-column accumulators of the input's dtype,
 which are flushed into the float64 partial rows every ``ROW_BLOCK`` passes
 (:mod:`~nbnet.kernels.cpu.block_sums`). A block adds at most ``ROW_BLOCK`` roundings of
-its own magnitude (a pass adds four rows pairwise, ``(a + b) + (c + d)``, see below); with the shift within a few standard
-deviations of the mean (a row of the data is, as a rule) that keeps M2 to ~1e-6 of
-itself in float32, and the mean to ~1e-7 of a standard deviation at mean 1e4. (The
-earlier two-pass form, a float32 sum for the mean then moments around it, read each
-chunk twice: BatchNorm1D (4096, 1024) float32 statistics 0.55-0.6 -> 0.35-0.45 ms in
-one pass.) The sums walk a
-chunk as four row *segments* side by side, one row of each per pass
+its own magnitude (a pass adds four rows pairwise, ``(a + b) + (c + d)``, see below);
+with the shift within a few standard deviations of the mean (a row of the data is, as a
+rule) that keeps M2 to ~1e-6 of itself in float32, and the mean to ~1e-7 of a standard
+deviation at mean 1e4. (The earlier two-pass form, a float32 sum for the mean then
+moments around it, read each chunk twice: BatchNorm1D (4096, 1024) float32 statistics
+0.55-0.6 -> 0.35-0.45 ms in one pass.)
+
+The sums walk a chunk as four row *segments* side by side, one row of each per pass
 (:func:`_segment_moments`): the accumulators' loads and stores, not memory, bound a pass
 of one row at a time, and four segments are four long sequential streams for the
 hardware prefetcher. (Four *adjacent* rows per pass were 1.3x faster in cache
@@ -413,8 +414,8 @@ def column_backward_reduce(X, dY, mean, invstd, gamma, beta, code, alpha, rows_p
     at the normalised-and-scaled value (``g = dY`` without an activation; ReLU and leaky
     ReLU only, as selects). In the input's dtype: ``sum(g * (x - m0))`` over blocks of
     ``ROW_BLOCK`` passes of four rows (:func:`_segment_moments`), accumulated in float64,
-    then ``sum(g * (x - mean)) = sum(g * (x -
-    m0)) - (mean - m0) * sum(g)`` and the scaling by ``invstd`` once per chunk.
+    then ``sum(g * (x - mean)) = sum(g * (x - m0)) - (mean - m0) * sum(g)`` and the
+    scaling by ``invstd`` once per chunk.
     """
     R, C = X.shape
     n_chunks = partial_sum_g.shape[0]
