@@ -785,6 +785,9 @@ def main(argv=None):
     if args.only:
         pattern = re.compile(args.only, re.IGNORECASE)
         rows = [r for r in rows if pattern.search(f"{r.section} {r.name}")]
+        if not rows:
+            parser.error(f"--only {args.only!r} matches no row; rows are named "
+                         f"'<section> <name>', e.g. 'normalization BatchNorm1D train (4096,1024) float32'")
 
     results = []
     for row in rows:
