@@ -78,6 +78,14 @@ OUTPUT_POOL = _env_int("NBNET_OUTPUT_POOL", 2)
 #: 4.9 -> 3.1 ms there. 0 streams every eligible output.
 STREAM_BYTES = _env_int("NBNET_STREAM_BYTES", 32 << 20)
 
+
+def streams(V):
+    """Whether a column kernel writes its ``(rows, C)`` output (the shape of ``V``) with
+    non-temporal stores: at least ``STREAM_BYTES``, and rows of whole 64-byte cache lines.
+    Channels-first views (3-D) never stream."""
+    return bool(V.ndim == 2 and V.nbytes >= STREAM_BYTES
+                and (V.shape[1] * V.dtype.itemsize) % 64 == 0)
+
 #: Below this many elements a kernel runs its loops serially instead of in parallel:
 #: starting and joining a parallel region costs microseconds, and a thread descheduled
 #: by another process stalls the whole region for a scheduler tick. Measured on the

@@ -723,6 +723,50 @@ def test_channels_first_partials_do_not_depend_on_channel_blocks(rng):
         np.testing.assert_allclose(results[0][0][k], chunk.mean(axis=(0, 2)), rtol=1e-12)
 
 
+# ------------------------------------------------------------- fused CPU training ops
+class _SeparateKernelsBN(nbnet.BatchNorm1D):
+    """BatchNorm1D with its statistics hooks overridden (by the same code), which sends
+    it down the path of separate kernels, as SyncBatchNorm takes."""
+
+    def _batch_stats(self, *args):
+        return nbnet.layers.normalization._BatchNormBase._batch_stats(self, *args)
+
+    def _sums_for_dx(self, *args):
+        return nbnet.layers.normalization._BatchNormBase._sums_for_dx(self, *args)
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (301, 48), (1000, 300)])  # serial, ragged, parallel
+@pytest.mark.parametrize("act_fn", [None, "relu", "leaky_relu"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_fused_training_ops_are_bit_identical_to_the_separate_kernels(monkeypatch, shape,
+                                                                      act_fn, dtype, rng):
+    """The CPU ``column_forward_train`` / ``column_backward_train`` (one call per pass
+    pair) run the separate kernels' task bodies in the same order: outputs, running
+    statistics and accumulated gradients must match them bit for bit, over two
+    forward/backward pairs (the second accumulates) and an inference forward."""
+    from nbnet.layers.base import LayerBase
+    calls = []
+    kernel = LayerBase._kernel
+    monkeypatch.setattr(LayerBase, "_kernel", lambda self, op: calls.append(op) or kernel(self, op))
+    X = [rng.normal(5.0, 3.0, shape).astype(dtype) for _ in range(2)]
+    dY = [rng.normal(size=shape).astype(dtype) for _ in range(2)]
+    results = []
+    for make in (nbnet.BatchNorm1D, _SeparateKernelsBN):
+        calls.clear()
+        layer = make(act_fn=act_fn, momentum=0.8)
+        ys = [layer.forward(x).copy() for x in X]
+        dxs = [d.copy() for d in layer.backward(dY)]
+        yi = layer.forward(X[0], retain_derived=False).copy()
+        p, g = layer.parameters, layer.gradients
+        results.append(ys + dxs + [yi, p["running_mean"].copy(), p["running_var"].copy(),
+                                   g["scaler"].copy(), g["intercept"].copy()])
+        fused = {"column_forward_train", "column_backward_train"} <= set(calls)
+        assert fused == (make is nbnet.BatchNorm1D), sorted(set(calls))
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+
+
 # ------------------------------------------------------------- streaming (non-temporal) stores
 @pytest.mark.parametrize("dtype,C", [(np.float32, 16), (np.float32, 48), (np.float64, 8),
                                      (np.float64, 40)])
@@ -731,13 +775,12 @@ def test_streamed_outputs_are_bit_identical(monkeypatch, dtype, C, rng):
     lines) is written with non-temporal stores; forward, backward and inference must give
     bit-for-bit what the plain stores give."""
     from nbnet import config
-    from nbnet.layers.normalization import _stream
     X = rng.normal(2.0, 3.0, (301, C)).astype(dtype)
     dY = rng.normal(size=X.shape).astype(dtype)
     results = []
     for stream_bytes in (1 << 62, 0):
         monkeypatch.setattr(config, "STREAM_BYTES", stream_bytes)
-        assert _stream(X) == (stream_bytes == 0)
+        assert config.streams(X) == (stream_bytes == 0)
         layer = nbnet.BatchNorm1D()
         Y = layer.forward(X).copy()
         dX = layer.backward(dY).copy()

@@ -79,15 +79,6 @@ def _cf_chunking(N, C, L, itemsize):
     return int(max(1, min(per, N))), int(per_task)
 
 
-def _stream(V):
-    """Whether the column kernels write their ``(rows, C)`` output with non-temporal stores
-    (:mod:`nbnet.kernels.cpu.streaming`): outputs of at least ``config.STREAM_BYTES`` (too
-    large to stay in the caches) whose rows are whole 64-byte cache lines. Channels-first
-    views (3-D) never stream."""
-    return bool(V.ndim == 2 and V.nbytes >= config.STREAM_BYTES
-                and (V.shape[1] * V.dtype.itemsize) % 64 == 0)
-
-
 class _NormBase(LayerBase):
     """What every normalization layer shares: epsilon, act_fn, lazy build, dY checks."""
 
@@ -299,10 +290,11 @@ class _BatchNormBase(_NormBase):
         gamma, beta = p["scaler"], p["intercept"]
         code, alpha = self._act
         Y = self._output("Y", X.shape, X.dtype)
-        fused = train and self._cuda_fused(sfx, R)
+        fused = train and self._fused(sfx, R)
         if fused:
-            # CUDA: batch statistics, running-stat update and normalisation in one fused op
-            # (2 launches, GPU-sized chunks, reused scratch; see docs/cuda.md)
+            # batch statistics, running-stat update and normalisation in one op (CPU: one
+            # call for the three passes; CUDA: 2 launches, GPU-sized chunks, reused
+            # scratch, see docs/cuda.md)
             mean, invstd = self._empty(C, _F64), self._empty(C, _F64)
             self._kernel("column_forward_train")(V.size, V, gamma, beta, code, alpha, self.epsilon,
                                                  self.momentum, self.unbiased_running_var,
@@ -314,18 +306,20 @@ class _BatchNormBase(_NormBase):
             mean, invstd = self._running_mean_invstd()
         if R > 0 and not fused:
             self._kernel("column_normalize" + sfx)(V.size, V, mean, invstd, gamma, beta, code, alpha,
-                                                   *chunk, _stream(V), Y.reshape(V.shape))
+                                                   *chunk, config.streams(V), Y.reshape(V.shape))
         if train:
             self.X.append(X)
             self.derived_variables["mean"].append(mean)
             self.derived_variables["invstd"].append(invstd)
         return self._activation_forward(Y, train)
 
-    def _cuda_fused(self, sfx, R):
-        """True when the CUDA-only fused column ops apply: a "cuda" layer, channels-last,
-        a non-empty batch, and neither statistics hook overridden (SyncBatchNorm)."""
+    def _fused(self, sfx, R):
+        """True when the fused column ops (``column_forward_train``,
+        ``column_backward_train``) apply: the row layout (channels-last), a non-empty
+        batch, and neither statistics hook overridden (SyncBatchNorm merges across ranks
+        between the passes)."""
         cls = type(self)
-        return (self.device == "cuda" and not sfx and R > 0
+        return (not sfx and R > 0
                 and cls._batch_stats is _BatchNormBase._batch_stats
                 and cls._sums_for_dx is _BatchNormBase._sums_for_dx)
 
@@ -393,8 +387,9 @@ class _BatchNormBase(_NormBase):
                 self._sums_for_dx(np.zeros(C), np.zeros(C), R)
                 out.append(dX)
                 continue
-            if self._cuda_fused(sfx, R):
-                # CUDA: reduce, then merge + gradient accumulation + dX (2 launches)
+            if self._fused(sfx, R):
+                # reduce, merge, gradient accumulation and dX in one op (CPU: one call;
+                # CUDA: 2 launches)
                 self._kernel("column_backward_train")(V.size, V, dyv, mean, invstd, gamma, beta,
                                                       code, alpha, self.gradients["scaler"],
                                                       self.gradients["intercept"],
@@ -422,7 +417,7 @@ class _BatchNormBase(_NormBase):
             dx_sum_g, dx_sum_gx = self._sums_for_dx(sum_g, sum_gx, R)
             self._kernel("column_backward_dx" + sfx)(V.size, V, dyv, mean, invstd, gamma, beta,
                                                      code, alpha, dx_sum_g, dx_sum_gx, *chunk,
-                                                     _stream(V), dX.reshape(V.shape))
+                                                     config.streams(V), dX.reshape(V.shape))
             if retain_grads and self.device != "cuda":
                 self._accumulate("scaler", sum_gx)
                 self._accumulate("intercept", sum_g)
@@ -1007,7 +1002,7 @@ class GroupNorm(_NormBase):
                     V2 = V.reshape(-1, C)
                     rpc = config.rows_per_chunk(C, X.dtype.itemsize)
                     self._kernel("column_normalize")(V.size, V2, mean, invstd, gamma, beta, code,
-                                                     alpha, rpc, _stream(V2), Yv.reshape(V2.shape))
+                                                     alpha, rpc, config.streams(V2), Yv.reshape(V2.shape))
             return self._activation_forward(Y, False)
         mean = self._empty((N, G), _F64)
         invstd = self._empty((N, G), _F64)

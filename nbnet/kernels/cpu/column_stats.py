@@ -65,6 +65,7 @@ import math
 import numpy as np
 from numba import prange
 
+from ... import config
 from ._jit import helper, kernel, task_body
 from .block_sums import (ROW_BLOCK, SUM_BLOCK, block_shifted_moments, rescue_columns,
                          shifted_result)
@@ -107,6 +108,29 @@ def _column_factors(mean, invstd, gamma, beta, dtype):
     shift = np.empty(C, dtype)
     _affine_factors(mean, invstd, gamma, beta, m0, scale, shift)
     return m0, scale, shift
+
+
+@helper
+def _dx_factors(mean, invstd, gamma, m0, sum_g, sum_gx, R, dtype):
+    """The per-column constants ``k0, k1`` (``(C,)`` arrays of ``dtype``) of the dx pass.
+
+    ``dX = scale * (g - mg - (x - mean) * kx)`` with ``x - mean = (x - m0) - (mean - m0)``
+    is ``dX = (g * scale + k0) - kx * ((x - m0) * scale)``, with ``k1 = kx = invstd *
+    mean(g * xhat)`` and ``k0 = scale * ((mean - m0) * kx - mg)`` computed in float64 and
+    rounded once. (``kx`` times ``(x - m0) * scale``, not the product ``scale * kx``: that
+    one scales as ``invstd**2`` and underflows float32 for data with a standard deviation
+    past ~1e19.)
+    """
+    C = mean.shape[0]
+    k0 = np.empty(C, dtype)
+    k1 = np.empty(C, dtype)
+    inv_r = 1.0 / R
+    for j in range(C):
+        sc = invstd[j] * gamma[j]
+        kx = sum_gx[j] * inv_r * invstd[j]
+        k0[j] = sc * ((mean[j] - m0[j]) * kx - sum_g[j] * inv_r)
+        k1[j] = kx
+    return k0, k1
 
 
 #: Row segments that :func:`_segment_moments` walks side by side (the pass is written out
@@ -506,23 +530,118 @@ def column_backward_dx(X, dY, mean, invstd, gamma, beta, code, alpha, sum_g, sum
     R, C = X.shape
     n_chunks = (R + rows_per_chunk - 1) // rows_per_chunk
     m0, scale, shift = _column_factors(mean, invstd, gamma, beta, X.dtype)
-    # dX = scale * (g - mg - (x - mean) * kx) with x - mean = (x - m0) - (mean - m0):
-    # dX = (g * scale + k0) - kx * ((x - m0) * scale), kx = invstd * mean(g * xhat)
-    # and k0 = scale * ((mean - m0) * kx - mg) computed in float64 and rounded once.
-    # (kx times (x - m0) * scale, not the product scale * kx: that one scales as
-    # invstd**2 and underflows float32 for data with a standard deviation past ~1e19.)
-    k0 = np.empty(C, X.dtype)
-    k1 = np.empty(C, X.dtype)
-    inv_r = 1.0 / R
-    for j in range(C):
-        sc = invstd[j] * gamma[j]
-        kx = sum_gx[j] * inv_r * invstd[j]
-        k0[j] = sc * ((mean[j] - m0[j]) * kx - sum_g[j] * inv_r)
-        k1[j] = kx
+    k0, k1 = _dx_factors(mean, invstd, gamma, m0, sum_g, sum_gx, R, X.dtype)
     for k in prange(n_chunks):
         _column_backward_dx_task(np.int64(k), X, dY, m0, scale, shift, k0, k1, code, alpha,
                                  rows_per_chunk, stream, dX)
 
+
+
+# ------------------------------------------------------------- fused training steps
+#
+# A BatchNorm1D training step called five kernels in the row layout (statistics, merge,
+# normalize; backward sums, two merges, dx: seven), each a numba dispatch (~1.5 us), a
+# parallel region (~2.4 us) and the layer's Python around it. The two kernels below run
+# the same task bodies, in the same order, on the same chunks, from one call each: the
+# CPU twins of the CUDA ops of the same names and arguments. Same bits as the separate
+# kernels (tests/test_normalization_family.py checks it); SyncBatchNorm, which merges
+# across ranks between the passes, keeps the separate ones.
+#
+# The merges run serially in the fused kernels. The separate merge kernels go parallel
+# only from n_chunks * C >= config.SERIAL_CUTOFF ((8192, 1024) float32 and larger), where
+# a parallel merge saves ~1% of the step, and the two parallel merge loops cost compile
+# time: compiling the default float32 set (a process run to its exit, the 2-core reference
+# VM in a slow hour) took 18.0-19.5 s with them, 15.9-17.1 s without, and 16.0-17.1 s for
+# the separate kernels alone, measured alternately.
+
+
+@kernel(ordered=True)
+def _column_forward_train(X, gamma, beta, code, alpha, eps, momentum, unbiased, running_mean,
+                          running_var, rows_per_chunk, stream, mean, invstd, Y):
+    """:func:`column_partial_stats`, :func:`column_merge_stats` and :func:`column_normalize`
+    in one call (see :func:`column_forward_train`)."""
+    R, C = X.shape
+    n_chunks = (R + rows_per_chunk - 1) // rows_per_chunk
+    pm = np.empty((n_chunks, C), np.float64)
+    pm2 = np.empty((n_chunks, C), np.float64)
+    for k in prange(n_chunks):
+        _column_partial_stats_task(np.int64(k), X, rows_per_chunk, pm, pm2)
+    for b in range((C + _MERGE_BLOCK - 1) // _MERGE_BLOCK):  # serial: see the notes above
+        _column_merge_stats_task(np.int64(b), pm, pm2, R, rows_per_chunk, eps, momentum,
+                                 unbiased, running_mean, running_var, mean, invstd)
+    m0, scale, shift = _column_factors(mean, invstd, gamma, beta, X.dtype)
+    for k in prange(n_chunks):
+        _column_normalize_task(np.int64(k), X, m0, scale, shift, code, alpha, rows_per_chunk,
+                               stream, Y)
+
+
+def column_forward_train(size, X, gamma, beta, code, alpha, eps, momentum, unbiased,
+                         running_mean, running_var, mean, invstd, Y):
+    """BatchNorm training forward on an ``(R, C)`` view (``R >= 1``), in one call: the batch
+    statistics (``mean``, ``invstd`` float64, written), the running statistics updated in
+    place (numpy-ml's ``momentum``; ``unbiased``: the running variance takes ``var * R /
+    (R - 1)``), then ``Y = f((X - mean) * invstd * gamma + beta)``.
+
+    The CPU twin of the CUDA op of the same name; the chunking and streaming that the
+    separate kernels take as arguments come from :mod:`nbnet.config`, as the layer would
+    pass them.
+    """
+    R, C = X.shape
+    rpc = config.rows_per_chunk(C, X.dtype.itemsize)
+    _column_forward_train(size, X, gamma, beta, code, alpha, eps, momentum, unbiased,
+                          running_mean, running_var, rpc, config.streams(X), mean, invstd, Y)
+
+
+column_forward_train.kernel = _column_forward_train  # the Kernel behind it (tests, warm-up)
+column_forward_train.dispatchers = _column_forward_train.dispatchers
+
+
+@kernel(ordered=True)
+def _column_backward_train(X, dY, mean, invstd, gamma, beta, code, alpha, grad_gamma,
+                           grad_beta, accumulate, rows_per_chunk, stream, dX):
+    """:func:`column_backward_reduce`, :func:`merge_partial_sums` (twice), the gradient
+    accumulation and :func:`column_backward_dx` in one call (see
+    :func:`column_backward_train`)."""
+    R, C = X.shape
+    n_chunks = (R + rows_per_chunk - 1) // rows_per_chunk
+    psg = np.empty((n_chunks, C), np.float64)
+    psgx = np.empty((n_chunks, C), np.float64)
+    m0, scale, shift = _column_factors(mean, invstd, gamma, beta, X.dtype)
+    for k in prange(n_chunks):
+        _column_backward_reduce_task(np.int64(k), X, dY, mean, invstd, m0, scale, shift, code,
+                                     alpha, rows_per_chunk, psg, psgx)
+    sum_g = np.empty(C, np.float64)
+    sum_gx = np.empty(C, np.float64)
+    for b in range((C + _MERGE_BLOCK - 1) // _MERGE_BLOCK):  # serial: see the notes above
+        _merge_partial_sums_task(np.int64(b), psg, sum_g)
+        _merge_partial_sums_task(np.int64(b), psgx, sum_gx)
+    if accumulate:  # gradients += the float64 sums, rounded once to their dtype
+        for j in range(C):
+            grad_gamma[j] += sum_gx[j]
+            grad_beta[j] += sum_g[j]
+    k0, k1 = _dx_factors(mean, invstd, gamma, m0, sum_g, sum_gx, R, X.dtype)
+    for k in prange(n_chunks):
+        _column_backward_dx_task(np.int64(k), X, dY, m0, scale, shift, k0, k1, code, alpha,
+                                 rows_per_chunk, stream, dX)
+
+
+def column_backward_train(size, X, dY, mean, invstd, gamma, beta, code, alpha, grad_gamma,
+                          grad_beta, accumulate, dX):
+    """BatchNorm backward on an ``(R, C)`` view (``R >= 1``), in one call: ``sum(g)`` and
+    ``sum(g * xhat)`` per column, ``dX`` from them, and when ``accumulate``
+    ``grad_beta += sum(g)``, ``grad_gamma += sum(g * xhat)``.
+
+    The CPU twin of the CUDA op of the same name (chunking and streaming from
+    :mod:`nbnet.config`, as for :func:`column_forward_train`).
+    """
+    R, C = X.shape
+    rpc = config.rows_per_chunk(C, X.dtype.itemsize)
+    _column_backward_train(size, X, dY, mean, invstd, gamma, beta, code, alpha, grad_gamma,
+                           grad_beta, bool(accumulate), rpc, config.streams(X), dX)
+
+
+column_backward_train.kernel = _column_backward_train  # the Kernel behind it (tests, warm-up)
+column_backward_train.dispatchers = _column_backward_train.dispatchers
 
 # ------------------------------------------------------------- channels-first (N, C, L)
 #
@@ -806,6 +925,8 @@ KERNELS = {
     "column_normalize": column_normalize,
     "column_backward_reduce": column_backward_reduce,
     "column_backward_dx": column_backward_dx,
+    "column_forward_train": column_forward_train,
+    "column_backward_train": column_backward_train,
     "merge_partial_sums": merge_partial_sums,
     "column_partial_stats_cf": column_partial_stats_cf,
     "column_normalize_cf": column_normalize_cf,

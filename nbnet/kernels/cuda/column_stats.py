@@ -437,7 +437,7 @@ KERNELS = {
 }
 
 
-# ------------------------------------------------------ fused BatchNorm ops (CUDA-only)
+# ------------------------------------- fused BatchNorm ops (CPU twins: kernels/cpu/column_stats.py)
 # Training step of the channels-last column pattern in 2 + 2 launches:
 #   forward : column_forward_train  = _fused_stats (per-chunk Welford/Chan partials)
 #                                     + _fused_merge_normalize (every block merges the
@@ -604,7 +604,7 @@ def _fused_merge_normalize(X, partial_mean, partial_m2, rows_per_chunk, eps, mom
 
 def column_forward_train(size, X, gamma, beta, code, alpha, eps, momentum, unbiased,
                          running_mean, running_var, mean, invstd, Y):
-    """CUDA-only fused BatchNorm training forward on an ``(R, C)`` view: batch statistics
+    """Fused BatchNorm training forward on an ``(R, C)`` view: batch statistics
     (``mean``, ``invstd`` float64; running statistics updated in place with numpy-ml's
     ``momentum``), then ``Y = f((X - mean) * invstd * gamma + beta)``. Two launches."""
     R, C = X.shape
@@ -751,7 +751,7 @@ def _fused_merge_backward_dx(X, dY, mean, invstd, gamma, beta, code, alpha, part
 
 def column_backward_train(size, X, dY, mean, invstd, gamma, beta, code, alpha, grad_gamma,
                           grad_beta, accumulate, dX):
-    """CUDA-only fused BatchNorm backward on an ``(R, C)`` view: per-chunk ``sum(g)`` and
+    """Fused BatchNorm backward on an ``(R, C)`` view: per-chunk ``sum(g)`` and
     ``sum(g * xhat)``, then (merged in every block, fixed order) ``dX`` and, when
     ``accumulate``, ``grad_beta += sum(g)``, ``grad_gamma += sum(g * xhat)``. Two launches."""
     R, C = X.shape
