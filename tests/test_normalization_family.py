@@ -767,6 +767,32 @@ def test_fused_training_ops_are_bit_identical_to_the_separate_kernels(monkeypatc
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("accumulate", [True, False])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_merge_partial_sums_pair_equals_two_merges_and_adds(accumulate, dtype, rng):
+    """The CPU merge_partial_sums_pair (LayerNorm's parameter gradients) gives what two
+    merge_partial_sums calls and two NumPy adds give, bit for bit, for gradients of any
+    shape (LayerNorm2D's (H, W, C)); without ``accumulate`` the gradients stay as they were."""
+    from nbnet.registry import get_kernel
+    pa, pb = rng.normal(size=(2, 37, 600))
+    grads = [rng.normal(size=(10, 20, 3)).astype(dtype) for _ in range(2)]
+    want_a, want_b = np.empty(600), np.empty(600)
+    for p, out in ((pa, want_a), (pb, want_b)):
+        get_kernel("merge_partial_sums", "cpu")(p.size, p, out)
+    want_grads = [g.copy() for g in grads]
+    if accumulate:
+        for g, out in zip(want_grads, (want_a, want_b)):
+            np.add(g, out.reshape(g.shape), out=g, casting="unsafe")
+    out_a, out_b = np.full(600, np.nan), np.full(600, np.nan)
+    for size in (0, 1 << 30):  # the serial and the parallel loop
+        got = [g.copy() for g in grads]
+        get_kernel("merge_partial_sums_pair", "cpu")(size, pa, pb, out_a, out_b, *got, accumulate)
+        np.testing.assert_array_equal(out_a, want_a)
+        np.testing.assert_array_equal(out_b, want_b)
+        for g, w in zip(got, want_grads):
+            np.testing.assert_array_equal(g, w)
+
+
 # ------------------------------------------------------------- streaming (non-temporal) stores
 @pytest.mark.parametrize("dtype,C", [(np.float32, 16), (np.float32, 48), (np.float64, 8),
                                      (np.float64, 40)])

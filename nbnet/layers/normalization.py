@@ -606,20 +606,16 @@ class LayerNorm1D(_NormBase):
                 pdb = self._empty((n_chunks, D), _F64)
                 self._kernel("row_backward")(R * D, X2, dy2, mean, invstd, gamma, beta, self._center,
                                              code, alpha, rpc, dX.reshape(X2.shape), pdg, pdb)
-                if retain_grads and self.device == "cuda" and "intercept" in self.gradients:
-                    # CUDA: both merges and both accumulations in one launch (backward = 2)
+                if retain_grads and "intercept" in self.gradients:
+                    # both merges and both accumulations in one call (CUDA: backward = 2
+                    # launches)
                     self._kernel("merge_partial_sums_pair")(
                         n_chunks * D, pdg, pdb, self._empty(D, _F64), self._empty(D, _F64),
                         self.gradients["scaler"], self.gradients["intercept"], True)
-                elif retain_grads:
-                    merge = self._kernel("merge_partial_sums")
+                elif retain_grads:  # RMSNorm: no intercept
                     dgamma = self._empty(D, _F64)
-                    merge(n_chunks * D, pdg, dgamma)
+                    self._kernel("merge_partial_sums")(n_chunks * D, pdg, dgamma)
                     self._accumulate("scaler", dgamma.reshape(self.gradients["scaler"].shape))
-                    if "intercept" in self.gradients:
-                        dbeta = self._empty(D, _F64)
-                        merge(n_chunks * D, pdb, dbeta)
-                        self._accumulate("intercept", dbeta.reshape(self.gradients["intercept"].shape))
             out.append(dX)
         return out if was_list else out[0]
 

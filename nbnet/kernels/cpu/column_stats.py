@@ -458,19 +458,23 @@ def column_backward_reduce(X, dY, mean, invstd, gamma, beta, code, alpha, rows_p
                                      alpha, rows_per_chunk, partial_sum_g, partial_sum_gx)
 
 
-@task_body
-def _merge_partial_sums_task(b, partial, out):
-    """Task ``b`` of :func:`merge_partial_sums` (the ``prange`` body; see ``task_body``)."""
-    n_chunks, C = partial.shape
-    j0 = b * _MERGE_BLOCK
-    j1 = min(j0 + _MERGE_BLOCK, C)
+@helper
+def _merge_columns(partial, j0, j1, out):
+    """``out[j0:j1]`` = the sum over chunks ``k`` of ``partial[k, j0:j1]``, in chunk order."""
     ob = out[j0:j1]  # slices: indexing range(j0, j1) does not vectorise
     for j in range(j1 - j0):
         ob[j] = 0.0
-    for k in range(n_chunks):
+    for k in range(partial.shape[0]):
         pk = partial[k, j0:j1]
         for j in range(j1 - j0):
             ob[j] += pk[j]
+
+
+@task_body
+def _merge_partial_sums_task(b, partial, out):
+    """Task ``b`` of :func:`merge_partial_sums` (the ``prange`` body; see ``task_body``)."""
+    j0 = b * _MERGE_BLOCK
+    _merge_columns(partial, j0, min(j0 + _MERGE_BLOCK, partial.shape[1]), out)
 
 
 @kernel
@@ -480,6 +484,44 @@ def merge_partial_sums(partial, out):
     n_blocks = (C + _MERGE_BLOCK - 1) // _MERGE_BLOCK
     for b in prange(n_blocks):
         _merge_partial_sums_task(np.int64(b), partial, out)
+
+
+@task_body
+def _merge_partial_sums_pair_task(b, partial_a, partial_b, out_a, out_b, grad_a, grad_b,
+                                  accumulate):
+    """Task ``b`` of :func:`merge_partial_sums_pair` (the ``prange`` body)."""
+    j0 = b * _MERGE_BLOCK
+    j1 = min(j0 + _MERGE_BLOCK, partial_a.shape[1])
+    _merge_columns(partial_a, j0, j1, out_a)
+    _merge_columns(partial_b, j0, j1, out_b)
+    if accumulate:  # the float64 sums rounded once to the gradients' dtype
+        for j in range(j0, j1):
+            grad_a[j] += out_a[j]
+            grad_b[j] += out_b[j]
+
+
+@kernel
+def _merge_partial_sums_pair(partial_a, partial_b, out_a, out_b, grad_a, grad_b, accumulate):
+    """:func:`merge_partial_sums` of two partial buffers, and the gradient accumulation,
+    in one call (see :func:`merge_partial_sums_pair`)."""
+    n_blocks = (partial_a.shape[1] + _MERGE_BLOCK - 1) // _MERGE_BLOCK
+    for b in prange(n_blocks):
+        _merge_partial_sums_pair_task(np.int64(b), partial_a, partial_b, out_a, out_b, grad_a,
+                                      grad_b, accumulate)
+
+
+def merge_partial_sums_pair(size, partial_a, partial_b, out_a, out_b, grad_a, grad_b,
+                            accumulate):
+    """``out_a``/``out_b`` = the merged partials (float64, chunk order); when
+    ``accumulate``, also ``grad_a += out_a`` and ``grad_b += out_b`` (any shape of ``C``
+    values, rounded once to their dtype). The CPU twin of the CUDA op: one call instead
+    of two merges and two NumPy adds (LayerNorm's parameter gradients)."""
+    _merge_partial_sums_pair(size, partial_a, partial_b, out_a, out_b, grad_a.reshape(-1),
+                             grad_b.reshape(-1), bool(accumulate))
+
+
+merge_partial_sums_pair.kernel = _merge_partial_sums_pair  # the Kernel behind it
+merge_partial_sums_pair.dispatchers = _merge_partial_sums_pair.dispatchers
 
 
 @task_body(ordered=True)
@@ -928,6 +970,7 @@ KERNELS = {
     "column_forward_train": column_forward_train,
     "column_backward_train": column_backward_train,
     "merge_partial_sums": merge_partial_sums,
+    "merge_partial_sums_pair": merge_partial_sums_pair,
     "column_partial_stats_cf": column_partial_stats_cf,
     "column_normalize_cf": column_normalize_cf,
     "column_backward_reduce_cf": column_backward_reduce_cf,

@@ -5,9 +5,6 @@ and argument lists (the leading ``size`` is accepted; launch geometry comes from
 Importing this package imports ``numba.cuda`` through :func:`nbnet.devices.import_cuda`
 (which bridges ``np.row_stack`` for NumPy >= 2.5); the registry imports it only when a
 "cuda" kernel is first requested. Every kernel also runs under ``NUMBA_ENABLE_CUDASIM=1``.
-
-CUDA-only op: ``merge_partial_sums_pair`` (two merges + gradient accumulation in one
-launch).
 """
 import importlib
 

@@ -14,8 +14,9 @@ Merges: one block per column tile; lane ``ty`` Chan-merges chunks ``ty, ty + TY,
 order, then the lanes merge pairwise in a fixed tree. No atomics anywhere, so results are
 bit-identical run to run (they depend on ``config.CUDA_BLOCK``, not on scheduling).
 
-CUDA-only op ``merge_partial_sums_pair``: both backward merges and the gradient
-accumulation in one launch (BatchNorm backward: reduce, merge, dx = 3 launches).
+``merge_partial_sums_pair``: both backward merges and the gradient accumulation in one
+launch (BatchNorm backward: reduce, merge, dx = 3 launches); the CPU has a twin since
+round 11.
 """
 import math
 
@@ -241,7 +242,7 @@ def merge_partial_sums(size, partial, out):
 
 def merge_partial_sums_pair(size, partial_a, partial_b, out_a, out_b, grad_a, grad_b,
                             accumulate):
-    """CUDA-only: ``out_a``/``out_b`` = merged partials (float64); when ``accumulate``,
+    """``out_a``/``out_b`` = merged partials (float64); when ``accumulate``,
     also ``grad_a += out_a`` and ``grad_b += out_b`` (cast to the gradients' dtype).
 
     One launch instead of two merges and two ``add_into`` calls.
