@@ -407,6 +407,17 @@ def _task(fn, ordered):
     return disp
 
 
+def wraps_kernel(inner):
+    """Decorate a plain Python function that prepares arguments (chunking, reshapes) and
+    calls the :class:`Kernel` ``inner``: the op keeps its twin's argument list, and
+    ``fn.kernel`` / ``fn.dispatchers`` expose ``inner`` to the warm-up and the tests."""
+    def deco(fn):
+        fn.kernel = inner
+        fn.dispatchers = inner.dispatchers
+        return fn
+    return deco
+
+
 def serial_kernel(fn):
     """Decorate a kernel whose work is one pass over a short vector (``O(C)``, not
     ``O(N*C)``): one serial compiled function, called ``kernel(size, *args)`` like every

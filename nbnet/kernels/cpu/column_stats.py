@@ -66,7 +66,7 @@ import numpy as np
 from numba import prange
 
 from ... import config
-from ._jit import helper, kernel, task_body
+from ._jit import helper, kernel, task_body, wraps_kernel
 from .block_sums import (ROW_BLOCK, SUM_BLOCK, block_shifted_moments, rescue_columns,
                          shifted_result)
 from .activations import piecewise_slopes, reject_smooth
@@ -510,6 +510,7 @@ def _merge_partial_sums_pair(partial_a, partial_b, out_a, out_b, grad_a, grad_b,
                                       grad_b, accumulate)
 
 
+@wraps_kernel(_merge_partial_sums_pair)
 def merge_partial_sums_pair(size, partial_a, partial_b, out_a, out_b, grad_a, grad_b,
                             accumulate):
     """``out_a``/``out_b`` = the merged partials (float64, chunk order); when
@@ -519,9 +520,6 @@ def merge_partial_sums_pair(size, partial_a, partial_b, out_a, out_b, grad_a, gr
     _merge_partial_sums_pair(size, partial_a, partial_b, out_a, out_b, grad_a.reshape(-1),
                              grad_b.reshape(-1), bool(accumulate))
 
-
-merge_partial_sums_pair.kernel = _merge_partial_sums_pair  # the Kernel behind it
-merge_partial_sums_pair.dispatchers = _merge_partial_sums_pair.dispatchers
 
 
 @task_body(ordered=True)
@@ -581,9 +579,9 @@ def column_backward_dx(X, dY, mean, invstd, gamma, beta, code, alpha, sum_g, sum
 
 # ------------------------------------------------------------- fused training steps
 #
-# A BatchNorm1D training step called five kernels in the row layout (statistics, merge,
-# normalize; backward sums, two merges, dx: seven), each a numba dispatch (~1.5 us), a
-# parallel region (~2.4 us) and the layer's Python around it. The two kernels below run
+# A BatchNorm1D training step called seven kernels in the row layout (forward:
+# statistics, merge, normalize; backward: sums, two merges, dx), each a numba dispatch
+# (~1.5 us), a parallel region (~2.4 us) and the layer's Python around it. The two kernels below run
 # the same task bodies, in the same order, on the same chunks, from one call each: the
 # CPU twins of the CUDA ops of the same names and arguments. Same bits as the separate
 # kernels (tests/test_normalization_family.py checks it); SyncBatchNorm, which merges
@@ -617,6 +615,7 @@ def _column_forward_train(X, gamma, beta, code, alpha, eps, momentum, unbiased, 
                                stream, Y)
 
 
+@wraps_kernel(_column_forward_train)
 def column_forward_train(size, X, gamma, beta, code, alpha, eps, momentum, unbiased,
                          running_mean, running_var, mean, invstd, Y):
     """BatchNorm training forward on an ``(R, C)`` view (``R >= 1``), in one call: the batch
@@ -634,15 +633,12 @@ def column_forward_train(size, X, gamma, beta, code, alpha, eps, momentum, unbia
                           running_mean, running_var, rpc, config.streams(X), mean, invstd, Y)
 
 
-column_forward_train.kernel = _column_forward_train  # the Kernel behind it (tests, warm-up)
-column_forward_train.dispatchers = _column_forward_train.dispatchers
-
 
 @kernel(ordered=True)
 def _column_backward_train(X, dY, mean, invstd, gamma, beta, code, alpha, grad_gamma,
                            grad_beta, accumulate, rows_per_chunk, stream, dX):
-    """:func:`column_backward_reduce`, :func:`merge_partial_sums` (twice), the gradient
-    accumulation and :func:`column_backward_dx` in one call (see
+    """:func:`column_backward_reduce`, :func:`merge_partial_sums_pair` (both merges and the
+    gradient accumulation) and :func:`column_backward_dx` in one call (see
     :func:`column_backward_train`)."""
     R, C = X.shape
     n_chunks = (R + rows_per_chunk - 1) // rows_per_chunk
@@ -655,18 +651,15 @@ def _column_backward_train(X, dY, mean, invstd, gamma, beta, code, alpha, grad_g
     sum_g = np.empty(C, np.float64)
     sum_gx = np.empty(C, np.float64)
     for b in range((C + _MERGE_BLOCK - 1) // _MERGE_BLOCK):  # serial: see the notes above
-        _merge_partial_sums_task(np.int64(b), psg, sum_g)
-        _merge_partial_sums_task(np.int64(b), psgx, sum_gx)
-    if accumulate:  # gradients += the float64 sums, rounded once to their dtype
-        for j in range(C):
-            grad_gamma[j] += sum_gx[j]
-            grad_beta[j] += sum_g[j]
+        _merge_partial_sums_pair_task(np.int64(b), psg, psgx, sum_g, sum_gx, grad_beta,
+                                      grad_gamma, accumulate)
     k0, k1 = _dx_factors(mean, invstd, gamma, m0, sum_g, sum_gx, R, X.dtype)
     for k in prange(n_chunks):
         _column_backward_dx_task(np.int64(k), X, dY, m0, scale, shift, k0, k1, code, alpha,
                                  rows_per_chunk, stream, dX)
 
 
+@wraps_kernel(_column_backward_train)
 def column_backward_train(size, X, dY, mean, invstd, gamma, beta, code, alpha, grad_gamma,
                           grad_beta, accumulate, dX):
     """BatchNorm backward on an ``(R, C)`` view (``R >= 1``), in one call: ``sum(g)`` and
@@ -681,9 +674,6 @@ def column_backward_train(size, X, dY, mean, invstd, gamma, beta, code, alpha, g
     _column_backward_train(size, X, dY, mean, invstd, gamma, beta, code, alpha, grad_gamma,
                            grad_beta, bool(accumulate), rpc, config.streams(X), dX)
 
-
-column_backward_train.kernel = _column_backward_train  # the Kernel behind it (tests, warm-up)
-column_backward_train.dispatchers = _column_backward_train.dispatchers
 
 # ------------------------------------------------------------- channels-first (N, C, L)
 #
