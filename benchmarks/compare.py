@@ -786,8 +786,8 @@ def main(argv=None):
         pattern = re.compile(args.only, re.IGNORECASE)
         rows = [r for r in rows if pattern.search(f"{r.section} {r.name}")]
         if not rows:
-            parser.error(f"--only {args.only!r} matches no row; rows are named "
-                         f"'<section> <name>', e.g. 'normalization BatchNorm1D train (4096,1024) float32'")
+            parser.error(f"--only {args.only!r} matches no row; rows are named '<section> "
+                         f"<name>', e.g. 'normalization BatchNorm1D train (4096,1024) float32'")
 
     results = []
     for row in rows:

@@ -305,8 +305,9 @@ class _BatchNormBase(_NormBase):
         else:
             mean, invstd = self._running_mean_invstd()
         if R > 0 and not fused:
-            self._kernel("column_normalize" + sfx)(V.size, V, mean, invstd, gamma, beta, code, alpha,
-                                                   *chunk, config.streams(V), Y.reshape(V.shape))
+            self._kernel("column_normalize" + sfx)(V.size, V, mean, invstd, gamma, beta, code,
+                                                   alpha, *chunk, config.streams(V),
+                                                   Y.reshape(V.shape))
         if train:
             self.X.append(X)
             self.derived_variables["mean"].append(mean)
@@ -998,7 +999,8 @@ class GroupNorm(_NormBase):
                     V2 = V.reshape(-1, C)
                     rpc = config.rows_per_chunk(C, X.dtype.itemsize)
                     self._kernel("column_normalize")(V.size, V2, mean, invstd, gamma, beta, code,
-                                                     alpha, rpc, config.streams(V2), Yv.reshape(V2.shape))
+                                                     alpha, rpc, config.streams(V2),
+                                                     Yv.reshape(V2.shape))
             return self._activation_forward(Y, False)
         mean = self._empty((N, G), _F64)
         invstd = self._empty((N, G), _F64)

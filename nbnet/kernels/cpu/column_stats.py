@@ -521,7 +521,6 @@ def merge_partial_sums_pair(size, partial_a, partial_b, out_a, out_b, grad_a, gr
                              grad_b.reshape(-1), bool(accumulate))
 
 
-
 @task_body(ordered=True)
 def _column_backward_dx_task(k, X, dY, m0, scale, shift, k0, k1, code, alpha, rows_per_chunk,
                              stream, dX):
@@ -576,16 +575,15 @@ def column_backward_dx(X, dY, mean, invstd, gamma, beta, code, alpha, sum_g, sum
                                  rows_per_chunk, stream, dX)
 
 
-
 # ------------------------------------------------------------- fused training steps
 #
 # A BatchNorm1D training step called seven kernels in the row layout (forward:
 # statistics, merge, normalize; backward: sums, two merges, dx), each a numba dispatch
-# (~1.5 us), a parallel region (~2.4 us) and the layer's Python around it. The two kernels below run
-# the same task bodies, in the same order, on the same chunks, from one call each: the
-# CPU twins of the CUDA ops of the same names and arguments. Same bits as the separate
-# kernels (tests/test_normalization_family.py checks it); SyncBatchNorm, which merges
-# across ranks between the passes, keeps the separate ones.
+# (~1.5 us), a parallel region (~2.4 us) and the layer's Python around it. The two
+# kernels below run the same task bodies, in the same order, on the same chunks, from one
+# call each: the CPU twins of the CUDA ops of the same names and arguments. Same bits as
+# the separate kernels (tests/test_normalization_family.py checks it); SyncBatchNorm,
+# which merges across ranks between the passes, keeps the separate ones.
 #
 # The merges run serially in the fused kernels. The separate merge kernels go parallel
 # only from n_chunks * C >= config.SERIAL_CUTOFF ((8192, 1024) float32 and larger), where
@@ -627,11 +625,9 @@ def column_forward_train(size, X, gamma, beta, code, alpha, eps, momentum, unbia
     separate kernels take as arguments come from :mod:`nbnet.config`, as the layer would
     pass them.
     """
-    R, C = X.shape
-    rpc = config.rows_per_chunk(C, X.dtype.itemsize)
+    rpc = config.rows_per_chunk(X.shape[1], X.dtype.itemsize)
     _column_forward_train(size, X, gamma, beta, code, alpha, eps, momentum, unbiased,
                           running_mean, running_var, rpc, config.streams(X), mean, invstd, Y)
-
 
 
 @kernel(ordered=True)
@@ -669,8 +665,7 @@ def column_backward_train(size, X, dY, mean, invstd, gamma, beta, code, alpha, g
     The CPU twin of the CUDA op of the same name (chunking and streaming from
     :mod:`nbnet.config`, as for :func:`column_forward_train`).
     """
-    R, C = X.shape
-    rpc = config.rows_per_chunk(C, X.dtype.itemsize)
+    rpc = config.rows_per_chunk(X.shape[1], X.dtype.itemsize)
     _column_backward_train(size, X, dY, mean, invstd, gamma, beta, code, alpha, grad_gamma,
                            grad_beta, bool(accumulate), rpc, config.streams(X), dX)
 
