@@ -403,25 +403,15 @@ class _BatchNormBase(_NormBase):
                                                          beta, code, alpha, *chunk, psg, psgx)
             sum_g = self._empty(C, _F64)
             sum_gx = self._empty(C, _F64)
-            if self.device == "cuda":
-                # CUDA-only op: both merges and the gradient accumulation in one launch
-                # (backward = reduce, merge, dx: 3 launches, no host synchronisation)
-                self._kernel("merge_partial_sums_pair")(
-                    n_chunks * C, psg, psgx, sum_g, sum_gx, self.gradients["intercept"],
-                    self.gradients["scaler"], bool(retain_grads))
-            elif n_chunks == 1:  # nothing to merge (small batches: two kernel calls saved)
-                sum_g, sum_gx = psg[0], psgx[0]
-            else:
-                merge = self._kernel("merge_partial_sums")
-                merge(n_chunks * C, psg, sum_g)
-                merge(n_chunks * C, psgx, sum_gx)
+            # both merges and the (local) gradient accumulation in one call (CUDA: backward
+            # = reduce, merge, dx: 3 launches, no host synchronisation)
+            self._kernel("merge_partial_sums_pair")(
+                n_chunks * C, psg, psgx, sum_g, sum_gx, self.gradients["intercept"],
+                self.gradients["scaler"], bool(retain_grads))
             dx_sum_g, dx_sum_gx = self._sums_for_dx(sum_g, sum_gx, R)
             self._kernel("column_backward_dx" + sfx)(V.size, V, dyv, mean, invstd, gamma, beta,
                                                      code, alpha, dx_sum_g, dx_sum_gx, *chunk,
                                                      config.streams(V), dX.reshape(V.shape))
-            if retain_grads and self.device != "cuda":
-                self._accumulate("scaler", sum_gx)
-                self._accumulate("intercept", sum_g)
             out.append(dX)
         return out if was_list else out[0]
 
@@ -1049,14 +1039,10 @@ class GroupNorm(_NormBase):
                 op = "group_backward_cf" if cf else "group_backward_cl"
                 self._kernel(op)(V.size, V, dy.reshape(V.shape), mean, invstd, gamma, beta, G,
                                  code, alpha, rpc, dX.reshape(V.shape), pdg, pdb)
-                if retain_grads and self.affine:
-                    merge = self._kernel("merge_partial_sums")
-                    dgamma = self._empty(C, _F64)
-                    dbeta = self._empty(C, _F64)
-                    merge(n_chunks * C, pdg, dgamma)
-                    merge(n_chunks * C, pdb, dbeta)
-                    self._accumulate("scaler", dgamma)
-                    self._accumulate("intercept", dbeta)
+                if retain_grads and self.affine:  # both merges and accumulations in one call
+                    self._kernel("merge_partial_sums_pair")(
+                        n_chunks * C, pdg, pdb, self._empty(C, _F64), self._empty(C, _F64),
+                        self.gradients["scaler"], self.gradients["intercept"], True)
             out.append(dX)
         return out if was_list else out[0]
 
