@@ -113,6 +113,12 @@ COMPILE_MESSAGE = _env_str("NBNET_COMPILE_MESSAGE", "1") not in ("0", "false", "
 #: nbnet/kernels/cpu/_jit.py (_deferred_blas_probe). "0" gives numba's own probe.
 DEFER_SCIPY = _env_str("NBNET_DEFER_SCIPY", "1") not in ("0", "false", "no")
 
+#: Load cached CPU kernels without numba's full CPU-target start-up (the ~50 modules and
+#: registries only compiling needs; numba's compiler still runs it before any compile):
+#: ~0.1 s of a new process's first BatchNorm1D step, warm cache, on the 2-core reference
+#: machine. See nbnet/kernels/cpu/_jit.py (_LightLoadCache). "0" gives numba's own path.
+LIGHT_CACHE_LOAD = _env_str("NBNET_LIGHT_CACHE_LOAD", "1") not in ("0", "false", "no")
+
 #: Threads per block for the CUDA kernels (a power of two).
 CUDA_BLOCK = _env_int("NBNET_CUDA_BLOCK", 256)
 

@@ -714,17 +714,78 @@ _SCIPY_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("defer", ["1", "0"])
-def test_first_step_does_not_import_scipy(defer):
-    """numba's BLAS probe at target start-up (it imports scipy.linalg, ~0.12 s) is deferred
-    while nbnet's first kernel runs, and numba's own check is back afterwards: a jitted
-    np.dot still finds SciPy's BLAS, for matrices and for vectors."""
+@pytest.mark.parametrize("defer, light, cache", [("1", "1", "warm"), ("1", "1", "empty"),
+                                                 ("1", "0", "warm"), ("0", "0", "warm")])
+def test_first_step_does_not_import_scipy(defer, light, cache, tmp_path):
+    """numba's BLAS probe at target start-up (it imports scipy.linalg, ~0.12 s) stays out of
+    nbnet's first step, and numba's own check is back afterwards: a jitted np.dot still
+    finds SciPy's BLAS, for matrices and for vectors.
+
+    From a warm cache the light loader never starts numba's compiler at all; when the
+    first step compiles (empty cache), or with numba's own loading path
+    (``NBNET_LIGHT_CACHE_LOAD=0``), the probe is deferred; with both off (the control),
+    SciPy is imported.
+    """
     pytest.importorskip("scipy")  # installed in CI (scikit-learn depends on it)
-    env = {**os.environ, "NBNET_DEFER_SCIPY": defer}
+    env = {**os.environ, "NBNET_DEFER_SCIPY": defer, "NBNET_LIGHT_CACHE_LOAD": light}
+    if cache == "empty":
+        env["NUMBA_CACHE_DIR"] = str(tmp_path)
+    else:  # this process's kernel cache, warmed for the step by a first run
+        subprocess.run([sys.executable, "-c", _SCIPY_SCRIPT], env=env, capture_output=True,
+                       check=True)
     out = json.loads(subprocess.run([sys.executable, "-c", _SCIPY_SCRIPT], env=env,
                                     capture_output=True, text=True, check=True).stdout)
-    assert out["after_step"] is (defer == "0")
+    assert out["after_step"] is (defer == "0" and light == "0")
     assert out["have_blas"] and out["restored"] and out["dot_ok"] and out["after_dot"]
+
+
+_LIGHT_LOAD_SCRIPT = textwrap.dedent("""
+    import json, sys, numpy as np, nbnet
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, 7)).astype(np.float32)
+    bn = nbnet.BatchNorm1D()
+    Y = bn.forward(X)
+    dX = bn.backward(Y)
+    # imported by numba's compiler start-up only (loading a kernel imports the modules its
+    # environment names, such as numba.np.npyimpl, but not this)
+    started = "numba.np.polynomial.polynomial_functions" in sys.modules
+    from numba import njit
+
+    @njit
+    def moments(a):  # a compile after the light loads: numba's full start-up runs now
+        m = np.sum(a, axis=0) / a.shape[0]
+        return m, np.sqrt(np.sum((a - m) ** 2, axis=0) / a.shape[0])
+
+    m, s = moments(X.astype(np.float64))
+    Z = nbnet.LayerNorm1D().forward(X.T.copy())  # and another cached kernel loads after it
+    print(json.dumps({"started": started,
+                      "Y": Y.tolist(), "dX": dX.tolist(), "Z": Z.tolist(),
+                      "m": m.tolist(), "s": s.tolist()}))
+""")
+
+
+@pytest.mark.parametrize("light", ["1", "0"])
+def test_cached_kernels_load_without_numba_compiler_start_up(light):
+    """A new process loads cached kernels without numba's compiler start-up (the ~50
+    modules and registries only compiling needs: ~0.1 s of a first step), and gets the
+    same results as with numba's own loading path; a jitted function compiled afterwards,
+    and another kernel loaded after that, work."""
+    env = {**os.environ, "NBNET_LIGHT_CACHE_LOAD": light}
+    runs = [json.loads(subprocess.run([sys.executable, "-c", _LIGHT_LOAD_SCRIPT], env=env,
+                                      capture_output=True, text=True, check=True).stdout)
+            for _ in range(2)]  # the first run may compile; the second loads
+    first, out = runs
+    assert out["started"] is (light == "0")
+    X = np.random.default_rng(0).normal(size=(300, 7)).astype(np.float32)
+    mean, std = X.astype(np.float64).mean(0), X.astype(np.float64).std(0)
+    np.testing.assert_allclose(out["m"], mean, rtol=1e-12)
+    np.testing.assert_allclose(out["s"], std, rtol=1e-12)
+    np.testing.assert_allclose(out["Y"], (X - mean) / np.sqrt(std ** 2 + 1e-5), atol=1e-5)
+    Xt = X.T.astype(np.float64)
+    Zref = (Xt - Xt.mean(1, keepdims=True)) / np.sqrt(Xt.var(1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(out["Z"], Zref, atol=1e-5)
+    for key in ("Y", "dX", "Z"):  # loaded or compiled, the same machine code
+        assert out[key] == first[key]
 
 
 # ----------------------------------------------------------------- output buffer pool

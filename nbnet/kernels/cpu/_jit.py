@@ -49,6 +49,7 @@ import llvmlite.binding as llvm
 import numba
 from numba import njit, types
 from numba.core import cgutils, itanium_mangler
+from numba.core.caching import FunctionCache
 from numba.extending import intrinsic
 
 from ... import config
@@ -272,8 +273,8 @@ class Kernel:
     def dispatcher(self):
         """The numba dispatcher (made on first access)."""
         if self._dispatcher is None:
-            self._dispatcher = njit(parallel=True, **self._options)(
-                _with_serial_loops(self._fn, self._constants, self._suffix))
+            self._dispatcher = _light_cache(njit(parallel=True, **self._options)(
+                _with_serial_loops(self._fn, self._constants, self._suffix)))
         return self._dispatcher
 
     def __call__(self, size, *args):
@@ -285,9 +286,12 @@ class Kernel:
     def _first_call(self, serial, args):
         dispatcher = self.dispatcher
         self._seen = True
-        if _not_cached(dispatcher):
+        compiling = _not_cached(dispatcher)
+        if compiling:
             _announce_compile()
-        with _deferred_blas_probe():
+        # A cached kernel loads without numba's full start-up (_LightLoadCache), which is
+        # what imports SciPy: the probe is only needed when this call may compile.
+        with _deferred_blas_probe(compiling or not config.LIGHT_CACHE_LOAD):
             return dispatcher(serial, *args)
 
     def parallel(self, *args):
@@ -320,8 +324,44 @@ def _announce_compile():
               file=sys.stderr, flush=True)
 
 
+class _LightLoadCache(FunctionCache):
+    """numba's disk cache for a function, loading without the CPU target's full start-up.
+
+    numba's ``load_overload`` first refreshes the target context: it imports ~50 numba
+    modules (the NumPy and CPython implementations, linalg, random, typed containers,
+    jitclass) and installs their typing and lowering registries, work that only *compiling*
+    needs. A cached kernel's machine code is rebuilt from its object file, its ``reload_init``
+    hooks (the threading layer, nbnet's task symbols) and the NRT runtime, which this
+    initialises. That start-up was ~100 of the ~500 ms from a new process to its first
+    BatchNorm1D training step on the 2-core reference machine (warm cache). Compiling is
+    unchanged: numba's compiler refreshes the context itself before every compilation, so
+    a cache miss (or a later compile in the process) gets the full start-up then.
+
+    Installed on nbnet's own dispatchers only (:func:`_light_cache`); numba's behaviour
+    for other code is untouched. ``config.LIGHT_CACHE_LOAD`` off restores numba's path.
+    """
+
+    def load_overload(self, sig, target_context):
+        from numba.core.runtime import rtsys
+
+        rtsys.initialize(target_context)
+        with self._guard_against_spurious_io_errors():
+            return self._load_overload(sig, target_context)
+
+
+def _light_cache(dispatcher):
+    """Give ``dispatcher`` (``cache=True``) the light cache loader, when enabled and when
+    numba's cache classes are the ones this was written against; returns ``dispatcher``."""
+    cache = getattr(dispatcher, "_cache", None)
+    if (config.LIGHT_CACHE_LOAD and type(cache) is FunctionCache
+            and hasattr(cache, "_guard_against_spurious_io_errors")
+            and hasattr(cache, "_load_overload")):
+        cache.__class__ = _LightLoadCache
+    return dispatcher
+
+
 @contextlib.contextmanager
-def _deferred_blas_probe():
+def _deferred_blas_probe(active=True):
     """Keep numba's CPU target start-up from importing SciPy, during nbnet's first dispatch.
 
     The first dispatch in a process initialises numba's CPU target, which imports
@@ -336,7 +376,7 @@ def _deferred_blas_probe():
     nothing when the target is already up (``numba.np.arraymath`` imported), when
     ``config.DEFER_SCIPY`` is off, or when numba's internals have moved.
     """
-    if not config.DEFER_SCIPY or "numba.np.arraymath" in sys.modules:
+    if not (active and config.DEFER_SCIPY) or "numba.np.arraymath" in sys.modules:
         yield
         return
     try:
@@ -402,7 +442,7 @@ def task_body(fn=None, *, ordered=False):
 
 
 def _task(fn, ordered):
-    disp = njit(**(_ORDERED_OPTIONS if ordered else _OPTIONS))(fn)
+    disp = _light_cache(njit(**(_ORDERED_OPTIONS if ordered else _OPTIONS))(fn))
     disp._nbnet_task = True  # kernels call it through call_task (see _TaskCalls)
     return disp
 
@@ -422,7 +462,7 @@ def serial_kernel(fn):
     """Decorate a kernel whose work is one pass over a short vector (``O(C)``, not
     ``O(N*C)``): one serial compiled function, called ``kernel(size, *args)`` like every
     kernel (``size`` is ignored). No parallel loop, so no parfor to compile or start."""
-    return njit(**_OPTIONS)(fn)
+    return _light_cache(njit(**_OPTIONS)(fn))
 
 
 def helper(fn):
