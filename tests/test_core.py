@@ -628,10 +628,21 @@ _TASK_SCRIPT = textwrap.dedent("""
         raised = None
     except ValueError as exc:
         raised = str(exc)
-    d = taskmod.scale_rows.dispatcher
+    try:
+        taskmod._scale_task(np.int64(0), X, 1.0, Ys)
+        python_call = None
+    except TypeError as exc:
+        python_call = str(exc)
+    d, t = taskmod.scale_rows.dispatcher, taskmod._scale_task
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "inspection disabled for cached code"
         ir = d.inspect_llvm(d.signatures[0]).splitlines()
+        task_ir = t.inspect_llvm(t.signatures[0]).splitlines() if t.signatures else []
+
+    def wrappers(lines):  # numba's Python and C entry points (mangled names: _ZN7cpython..)
+        return sorted({w for l in lines if l.startswith("define")
+                       for w in ("cpython", "cfunc") if f"@_ZN{len(w)}{w}" in l})
+
     print(json.dumps({
         "ok": bool(np.array_equal(Yp, 2 * X) and np.array_equal(Ys, 3 * X)),
         "raised": raised,
@@ -639,7 +650,9 @@ _TASK_SCRIPT = textwrap.dedent("""
         "misses": sum(d.stats.cache_misses.values()),
         "declares_symbol": any(l.startswith("declare") and "@nbnet.task.taskmod._scale_task." in l
                                for l in ir),
-        "defines_task": any(l.startswith("define") and "_scale_task" in l for l in ir)}))
+        "defines_task": any(l.startswith("define") and "_scale_task" in l for l in ir),
+        "python_call": python_call, "kernel_wrappers": wrappers(ir),
+        "task_wrappers": wrappers(task_ir) if task_ir else None}))
 """)
 
 
@@ -647,7 +660,11 @@ def test_task_bodies_are_called_through_a_symbol_and_reload_from_cache(tmp_path)
     """A kernel calls its task body through a symbol (the body is not linked into, nor
     compiled again in, the kernel's module); a later process loads the kernel from the
     disk cache and binds the symbol before linking, also when the body's own cache entry
-    is gone (it is compiled again); errors raised in the body reach the caller."""
+    is gone (it is compiled again); errors raised in the body reach the caller.
+
+    Neither is compiled with wrappers it does not need (compile time): the kernel has a
+    Python entry point but no C one, the body neither, and calling the body from Python
+    raises instead of jumping to a missing entry point."""
     (tmp_path / "taskmod.py").write_text(_TASK_MODULE)
     cache = tmp_path / "cache"
     env = {**os.environ, "NUMBA_CACHE_DIR": str(cache),
@@ -662,8 +679,11 @@ def test_task_bodies_are_called_through_a_symbol_and_reload_from_cache(tmp_path)
     assert first["ok"] and first["raised"] == "negative factor"
     assert first["misses"] == 1 and first["hits"] == 0
     assert first["declares_symbol"] and not first["defines_task"]
+    assert first["kernel_wrappers"] == ["cpython"] and first["task_wrappers"] == []
+    assert "runs only inside a kernel" in first["python_call"]
     second = run()
     assert second["ok"] and second["raised"] == "negative factor"
+    assert "runs only inside a kernel" in second["python_call"]
     assert second["misses"] == 0 and second["hits"] == 1
     task_entries = [f for f in cache.rglob("*") if f.is_file() and "_scale_task" in f.name]
     assert task_entries
