@@ -314,6 +314,38 @@ def test_activations_match_torch(layer, fn):
     np.testing.assert_allclose(layer.backward(dY), Xt.grad.numpy(), rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cls", [Tanh, Sigmoid])
+def test_tanh_and_sigmoid_backward_from_their_output(cls, dtype, monkeypatch):
+    """Tanh and Sigmoid differentiate from their retained output (``1 - y**2``,
+    ``y * (1 - y)``: no exp evaluated again), bit for bit what the slope from ``z`` gives
+    (the same formulas), NaN and +-inf included; per retained forward call (a list of
+    gradients), serial and parallel sizes; inference retains nothing."""
+    from nbnet.layers.base import LayerBase
+
+    called = []
+    kernel = LayerBase._kernel
+    monkeypatch.setattr(LayerBase, "_kernel", lambda self, op: (called.append(op),
+                                                                 kernel(self, op))[1])
+    rng = np.random.default_rng(0)
+    for shape in [(7, 5), (600, 700)]:  # serial and parallel loops
+        layer = cls()
+        Xs = [(rng.normal(size=shape) * 6).astype(dtype) for _ in range(2)]
+        Xs[0].flat[:5] = [np.nan, np.inf, -np.inf, 0.0, -0.0]
+        dYs = [rng.normal(size=shape).astype(dtype) for _ in range(2)]
+        layer.forward(Xs[1], retain_derived=False)
+        assert layer.derived_variables.get("Y", []) == []
+        Ys = [layer.forward(X) for X in Xs]
+        assert all(a is b for a, b in zip(layer.derived_variables["Y"], Ys))
+        called.clear()
+        dXs = layer.backward(dYs)
+        assert "act_backward_from_output" in called and "act_backward" not in called
+        for X, dY, dX in zip(Xs, dYs, dXs):
+            from_z = layer.grad(X) * dY  # the slope kernel from z, then the product
+            np.testing.assert_array_equal(dX, from_z)
+            assert dX.dtype == dtype
+
+
 def test_activation_nan_propagates():
     X = np.array([[np.nan, 1.0, -1.0]], np.float32)
     for layer in (ReLU(), LeakyReLU(), ELU(), Tanh(), Sigmoid(), GELU()):

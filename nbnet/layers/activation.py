@@ -63,6 +63,20 @@ def activation_backward(layer, activation, X, dy, dX):
     return dX
 
 
+def activation_backward_from_output(layer, activation, Y, dy, dX):
+    """``dX = dy * f'(z)`` from the activation's output ``Y = f(z)`` (tanh and the sigmoid
+    only: :data:`SLOPE_FROM_OUTPUT`); no ``exp`` to evaluate again."""
+    if Y.size:
+        layer._kernel("act_backward_from_output")(Y.size, Y.reshape(-1), dy.reshape(-1),
+                                                  activation.code, _BLOCK, dX.reshape(-1))
+    return dX
+
+
+#: The activations whose slope is a function of their value: ``1 - y**2`` (tanh) and
+#: ``y * (1 - y)`` (the sigmoid), the formulas their slope from ``z`` uses anyway.
+SLOPE_FROM_OUTPUT = frozenset((A.TANH, A.SIGMOID))
+
+
 def _check_alpha(name, value):
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) \
             or not np.isfinite(value):
@@ -108,21 +122,34 @@ class _ElementwiseActivation(LayerBase):
 
     # layer API
     def forward(self, X, retain_derived=True):
+        """``f(X)``. In training, retains ``X`` (and, for tanh and the sigmoid, the output:
+        their backward differentiates from it, as PyTorch's does, instead of evaluating
+        ``exp`` again). Like ``X``, a retained output must not be modified in place before
+        ``backward``."""
         X = check_float_array(X, "X", device=self.device)
         Y = activation_forward(self, self.activation, X, self._output("Y", X.shape, X.dtype))
         if self._is_training(retain_derived):
             self.X.append(X)
+            if self.activation.code in SLOPE_FROM_OUTPUT:
+                self.derived_variables.setdefault("Y", []).append(Y)
         return Y
 
     def backward(self, dLdy, retain_grads=True):
         grads, was_list = self._gradient_list(dLdy)
+        Ys = self.derived_variables.get("Y", [])
+        from_output = self.activation.code in SLOPE_FROM_OUTPUT and len(Ys) == len(self.X)
         out = []
-        for dy, X in zip(grads, self.X):
+        for i, (dy, X) in enumerate(zip(grads, self.X)):
             dy = check_float_array(dy, "dLdy", device=self.device)
             if tuple(dy.shape) != tuple(X.shape):
                 raise ValueError(f"dLdy must have the shape of the layer's output "
                                  f"{tuple(X.shape)}, got {tuple(dy.shape)}")
-            out.append(self._apply_backward(X, dy if dy.dtype == X.dtype else dy.astype(X.dtype)))
+            dy = dy if dy.dtype == X.dtype else dy.astype(X.dtype)
+            if from_output:
+                out.append(activation_backward_from_output(
+                    self, self.activation, Ys[i], dy, self._output("dX", X.shape, X.dtype)))
+            else:
+                out.append(self._apply_backward(X, dy))
         return out if was_list else out[0]
 
     def _apply_backward(self, X, dy):

@@ -258,6 +258,16 @@ def test_activation_kernels(code, dtype):
     assert_outputs(cpu, dev, dtype, [5])
 
 
+@pytest.mark.parametrize("dtype", [np.float64])
+@pytest.mark.parametrize("code", [6, 7])
+def test_activation_backward_from_output(code, dtype):
+    """tanh's and the sigmoid's slope from their output, against the CPU twin."""
+    y = np.tanh(data(50, dtype, loc=0.0)) if code == 6 else 1 / (1 + np.exp(-data(50, dtype)))
+    dy = data(50, dtype, seed=1)
+    cpu, dev = both("act_backward_from_output", y, dy, code, 16, np.empty_like(y), size=50)
+    assert_outputs(cpu, dev, dtype, [4])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_dense_and_loss_kernels(dtype):
     R, C = 23, 10

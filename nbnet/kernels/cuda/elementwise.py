@@ -53,6 +53,21 @@ def act_backward(size, X, dY, code, alpha, block, dX):
         launch(_act_backward, *_grid(X.shape[0]), X, dY, int(code), float(alpha), dX)
 
 
+
+@cuda.jit
+def _act_backward_from_output(Y, dY, code, dX):
+    i = cuda.grid(1)
+    if i < Y.shape[0]:
+        y = F64(Y[i])  # in float64, as _act_backward
+        dX[i] = F64(dY[i]) * ((1.0 - y * y) if code == 6 else (y * (1.0 - y)))
+
+
+def act_backward_from_output(size, Y, dY, code, block, dX):
+    """``dX = dY * f'(z)`` from the output ``Y`` of tanh (6) or the sigmoid (7); see the
+    CPU twin."""
+    if Y.shape[0]:
+        launch(_act_backward_from_output, *_grid(Y.shape[0]), Y, dY, int(code), dX)
+
 # ---------------------------------------------------------------- dense epilogues
 
 @cuda.jit
@@ -381,6 +396,7 @@ def matmul(a, b, out):
 KERNELS = {
     "act_forward": act_forward,
     "act_backward": act_backward,
+    "act_backward_from_output": act_backward_from_output,
     "dense_forward_epilogue": dense_forward_epilogue,
     "dense_backward_epilogue": dense_backward_epilogue,
     "column_partial_sums": column_partial_sums,
