@@ -108,8 +108,9 @@ COMPILE_MESSAGE = _env_str("NBNET_COMPILE_MESSAGE", "1") not in ("0", "false", "
 
 #: Keep numba's CPU start-up, at nbnet's first kernel call, from importing SciPy (numba
 #: probes SciPy's BLAS once for np.dot; nbnet's kernels never call it): 0.56 -> ~0.44 s
-#: from a new process to its first BatchNorm1D step on the reference machine. numba
-#: imports SciPy later, when a jitted function really uses BLAS. See
+#: from a new process to its first BatchNorm1D step on the reference machine when that
+#: start-up ran on every first call. With LIGHT_CACHE_LOAD it runs only when the first
+#: call compiles. numba imports SciPy later, when a jitted function really uses BLAS. See
 #: nbnet/kernels/cpu/_jit.py (_deferred_blas_probe). "0" gives numba's own probe.
 DEFER_SCIPY = _env_str("NBNET_DEFER_SCIPY", "1") not in ("0", "false", "no")
 
