@@ -117,7 +117,6 @@ act_backward.__doc__ = """act_backward(size, X, dY, code, alpha, block, dX): dX 
 flat 1-D views (X is the activation's input)."""
 
 
-
 @kernel
 def act_backward_from_output(Y, dY, code, block, dX):
     """``dX = dY * f'(z)`` from the activation's *output* ``Y = f(z)``, for the two
@@ -146,6 +145,7 @@ def _output_slope_into(code, y, dy, dx):
     else:
         for i in range(y.shape[0]):
             dx[i] = dy[i] * (y[i] * (one - y[i]))
+
 
 # ---------------------------------------------------------------- dense-layer epilogues
 

@@ -53,7 +53,6 @@ def act_backward(size, X, dY, code, alpha, block, dX):
         launch(_act_backward, *_grid(X.shape[0]), X, dY, int(code), float(alpha), dX)
 
 
-
 @cuda.jit
 def _act_backward_from_output(Y, dY, code, dX):
     i = cuda.grid(1)
@@ -67,6 +66,7 @@ def act_backward_from_output(size, Y, dY, code, block, dX):
     CPU twin."""
     if Y.shape[0]:
         launch(_act_backward_from_output, *_grid(Y.shape[0]), Y, dY, int(code), dX)
+
 
 # ---------------------------------------------------------------- dense epilogues
 
