@@ -346,6 +346,31 @@ def test_tanh_and_sigmoid_backward_from_their_output(cls, dtype, monkeypatch):
             assert dX.dtype == dtype
 
 
+@pytest.mark.parametrize("cls", [ReLU, Tanh, Sigmoid])
+def test_activation_backward_rejects_bad_gradients_and_keeps_its_state(cls):
+    """A gradient of the wrong shape, a non-float one, or one too many gets one clear
+    error; what forward retained (the input, and Tanh's and Sigmoid's output) stays, and
+    a correct backward afterwards gives the right answer."""
+    layer = cls()
+    with pytest.raises(RuntimeError, match="without a retained forward"):
+        layer.backward(np.ones((4, 3)))
+    X = _data((4, 3), np.float64)
+    dY = _data((4, 3), np.float64, seed=1)
+    Y = layer.forward(X)
+    kept = (list(layer.X), {k: list(v) for k, v in layer.derived_variables.items()})
+    with pytest.raises(ValueError, match=r"shape of the layer's output \(4, 3\), got \(3, 4\)"):
+        layer.backward(np.ones((3, 4)))
+    with pytest.raises((TypeError, ValueError), match="dLdy"):
+        layer.backward(np.ones((4, 3), np.int64))
+    with pytest.raises(ValueError, match="2 gradient"):
+        layer.backward([dY, dY])
+    assert [a is b for a, b in zip(layer.X, kept[0])] == [True]
+    assert {k: [id(a) for a in v] for k, v in layer.derived_variables.items()} == \
+        {k: [id(a) for a in v] for k, v in kept[1].items()}
+    np.testing.assert_array_equal(layer.backward(dY), dY * layer.grad(X))
+    np.testing.assert_array_equal(layer.forward(X, retain_derived=False), Y)
+
+
 def test_activation_nan_propagates():
     X = np.array([[np.nan, 1.0, -1.0]], np.float32)
     for layer in (ReLU(), LeakyReLU(), ELU(), Tanh(), Sigmoid(), GELU()):
