@@ -90,7 +90,7 @@ def test_fused_cpu_kernels_reject_smooth_activation_codes():
     g, b, mean, invstd = np.ones(4, np.float32), np.zeros(4, np.float32), np.zeros(4), np.ones(4)
     for code in (3, 5, 7):
         with pytest.raises(ValueError, match="smooth activation"):
-            get_kernel("column_normalize", "cpu")(X.size, X, mean, invstd, g, b, code, 1.0, 4,
+            get_kernel("column_normalize", "cpu")(X.size, X, mean, invstd, g, b, code, 1.0, 4, 4,
                                                   False, np.empty_like(X))
         with pytest.raises(ValueError, match="smooth activation"):
             get_kernel("row_forward", "cpu")(X.size, X, g, b, 1e-5, True, code, 1.0, 4,

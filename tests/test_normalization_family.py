@@ -398,7 +398,10 @@ X4 = rng.normal(3, 2, (8, 16, 16, 32)).astype(np.float32)
 dY4 = rng.normal(size=X4.shape).astype(np.float32)
 Xr = rng.normal(3, 2, (96, 700)).astype(np.float32)
 dYr = rng.normal(size=Xr.shape).astype(np.float32)
+Xw = rng.normal(3, 2, (150, 2500)).astype(np.float32)  # 3 chunks x 3 column blocks
+dYw = rng.normal(size=Xw.shape).astype(np.float32)
 layers = {
+    "bn1d_wide": (nbnet.BatchNorm1D(act_fn="relu"), Xw, dYw),
     "bn_nhwc": (nbnet.BatchNorm2D(act_fn="relu"), X4, dY4),
     "bn_nchw": (nbnet.BatchNorm2D(act_fn="relu", data_format="NCHW"), X4, dY4),
     "ln2d": (nbnet.LayerNorm2D(act_fn="relu"), X4, dY4),
@@ -655,6 +658,73 @@ def test_row_parameter_gradients_by_columns_and_by_partials(monkeypatch, center,
         assert rel_err(layer.gradients["intercept"], 2 * dbr) < 1e-10
 
 
+# ------------------------------------------------ row layout: tiles of chunks and column blocks
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("act", [None, "relu", "leaky_relu"])
+@pytest.mark.parametrize("serial_cutoff", [0, 1 << 40])
+def test_batchnorm1d_column_tiles_match_reference(monkeypatch, dtype, act, serial_cutoff, rng):
+    """Rows wider than ``config.TILE_BYTES`` are cut into column blocks, each task a chunk
+    of rows times a block of columns. Tiles of 16 columns and chunks of 6 rows over a
+    (23, 50) input give ragged last blocks (2 columns) and a ragged last chunk (5 rows:
+    one segment pass and a row left over); training, backward, the running statistics and
+    inference must match the float64 reference, from the parallel and the serial loops."""
+    from nbnet import config
+    it = np.dtype(dtype).itemsize
+    monkeypatch.setattr(config, "TILE_BYTES", 16 * it)
+    monkeypatch.setattr(config, "CHUNK_BYTES", 6 * 16 * it)
+    monkeypatch.setattr(config, "SERIAL_CUTOFF", serial_cutoff)
+    assert config.column_tiling(50, it) == (6, 16)
+    X = rng.normal(1.5, 2.0, (23, 50)).astype(dtype)
+    dY = rng.normal(size=X.shape).astype(dtype)
+    gamma = rng.uniform(0.5, 1.5, 50).astype(dtype)
+    beta = rng.normal(0, 0.5, 50).astype(dtype)
+    layer = nbnet.BatchNorm1D(act_fn=act)
+    layer.forward(X[:2], retain_derived=False)
+    layer.set_params({"parameters": {"scaler": gamma, "intercept": beta}})
+    Y = layer.forward(X)
+    dX = layer.backward(dY)
+    Yr, mean, var = ref.norm_forward_ref(X, (0,), gamma, beta, 1e-5, ACTS[act])
+    dXr, dgr, dbr = ref.norm_backward_ref(X, dY, (0,), gamma, beta, 1e-5, ACTS[act])
+    tol = 1e-10 if dtype == np.float64 else 2e-6
+    assert _rel(Y, Yr) < tol
+    assert _rel(dX, dXr) < tol
+    assert _rel(layer.gradients["scaler"], dgr) < tol
+    assert _rel(layer.gradients["intercept"], dbr) < tol
+    assert _rel(layer.parameters["running_mean"], 0.1 * mean.ravel()) < tol
+    assert _rel(layer.parameters["running_var"], 0.9 + 0.1 * var.ravel()) < tol
+    Yi = layer.forward(X, retain_derived=False)
+    rm = layer.parameters["running_mean"].astype(np.float64)
+    rv = layer.parameters["running_var"].astype(np.float64)
+    zi = (X - rm) / np.sqrt(rv + 1e-5) * gamma + beta
+    assert _rel(Yi, ref.act_ref(ACTS[act], zi)) < tol
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_column_blocks_do_not_change_the_bits(monkeypatch, dtype, rng):
+    """Each column's sums run over its chunk's rows in the same order whatever block of
+    columns the task has, so with the chunks fixed (here 8 rows), cutting the rows into
+    blocks of 16, 24 or all 70 columns gives bit-identical outputs, gradients and running
+    statistics (mean 1e3: a float32 shift far from zero)."""
+    from nbnet import config
+    it = np.dtype(dtype).itemsize
+    X = rng.normal(1e3, 1.0, (61, 70)).astype(dtype)
+    dY = rng.normal(size=X.shape).astype(dtype)
+    results = []
+    for cols in (16, 24, 70):
+        monkeypatch.setattr(config, "TILE_BYTES", cols * it)
+        monkeypatch.setattr(config, "CHUNK_BYTES", 8 * cols * it)
+        assert config.column_tiling(70, it) == (8, cols)
+        layer = nbnet.BatchNorm1D(act_fn="relu")
+        out = [layer.forward(X).copy(), layer.backward(dY).copy(),
+               layer.forward(X, retain_derived=False).copy()]
+        out += [layer.gradients[k].copy() for k in sorted(layer.gradients)]
+        out += [layer.parameters[k].copy() for k in sorted(layer.parameters)]
+        results.append(out)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_array_equal(a, b)
+
+
 # ------------------------------------------- channels-first tasks: chunks and channel blocks
 @pytest.mark.parametrize("chunk_bytes,shape", [(300, (5, 7, 3, 4)),      # 3 channels a task: 3, 3, 1
                                                (2000, (130, 7, 3, 4))])  # 2 whole examples a chunk
@@ -794,13 +864,16 @@ def test_merge_partial_sums_pair_equals_two_merges_and_adds(accumulate, dtype, r
 
 
 # ------------------------------------------------------------- streaming (non-temporal) stores
-@pytest.mark.parametrize("dtype,C", [(np.float32, 16), (np.float32, 48), (np.float64, 8),
-                                     (np.float64, 40)])
-def test_streamed_outputs_are_bit_identical(monkeypatch, dtype, C, rng):
+@pytest.mark.parametrize("dtype,C,tile_bytes", [(np.float32, 16, 4096), (np.float32, 48, 4096),
+                                                (np.float64, 8, 4096), (np.float64, 40, 4096),
+                                                (np.float32, 48, 64), (np.float64, 40, 128)])
+def test_streamed_outputs_are_bit_identical(monkeypatch, dtype, C, tile_bytes, rng):
     """With ``config.STREAM_BYTES = 0`` every eligible BatchNorm output (rows of whole cache
     lines) is written with non-temporal stores; forward, backward and inference must give
-    bit-for-bit what the plain stores give."""
+    bit-for-bit what the plain stores give, with whole rows and with rows cut into column
+    blocks (16 columns: three tiles a row, the last 8 float64 columns one cache line)."""
     from nbnet import config
+    monkeypatch.setattr(config, "TILE_BYTES", tile_bytes)
     X = rng.normal(2.0, 3.0, (301, C)).astype(dtype)
     dY = rng.normal(size=X.shape).astype(dtype)
     results = []
@@ -828,9 +901,11 @@ def test_stream_copy_any_alignment_and_length(dtype, offset, rng):
         mean, invstd = X.mean(axis=0, dtype=np.float64), np.full(C, 0.5)
         g, b = np.ones(C, dtype), np.zeros(C, dtype)
         ref = np.empty_like(X)
-        get_kernel("column_normalize", "cpu")(X.size, X, mean, invstd, g, b, 0, 0.0, 4, False, ref)
+        get_kernel("column_normalize", "cpu")(X.size, X, mean, invstd, g, b, 0, 0.0, 4, C,
+                                              False, ref)
         buf = np.zeros(X.size + 8, dtype)
         out = buf[offset:offset + X.size].reshape(X.shape)
-        get_kernel("column_normalize", "cpu")(X.size, X, mean, invstd, g, b, 0, 0.0, 4, True, out)
+        get_kernel("column_normalize", "cpu")(X.size, X, mean, invstd, g, b, 0, 0.0, 4, C,
+                                              True, out)
         np.testing.assert_array_equal(out, ref)
         assert not buf[:offset].any() and not buf[offset + X.size:].any()  # nothing outside

@@ -254,8 +254,9 @@ class _BatchNormBase(_NormBase):
         Channels-last: the ``(rows, C)`` view and the column kernels, chunks of rows.
         Channels-first (BatchNorm2D NCHW): the ``(N, C, L)`` view and the ``*_cf`` kernels,
         chunks of ``n`` examples, i.e. ``n * L`` rows as far as the merge is concerned.
-        ``chunk`` is the tuple of chunking arguments the kernels take: ``(rows_per_chunk,)``
-        or ``(n, channels_per_task)``. ``rows`` is the number of values per channel.
+        ``chunk`` is the tuple of chunking arguments the kernels take: ``(rows_per_chunk,
+        cols_per_tile)`` (``config.column_tiling``) or ``(n, channels_per_task)``. ``rows``
+        is the number of values per channel.
         """
         if getattr(self, "data_format", "NHWC") == "NCHW":
             N, C = X.shape[0], X.shape[1]
@@ -265,8 +266,8 @@ class _BatchNormBase(_NormBase):
             return V, "_cf", (n, per_task), n * L, -(-N // n), N * L
         V = self._rows(X)
         R, C = V.shape
-        rpc = config.rows_per_chunk(C, X.dtype.itemsize)
-        return V, "", (rpc,), rpc, -(-R // rpc), R
+        rpc, cols = config.column_tiling(C, X.dtype.itemsize)
+        return V, "", (rpc, cols), rpc, -(-R // rpc), R
 
     # -------------------------------------------------------------- forward
     def forward(self, X, retain_derived=True):
@@ -987,9 +988,9 @@ class GroupNorm(_NormBase):
                                                         code, alpha, n, per_task, False, Yv)
                 else:
                     V2 = V.reshape(-1, C)
-                    rpc = config.rows_per_chunk(C, X.dtype.itemsize)
+                    rpc, cols = config.column_tiling(C, X.dtype.itemsize)
                     self._kernel("column_normalize")(V.size, V2, mean, invstd, gamma, beta, code,
-                                                     alpha, rpc, config.streams(V2),
+                                                     alpha, rpc, cols, config.streams(V2),
                                                      Yv.reshape(V2.shape))
             return self._activation_forward(Y, False)
         mean = self._empty((N, G), _F64)

@@ -99,10 +99,11 @@ def moments64(x, m0):
 
 
 @helper
-def rescue_columns(X, start, stop, m0, s1, s2):
-    """Per-column sums of rows ``start:stop`` of a 2-D ``X`` that came out non-finite from
-    input-dtype accumulators: ``s1[j], s2[j] = moments64(X[start:stop, j], m0[j])`` for those
-    columns only (the others, and so their bits, are left as they are)."""
+def rescue_columns(X, start, stop, j0, m0, s1, s2):
+    """Per-column sums of rows ``start:stop`` of a 2-D ``X``, columns ``j0`` on, that came
+    out non-finite from input-dtype accumulators: ``s1[j], s2[j] = moments64(X[start:stop,
+    j0 + j], m0[j])`` for those columns only (the others, and so their bits, are left as
+    they are)."""
     for j in range(s1.shape[0]):
         if not (math.isfinite(s1[j]) and math.isfinite(s2[j])):
-            s1[j], s2[j] = moments64(X[start:stop, j], m0[j])
+            s1[j], s2[j] = moments64(X[start:stop, j0 + j], m0[j])

@@ -4,12 +4,19 @@ Serves BatchNorm1D ``(N, C)``, BatchNorm2D channels-last ``(N*H*W, C)``, and (th
 ``*_cf`` channels-first twins at the end of the module) BatchNorm2D NCHW ``(N, C, H*W)``
 and InstanceNorm2D's running-statistics inference.
 
-Parallel layout (the rule of DESIGN.md): ``prange`` runs over *row chunks* of
-``rows_per_chunk`` rows; chunk ``k`` owns row ``k`` of every ``[n_chunks, C]`` partial
-buffer, so no two threads ever write the same element, and the inner loop runs along a
-contiguous row (vectorised). ``rows_per_chunk`` comes from the shape alone
-(:func:`nbnet.config.rows_per_chunk`), so the summation order, and every bit of the
-result, is the same for any thread count.
+Parallel layout (the rule of DESIGN.md): ``prange`` runs over *tiles*: a chunk of
+``rows_per_chunk`` rows times a block of ``cols_per_tile`` columns (the whole row unless
+a row is wider than ``config.TILE_BYTES``). Task ``t = k * n_blocks + b`` owns columns
+``b * cols_per_tile`` on of chunk ``k``, and those columns of row ``k`` of every
+``[n_chunks, C]`` partial buffer, so no two threads ever write the same element; the
+inner loop runs along the tile's part of a row (contiguous, vectorised). Both sizes
+come from the shape alone (:func:`nbnet.config.column_tiling`), so the summation order,
+and every bit of the result, is the same for any thread count. A column's sums do not
+depend on the other columns of its tile, so the column blocks change no bits either
+(only the chunk height does), except that the second pass around a far shift (below)
+is taken by a whole tile. Column blocks keep wide inputs parallel and their partial
+buffers small: with whole rows, (256, 16384) float32 had chunks of 4 rows and partials
+as large as the input.
 
 Numerics: statistics accumulate in float64. Each chunk is reduced in one pass of
 *shifted moments* around its first row ``s`` (``sum(x - s)``, ``sum((x - s)**2)``, from
@@ -143,10 +150,38 @@ _MERGE_BLOCK = 256
 
 
 @helper
-def _segment_moments(X, G, mode, start, stop, m0, scale, shift, one, neg, acc, acc2, s1,
-                     s2):
-    """Per-column sums of rows ``start:stop`` added into the float64 ``s1``, ``s2``: with
-    ``d = x - m0``,
+def _tile(t, R, C, rows_per_chunk, cols_per_tile):
+    """``(k, start, stop, j0, j1)`` of task ``t``: its chunk ``k`` (rows ``start:stop``) and
+    its columns ``j0:j1``. Task ``t = k * n_blocks + b`` owns column block ``b`` of chunk
+    ``k`` (see the module notes)."""
+    n_blocks = (C + cols_per_tile - 1) // cols_per_tile
+    k = t // n_blocks
+    j0 = (t - k * n_blocks) * cols_per_tile
+    start = k * rows_per_chunk
+    return k, start, min(start + rows_per_chunk, R), j0, min(j0 + cols_per_tile, C)
+
+
+@helper
+def _col(j0, j):
+    """Column ``j0 + j`` as an unsigned index. numba checks a signed index for wraparound
+    (``j0 + j < 0``), which stops LLVM vectorising the loop; an unsigned one is taken as
+    it is. (A slice per row, ``X[i, j0:j1]``, vectorises too, but costs its bounds
+    arithmetic on every row: 25% of a sum over 64-wide float32 rows.)"""
+    return np.uint64(j0 + j)
+
+
+@helper
+def _n_tiles(R, C, rows_per_chunk, cols_per_tile):
+    """The number of tasks (tiles) of an ``(R, C)`` input: chunks times column blocks."""
+    return ((R + rows_per_chunk - 1) // rows_per_chunk) * ((C + cols_per_tile - 1)
+                                                          // cols_per_tile)
+
+
+@helper
+def _segment_moments(X, G, mode, start, stop, j0, j1, m0, scale, shift, one, neg, acc, acc2,
+                     s1, s2):
+    """Per-column sums of the tile ``X[start:stop, j0:j1]`` added into the float64 ``s1``,
+    ``s2``: with ``d = x - m0``,
 
     * ``mode`` 0: ``sum(d)`` and ``sum(d**2)`` (the forward's shifted moments; ``G``,
       ``scale``, ``shift`` and ``neg`` are not read);
@@ -156,6 +191,9 @@ def _segment_moments(X, G, mode, start, stop, m0, scale, shift, one, neg, acc, a
       pre-activation and ``f`` ReLU / leaky ReLU (``one``, ``neg``: the slopes right and
       left of 0, in X's dtype) as a select; a NaN ``z`` gives a NaN ``g``.
 
+    ``m0``, ``scale``, ``shift``, ``acc``, ``acc2``, ``s1`` and ``s2`` are the tile's own
+    (element ``j`` is column ``j0 + j``, read from X and G through :func:`_col`).
+
     The rows split into ``_STREAMS`` equal segments walked side by side, one row of each
     per pass, so every load and store of the accumulators (``acc``, ``acc2``: X's dtype,
     flushed into float64 every ``ROW_BLOCK`` passes) serves four values; then the rows
@@ -163,26 +201,27 @@ def _segment_moments(X, G, mode, start, stop, m0, scale, shift, one, neg, acc, a
     the module notes); four segments are four long sequential streams. ``mode`` is a
     constant at each call site, so the selects fold away.
     """
-    C = X.shape[1]
+    w = j1 - j0
     q = (stop - start) // _STREAMS
     for i0 in range(start, start + q, ROW_BLOCK):
-        for j in range(C):
+        for j in range(w):
             acc[j] = 0.0
             acc2[j] = 0.0
         for i in range(i0, min(i0 + ROW_BLOCK, start + q)):
-            for j in range(C):
+            for j in range(w):
+                c = _col(j0, j)
                 m = m0[j]
-                d0 = X[i, j] - m
-                d1 = X[i + q, j] - m
-                d2 = X[i + 2 * q, j] - m
-                d3 = X[i + 3 * q, j] - m
+                d0 = X[i, c] - m
+                d1 = X[i + q, c] - m
+                d2 = X[i + 2 * q, c] - m
+                d3 = X[i + 3 * q, c] - m
                 if mode == 0:
                     h0, h1, h2, h3 = d0, d1, d2, d3
                 else:
-                    h0 = G[i, j]
-                    h1 = G[i + q, j]
-                    h2 = G[i + 2 * q, j]
-                    h3 = G[i + 3 * q, j]
+                    h0 = G[i, c]
+                    h1 = G[i + q, c]
+                    h2 = G[i + 2 * q, c]
+                    h3 = G[i + 3 * q, c]
                     if mode == 2:
                         sc = scale[j]
                         sh = shift[j]
@@ -196,63 +235,64 @@ def _segment_moments(X, G, mode, start, stop, m0, scale, shift, one, neg, acc, a
                         h3 = h3 * (one if z3 > 0.0 else neg + (z3 - z3))
                 acc[j] += (h0 + h1) + (h2 + h3)
                 acc2[j] += (h0 * d0 + h1 * d1) + (h2 * d2 + h3 * d3)
-        for j in range(C):
+        for j in range(w):
             s1[j] += acc[j]
             s2[j] += acc2[j]
-    for j in range(C):
+    for j in range(w):
         acc[j] = 0.0
         acc2[j] = 0.0
     for i in range(start + _STREAMS * q, stop):  # fewer than _STREAMS rows
-        for j in range(C):
-            d = X[i, j] - m0[j]
+        for j in range(w):
+            c = _col(j0, j)
+            d = X[i, c] - m0[j]
             if mode == 0:
                 h = d
             else:
-                h = G[i, j]
+                h = G[i, c]
                 if mode == 2:
                     z = d * scale[j] + shift[j]
                     h = h * (one if z > 0.0 else neg + (z - z))
             acc[j] += h
             acc2[j] += h * d
-    for j in range(C):
+    for j in range(w):
         s1[j] += acc[j]
         s2[j] += acc2[j]
 
 
 @task_body(ordered=True)
-def _column_partial_stats_task(k, X, rows_per_chunk, partial_mean, partial_m2):
-    """Task ``k`` of :func:`column_partial_stats` (the ``prange`` body; see ``task_body``)."""
-    R, C = X.shape
-    start = k * rows_per_chunk
-    stop = min(start + rows_per_chunk, R)
-    pm = partial_mean[k]
-    pm2 = partial_m2[k]
+def _column_partial_stats_task(t, X, rows_per_chunk, cols_per_tile, partial_mean, partial_m2):
+    """Task ``t`` of :func:`column_partial_stats` (the ``prange`` body; see ``task_body``):
+    the moments of one tile (:func:`_tile`)."""
+    k, start, stop, j0, j1 = _tile(t, X.shape[0], X.shape[1], rows_per_chunk, cols_per_tile)
+    w = j1 - j0
+    pm = partial_mean[k, j0:j1]
+    pm2 = partial_m2[k, j0:j1]
     inv_n = 1.0 / (stop - start)
-    m0 = np.empty(C, X.dtype)  # the shift: the chunk's first row
-    for j in range(C):
-        m0[j] = X[start, j]
-    acc = np.empty(C, X.dtype)  # block accumulators in X's dtype
-    acc2 = np.empty(C, X.dtype)
-    sd = np.empty(C, np.float64)
+    m0 = np.empty(w, X.dtype)  # the shift: the chunk's first row
+    for j in range(w):
+        m0[j] = X[start, _col(j0, j)]
+    acc = np.empty(w, X.dtype)  # block accumulators in X's dtype
+    acc2 = np.empty(w, X.dtype)
+    sd = np.empty(w, np.float64)
     for attempt in range(2):
-        for j in range(C):
+        for j in range(w):
             sd[j] = 0.0
             pm2[j] = 0.0
-        _segment_moments(X, X, 0, start, stop, m0, m0, m0, m0[0], m0[0], acc, acc2, sd,
-                         pm2)
-        rescue_columns(X, start, stop, m0, sd, pm2)  # float32 squares that overflowed
+        _segment_moments(X, X, 0, start, stop, j0, j1, m0, m0, m0, m0[0], m0[0], acc, acc2,
+                         sd, pm2)
+        rescue_columns(X, start, stop, j0, m0, sd, pm2)  # float32 squares that overflowed
         far = False
-        for j in range(C):
+        for j in range(w):
             pm[j], pm2[j], far_j = shifted_result(np.float64(m0[j]), sd[j], pm2[j], inv_n)
             far = far or far_j
         if not far:
             break
-        for j in range(C):  # again, around the mean just found (the chunk is in L2)
+        for j in range(w):  # again, around the mean just found (the tile is in L2)
             m0[j] = pm[j]
 
 
 @kernel(ordered=True)
-def column_partial_stats(X, rows_per_chunk, partial_mean, partial_m2):
+def column_partial_stats(X, rows_per_chunk, cols_per_tile, partial_mean, partial_m2):
     """Per-chunk mean and sum of squared deviations of each column.
 
     X : (R, C) float32/float64, C-contiguous.
@@ -261,12 +301,12 @@ def column_partial_stats(X, rows_per_chunk, partial_mean, partial_m2):
 
     One pass of moments shifted by the chunk's first row, a second around the found mean
     when a column's shift was further than ``SHIFT_LIMIT`` standard deviations away (see
-    the module notes).
+    the module notes), per tile of ``rows_per_chunk`` rows and ``cols_per_tile`` columns.
     """
     R, C = X.shape
-    n_chunks = partial_mean.shape[0]
-    for k in prange(n_chunks):
-        _column_partial_stats_task(np.int64(k), X, rows_per_chunk, partial_mean, partial_m2)
+    for t in prange(_n_tiles(R, C, rows_per_chunk, cols_per_tile)):
+        _column_partial_stats_task(np.int64(t), X, rows_per_chunk, cols_per_tile, partial_mean,
+                                   partial_m2)
 
 
 @helper
@@ -359,35 +399,42 @@ def column_merge_moments(partial_mean, partial_m2, n_rows, rows_per_chunk, mean,
 
 
 @task_body(ordered=True)
-def _column_normalize_task(k, X, m0, scale, shift, code, alpha, rows_per_chunk, stream, Y):
-    """Task ``k`` of :func:`column_normalize` (the ``prange`` body; see ``task_body``)."""
-    R, C = X.shape
-    start = k * rows_per_chunk
-    stop = min(start + rows_per_chunk, R)
+def _column_normalize_task(t, X, m0, scale, shift, code, alpha, rows_per_chunk, cols_per_tile,
+                           stream, Y):
+    """Task ``t`` of :func:`column_normalize` (the ``prange`` body; see ``task_body``): one
+    tile (:func:`_tile`)."""
+    k, start, stop, j0, j1 = _tile(t, X.shape[0], X.shape[1], rows_per_chunk, cols_per_tile)
+    w = j1 - j0
+    mb = m0[j0:j1]
+    sb = scale[j0:j1]
+    hb = shift[j0:j1]
     if code <= 2:  # identity, ReLU, leaky ReLU: in X's dtype
         if code == 0 and stream:  # each row through an L1 buffer, then streamed out
-            row = np.empty(C, X.dtype)
+            row = np.empty(w, X.dtype)
             for i in range(start, stop):
-                for j in range(C):
-                    row[j] = (X[i, j] - m0[j]) * scale[j] + shift[j]
-                stream_copy(row, Y[i])
+                for j in range(w):
+                    row[j] = (X[i, _col(j0, j)] - mb[j]) * sb[j] + hb[j]
+                stream_copy(row, Y[i, j0:j1])
             store_fence()
         elif code == 0:
             for i in range(start, stop):
-                for j in range(C):
-                    Y[i, j] = (X[i, j] - m0[j]) * scale[j] + shift[j]
+                for j in range(w):
+                    c = _col(j0, j)
+                    Y[i, c] = (X[i, c] - mb[j]) * sb[j] + hb[j]
         else:
             one, neg = piecewise_slopes(code, alpha, m0)
             for i in range(start, stop):
-                for j in range(C):
-                    z = (X[i, j] - m0[j]) * scale[j] + shift[j]
-                    Y[i, j] = z if z > 0.0 else z * neg  # z * neg keeps NaN a NaN
+                for j in range(w):
+                    c = _col(j0, j)
+                    z = (X[i, c] - mb[j]) * sb[j] + hb[j]
+                    Y[i, c] = z if z > 0.0 else z * neg  # z * neg keeps NaN a NaN
     else:
         reject_smooth(code)
 
 
 @kernel(ordered=True)
-def column_normalize(X, mean, invstd, gamma, beta, code, alpha, rows_per_chunk, stream, Y):
+def column_normalize(X, mean, invstd, gamma, beta, code, alpha, rows_per_chunk, cols_per_tile,
+                     stream, Y):
     """Y = f((X - mean) * invstd * gamma + beta), per column; one pass.
 
     Training passes the batch ``mean``/``invstd``; inference passes the running ones.
@@ -398,50 +445,52 @@ def column_normalize(X, mean, invstd, gamma, beta, code, alpha, rows_per_chunk, 
     (:mod:`~nbnet.kernels.cpu.streaming`), for outputs that will not stay in the caches.
     """
     R, C = X.shape
-    n_chunks = (R + rows_per_chunk - 1) // rows_per_chunk
     m0, scale, shift = _column_factors(mean, invstd, gamma, beta, X.dtype)
-    for k in prange(n_chunks):
+    for t in prange(_n_tiles(R, C, rows_per_chunk, cols_per_tile)):
         # Chunks in memory order, like every other kernel: the thread pool splits the loop
         # into one contiguous block per thread, so each core writes the part of Y that it
         # (and the kernels before it) touched last. Taking the chunks in reverse (once done
         # to reuse the tail of X the statistics pass left in the caches) handed each core
         # the other core's cache lines: a BatchNorm2D (32,32,32,64) inference right after a
         # ReLU layer's kernel took 1.76 ms instead of 0.16 ms on the 2-core reference VM.
-        _column_normalize_task(np.int64(k), X, m0, scale, shift, code, alpha, rows_per_chunk,
-                               stream, Y)
+        _column_normalize_task(np.int64(t), X, m0, scale, shift, code, alpha, rows_per_chunk,
+                               cols_per_tile, stream, Y)
 
 
 @task_body(ordered=True)
-def _column_backward_reduce_task(k, X, dY, mean, invstd, m0, scale, shift, code, alpha,
-                                 rows_per_chunk, partial_sum_g, partial_sum_gx):
-    """Task ``k`` of :func:`column_backward_reduce` (the ``prange`` body; see ``task_body``)."""
-    R, C = X.shape
-    start = k * rows_per_chunk
-    stop = min(start + rows_per_chunk, R)
-    sg = partial_sum_g[k]
-    sgx = partial_sum_gx[k]
-    for j in range(C):
+def _column_backward_reduce_task(t, X, dY, mean, invstd, m0, scale, shift, code, alpha,
+                                 rows_per_chunk, cols_per_tile, partial_sum_g, partial_sum_gx):
+    """Task ``t`` of :func:`column_backward_reduce` (the ``prange`` body; see ``task_body``):
+    one tile (:func:`_tile`)."""
+    k, start, stop, j0, j1 = _tile(t, X.shape[0], X.shape[1], rows_per_chunk, cols_per_tile)
+    w = j1 - j0
+    sg = partial_sum_g[k, j0:j1]
+    sgx = partial_sum_gx[k, j0:j1]
+    for j in range(w):
         sg[j] = 0.0
         sgx[j] = 0.0
     if code <= 2:  # identity, ReLU, leaky ReLU: in X's dtype
-        acc_g = np.empty(C, X.dtype)  # block accumulators in X's dtype
-        acc_gx = np.empty(C, X.dtype)
+        mb = m0[j0:j1]
+        acc_g = np.empty(w, X.dtype)  # block accumulators in X's dtype
+        acc_gx = np.empty(w, X.dtype)
         one, neg = piecewise_slopes(code, alpha, m0)
         if code == 0:
-            _segment_moments(X, dY, 1, start, stop, m0, scale, shift, one, neg, acc_g, acc_gx,
+            _segment_moments(X, dY, 1, start, stop, j0, j1, mb, mb, mb, one, neg, acc_g, acc_gx,
                              sg, sgx)
         else:  # g = dY * f'(z), the slope as a select
-            _segment_moments(X, dY, 2, start, stop, m0, scale, shift, one, neg, acc_g, acc_gx,
-                             sg, sgx)
-        for j in range(C):  # sum(g * (x - mean)) = sum(g * (x - m0)) - (mean - m0) * sum(g)
-            sgx[j] = (sgx[j] - (mean[j] - m0[j]) * sg[j]) * invstd[j]
+            _segment_moments(X, dY, 2, start, stop, j0, j1, mb, scale[j0:j1], shift[j0:j1], one,
+                             neg, acc_g, acc_gx, sg, sgx)
+        meanb = mean[j0:j1]
+        ib = invstd[j0:j1]
+        for j in range(w):  # sum(g * (x - mean)) = sum(g * (x - m0)) - (mean - m0) * sum(g)
+            sgx[j] = (sgx[j] - (meanb[j] - mb[j]) * sg[j]) * ib[j]
     else:
         reject_smooth(code)
 
 
 @kernel(ordered=True)
 def column_backward_reduce(X, dY, mean, invstd, gamma, beta, code, alpha, rows_per_chunk,
-                           partial_sum_g, partial_sum_gx):
+                           cols_per_tile, partial_sum_g, partial_sum_gx):
     """Per-chunk sums of ``g`` and ``g * xhat`` per column, in one pass over X and dY.
 
     ``xhat = (x - mean) * invstd``; ``g = dY * f'(xhat * gamma + beta)`` is the gradient
@@ -451,11 +500,12 @@ def column_backward_reduce(X, dY, mean, invstd, gamma, beta, code, alpha, rows_p
     then ``sum(g * (x - mean)) = sum(g * (x - m0)) - (mean - m0) * sum(g)`` and the
     scaling by ``invstd`` once per chunk.
     """
-    n_chunks = partial_sum_g.shape[0]
+    R, C = X.shape
     m0, scale, shift = _column_factors(mean, invstd, gamma, beta, X.dtype)
-    for k in prange(n_chunks):
-        _column_backward_reduce_task(np.int64(k), X, dY, mean, invstd, m0, scale, shift, code,
-                                     alpha, rows_per_chunk, partial_sum_g, partial_sum_gx)
+    for t in prange(_n_tiles(R, C, rows_per_chunk, cols_per_tile)):
+        _column_backward_reduce_task(np.int64(t), X, dY, mean, invstd, m0, scale, shift, code,
+                                     alpha, rows_per_chunk, cols_per_tile, partial_sum_g,
+                                     partial_sum_gx)
 
 
 @helper
@@ -522,41 +572,47 @@ def merge_partial_sums_pair(size, partial_a, partial_b, out_a, out_b, grad_a, gr
 
 
 @task_body(ordered=True)
-def _column_backward_dx_task(k, X, dY, m0, scale, shift, k0, k1, code, alpha, rows_per_chunk,
-                             stream, dX):
-    """Task ``k`` of :func:`column_backward_dx` (the ``prange`` body; see ``task_body``)."""
-    R, C = X.shape
-    start = k * rows_per_chunk
-    stop = min(start + rows_per_chunk, R)
+def _column_backward_dx_task(t, X, dY, m0, scale, shift, k0, k1, code, alpha, rows_per_chunk,
+                             cols_per_tile, stream, dX):
+    """Task ``t`` of :func:`column_backward_dx` (the ``prange`` body; see ``task_body``): one
+    tile (:func:`_tile`)."""
+    k, start, stop, j0, j1 = _tile(t, X.shape[0], X.shape[1], rows_per_chunk, cols_per_tile)
+    w = j1 - j0
+    mb = m0[j0:j1]
+    sb = scale[j0:j1]
+    k0b = k0[j0:j1]
+    k1b = k1[j0:j1]
     if code <= 2:  # identity, ReLU, leaky ReLU: in X's dtype
         if code == 0 and stream:  # each row through an L1 buffer, then streamed out
-            row = np.empty(C, X.dtype)
+            row = np.empty(w, X.dtype)
             for i in range(start, stop):
-                for j in range(C):
-                    row[j] = ((dY[i, j] * scale[j] + k0[j])
-                              - k1[j] * ((X[i, j] - m0[j]) * scale[j]))
-                stream_copy(row, dX[i])
+                for j in range(w):
+                    c = _col(j0, j)
+                    row[j] = (dY[i, c] * sb[j] + k0b[j]) - k1b[j] * ((X[i, c] - mb[j]) * sb[j])
+                stream_copy(row, dX[i, j0:j1])
             store_fence()
         elif code == 0:
             for i in range(start, stop):
-                for j in range(C):
-                    dX[i, j] = ((dY[i, j] * scale[j] + k0[j])
-                                - k1[j] * ((X[i, j] - m0[j]) * scale[j]))
+                for j in range(w):
+                    c = _col(j0, j)
+                    dX[i, c] = (dY[i, c] * sb[j] + k0b[j]) - k1b[j] * ((X[i, c] - mb[j]) * sb[j])
         else:
+            hb = shift[j0:j1]
             one, neg = piecewise_slopes(code, alpha, m0)
             for i in range(start, stop):
-                for j in range(C):
-                    d = X[i, j] - m0[j]
-                    z = d * scale[j] + shift[j]
-                    g = dY[i, j] * (one if z > 0.0 else neg + (z - z))
-                    dX[i, j] = (g * scale[j] + k0[j]) - k1[j] * (d * scale[j])
+                for j in range(w):
+                    c = _col(j0, j)
+                    d = X[i, c] - mb[j]
+                    z = d * sb[j] + hb[j]
+                    g = dY[i, c] * (one if z > 0.0 else neg + (z - z))
+                    dX[i, c] = (g * sb[j] + k0b[j]) - k1b[j] * (d * sb[j])
     else:
         reject_smooth(code)
 
 
 @kernel(ordered=True)
 def column_backward_dx(X, dY, mean, invstd, gamma, beta, code, alpha, sum_g, sum_gx,
-                       rows_per_chunk, stream, dX):
+                       rows_per_chunk, cols_per_tile, stream, dX):
     """dX = gamma * invstd * (g - mean(g) - xhat * mean(g * xhat)), per column.
 
     ``sum_g``/``sum_gx`` are the merged column sums of :func:`column_backward_reduce`
@@ -567,12 +623,11 @@ def column_backward_dx(X, dY, mean, invstd, gamma, beta, code, alpha, sum_g, sum
     once.
     """
     R, C = X.shape
-    n_chunks = (R + rows_per_chunk - 1) // rows_per_chunk
     m0, scale, shift = _column_factors(mean, invstd, gamma, beta, X.dtype)
     k0, k1 = _dx_factors(mean, invstd, gamma, m0, sum_g, sum_gx, R, X.dtype)
-    for k in prange(n_chunks):
-        _column_backward_dx_task(np.int64(k), X, dY, m0, scale, shift, k0, k1, code, alpha,
-                                 rows_per_chunk, stream, dX)
+    for t in prange(_n_tiles(R, C, rows_per_chunk, cols_per_tile)):
+        _column_backward_dx_task(np.int64(t), X, dY, m0, scale, shift, k0, k1, code, alpha,
+                                 rows_per_chunk, cols_per_tile, stream, dX)
 
 
 # ------------------------------------------------------------- fused training steps
@@ -595,22 +650,23 @@ def column_backward_dx(X, dY, mean, invstd, gamma, beta, code, alpha, sum_g, sum
 
 @kernel(ordered=True)
 def _column_forward_train(X, gamma, beta, code, alpha, eps, momentum, unbiased, running_mean,
-                          running_var, rows_per_chunk, stream, mean, invstd, Y):
+                          running_var, rows_per_chunk, cols_per_tile, stream, mean, invstd, Y):
     """:func:`column_partial_stats`, :func:`column_merge_stats` and :func:`column_normalize`
     in one call (see :func:`column_forward_train`)."""
     R, C = X.shape
     n_chunks = (R + rows_per_chunk - 1) // rows_per_chunk
+    n_tiles = _n_tiles(R, C, rows_per_chunk, cols_per_tile)
     pm = np.empty((n_chunks, C), np.float64)
     pm2 = np.empty((n_chunks, C), np.float64)
-    for k in prange(n_chunks):
-        _column_partial_stats_task(np.int64(k), X, rows_per_chunk, pm, pm2)
+    for t in prange(n_tiles):
+        _column_partial_stats_task(np.int64(t), X, rows_per_chunk, cols_per_tile, pm, pm2)
     for b in range((C + _MERGE_BLOCK - 1) // _MERGE_BLOCK):  # serial: see the notes above
         _column_merge_stats_task(np.int64(b), pm, pm2, R, rows_per_chunk, eps, momentum,
                                  unbiased, running_mean, running_var, mean, invstd)
     m0, scale, shift = _column_factors(mean, invstd, gamma, beta, X.dtype)
-    for k in prange(n_chunks):
-        _column_normalize_task(np.int64(k), X, m0, scale, shift, code, alpha, rows_per_chunk,
-                               stream, Y)
+    for t in prange(n_tiles):
+        _column_normalize_task(np.int64(t), X, m0, scale, shift, code, alpha, rows_per_chunk,
+                               cols_per_tile, stream, Y)
 
 
 @wraps_kernel(_column_forward_train)
@@ -625,34 +681,36 @@ def column_forward_train(size, X, gamma, beta, code, alpha, eps, momentum, unbia
     separate kernels take as arguments come from :mod:`nbnet.config`, as the layer would
     pass them.
     """
-    rpc = config.rows_per_chunk(X.shape[1], X.dtype.itemsize)
+    rpc, cols = config.column_tiling(X.shape[1], X.dtype.itemsize)
     _column_forward_train(size, X, gamma, beta, code, alpha, eps, momentum, unbiased,
-                          running_mean, running_var, rpc, config.streams(X), mean, invstd, Y)
+                          running_mean, running_var, rpc, cols, config.streams(X), mean, invstd,
+                          Y)
 
 
 @kernel(ordered=True)
 def _column_backward_train(X, dY, mean, invstd, gamma, beta, code, alpha, grad_gamma,
-                           grad_beta, accumulate, rows_per_chunk, stream, dX):
+                           grad_beta, accumulate, rows_per_chunk, cols_per_tile, stream, dX):
     """:func:`column_backward_reduce`, :func:`merge_partial_sums_pair` (both merges and the
     gradient accumulation) and :func:`column_backward_dx` in one call (see
     :func:`column_backward_train`)."""
     R, C = X.shape
     n_chunks = (R + rows_per_chunk - 1) // rows_per_chunk
+    n_tiles = _n_tiles(R, C, rows_per_chunk, cols_per_tile)
     psg = np.empty((n_chunks, C), np.float64)
     psgx = np.empty((n_chunks, C), np.float64)
     m0, scale, shift = _column_factors(mean, invstd, gamma, beta, X.dtype)
-    for k in prange(n_chunks):
-        _column_backward_reduce_task(np.int64(k), X, dY, mean, invstd, m0, scale, shift, code,
-                                     alpha, rows_per_chunk, psg, psgx)
+    for t in prange(n_tiles):
+        _column_backward_reduce_task(np.int64(t), X, dY, mean, invstd, m0, scale, shift, code,
+                                     alpha, rows_per_chunk, cols_per_tile, psg, psgx)
     sum_g = np.empty(C, np.float64)
     sum_gx = np.empty(C, np.float64)
     for b in range((C + _MERGE_BLOCK - 1) // _MERGE_BLOCK):  # serial: see the notes above
         _merge_partial_sums_pair_task(np.int64(b), psg, psgx, sum_g, sum_gx, grad_beta,
                                       grad_gamma, accumulate)
     k0, k1 = _dx_factors(mean, invstd, gamma, m0, sum_g, sum_gx, R, X.dtype)
-    for k in prange(n_chunks):
-        _column_backward_dx_task(np.int64(k), X, dY, m0, scale, shift, k0, k1, code, alpha,
-                                 rows_per_chunk, stream, dX)
+    for t in prange(n_tiles):
+        _column_backward_dx_task(np.int64(t), X, dY, m0, scale, shift, k0, k1, code, alpha,
+                                 rows_per_chunk, cols_per_tile, stream, dX)
 
 
 @wraps_kernel(_column_backward_train)
@@ -665,9 +723,9 @@ def column_backward_train(size, X, dY, mean, invstd, gamma, beta, code, alpha, g
     The CPU twin of the CUDA op of the same name (chunking and streaming from
     :mod:`nbnet.config`, as for :func:`column_forward_train`).
     """
-    rpc = config.rows_per_chunk(X.shape[1], X.dtype.itemsize)
+    rpc, cols = config.column_tiling(X.shape[1], X.dtype.itemsize)
     _column_backward_train(size, X, dY, mean, invstd, gamma, beta, code, alpha, grad_gamma,
-                           grad_beta, bool(accumulate), rpc, config.streams(X), dX)
+                           grad_beta, bool(accumulate), rpc, cols, config.streams(X), dX)
 
 
 # ------------------------------------------------------------- channels-first (N, C, L)

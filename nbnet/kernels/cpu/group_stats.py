@@ -289,7 +289,7 @@ def _group_forward_cl_task(k, X, gamma, beta, n_groups, eps, code, alpha, rows_p
             _tile(m0, m0_t)
             _channel_sums(xf, xf, 0, P, C, kp, m0, m0_t, m0, m0_t, m0, m0_t, neg, blk, blk2,
                           acc_t, acc2_t, acc, acc2)
-            rescue_columns(xf.reshape(P, C), 0, P, m0, acc, acc2)  # overflowed float32 squares
+            rescue_columns(xf.reshape(P, C), 0, P, 0, m0, acc, acc2)  # overflowed float32 squares
             far = False
             for g in range(n_groups):
                 sd = 0.0

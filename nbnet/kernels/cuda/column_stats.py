@@ -27,7 +27,9 @@ from ._common import (MAX_THREADS, F64, act_slope, act_value, block_size, block_
 # ---------------------------------------------------------------- channels-last (R, C)
 # ``stream`` (column_normalize, column_backward_dx and their channels-first twins: write the
 # output with non-temporal stores on the CPU) is accepted and ignored: GPU stores to global
-# memory do not read the line first.
+# memory do not read the line first. So is ``cols_per_tile`` (the CPU tasks' column
+# blocks): the blocks here are tiles of TX columns already, and per column the arithmetic
+# does not depend on the blocks.
 
 
 @cuda.jit
@@ -65,7 +67,7 @@ def _partial_stats(X, rows_per_chunk, partial_mean, partial_m2):
         partial_m2[k, j] = buf[tx]
 
 
-def column_partial_stats(size, X, rows_per_chunk, partial_mean, partial_m2):
+def column_partial_stats(size, X, rows_per_chunk, cols_per_tile, partial_mean, partial_m2):
     n_chunks, C = partial_mean.shape
     TX, TY = column_tile()
     launch(_partial_stats, (n_chunks, n_blocks(C, TX)), (TX, TY), X, rows_per_chunk, partial_mean,
@@ -144,7 +146,8 @@ def _normalize(X, mean, invstd, gamma, beta, code, alpha, rows_per_chunk, Y):
             Y[i, j] = act_value(code, alpha, (X[i, j] - m) * scale + shift)
 
 
-def column_normalize(size, X, mean, invstd, gamma, beta, code, alpha, rows_per_chunk, stream, Y):
+def column_normalize(size, X, mean, invstd, gamma, beta, code, alpha, rows_per_chunk, cols_per_tile,
+                     stream, Y):
     R, C = X.shape
     TX, TY = column_tile()
     launch(_normalize, (n_blocks(R, rows_per_chunk), n_blocks(C, TX)), (TX, TY), 
@@ -191,7 +194,7 @@ def _backward_reduce(X, dY, mean, invstd, gamma, beta, code, alpha, rows_per_chu
 
 
 def column_backward_reduce(size, X, dY, mean, invstd, gamma, beta, code, alpha, rows_per_chunk,
-                           partial_sum_g, partial_sum_gx):
+                           cols_per_tile, partial_sum_g, partial_sum_gx):
     n_chunks, C = partial_sum_g.shape
     TX, TY = column_tile()
     launch(_backward_reduce, (n_chunks, n_blocks(C, TX)), (TX, TY), 
@@ -283,7 +286,7 @@ def _backward_dx(X, dY, mean, invstd, gamma, beta, code, alpha, sum_g, sum_gx, r
 
 
 def column_backward_dx(size, X, dY, mean, invstd, gamma, beta, code, alpha, sum_g, sum_gx,
-                       rows_per_chunk, stream, dX):
+                       rows_per_chunk, cols_per_tile, stream, dX):
     R, C = X.shape
     TX, TY = column_tile()
     launch(_backward_dx, (n_blocks(R, rows_per_chunk), n_blocks(C, TX)), (TX, TY), 
