@@ -294,6 +294,15 @@ def normalization_rows(nbnet, torch, npml, quick, dtypes_1d=("float32", "float64
                           nn and (lambda C=C: nn.LayerNorm(C, eps=1e-5)),
                           L and (lambda: L.LayerNorm1D(epsilon=1e-5)), shp, dtype, "rows"))
     f32 = "float32"
+    # wide rows, few of them (a small batch of many features): the column kernels cut such
+    # rows into tiles of config.TILE_BYTES
+    wide = (8, 2048) if quick else (256, 16384)
+    specs.append(("BatchNorm1D", nb("BatchNorm1D"),
+                  nn and (lambda C=wide[1]: nn.BatchNorm1d(C, eps=1e-5, momentum=0.1)),
+                  L and (lambda: L.BatchNorm1D(momentum=0.9, epsilon=1e-5)), wide, f32, "rows"))
+    specs.append(("LayerNorm1D", nb("LayerNorm1D"),
+                  nn and (lambda C=wide[1]: nn.LayerNorm(C, eps=1e-5)),
+                  L and (lambda: L.LayerNorm1D(epsilon=1e-5)), wide, f32, "rows"))
     for shp in (img, img2):
         C = shp[3]
         specs.append(("BatchNorm2D NHWC", nb("BatchNorm2D"),
