@@ -762,6 +762,34 @@ def test_batchnorm2d_nchw_channel_blocks_and_chunks(monkeypatch, chunk_bytes, sh
     assert _rel(_nchw(Yi), ref.act_ref(ACTS[act], zi)) < 1e-10
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("act", [None, "relu"])
+@pytest.mark.parametrize("N,C", [(7, 5), (96, 3000)])
+def test_batchnorm2d_nchw_one_pixel_is_batchnorm1d(dtype, act, N, C, rng):
+    """An (N, C, 1, 1) NCHW input (after global pooling) is an (N, C) row layout in
+    memory and takes BatchNorm1D's kernels: outputs, gradients, running statistics and
+    inference bit-identical to BatchNorm1D on the (N, C) view, and to BatchNorm2D NHWC
+    on (N, 1, 1, C)."""
+    X = rng.normal(2.0, 3.0, (N, C)).astype(dtype)
+    dY = rng.normal(size=X.shape).astype(dtype)
+    results = []
+    for layer, shape in ((nbnet.BatchNorm2D(act_fn=act, data_format="NCHW"), (N, C, 1, 1)),
+                         (nbnet.BatchNorm1D(act_fn=act), (N, C)),
+                         (nbnet.BatchNorm2D(act_fn=act), (N, 1, 1, C))):
+        Y = layer.forward(X.reshape(shape))
+        dX = layer.backward(dY.reshape(shape))
+        assert Y.shape == dX.shape == shape
+        Yi = layer.forward(X.reshape(shape), retain_derived=False)
+        results.append([Y.reshape(N, C).copy(), dX.reshape(N, C).copy(), Yi.reshape(N, C).copy()]
+                       + [layer.gradients[k].copy() for k in sorted(layer.gradients)]
+                       + [layer.parameters[k].copy() for k in sorted(layer.parameters)])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_array_equal(a, b)
+    Yr, _, _ = ref.norm_forward_ref(X, (0,), np.ones(C), np.zeros(C), 1e-5, ACTS[act])
+    assert _rel(results[0][0], Yr) < (1e-10 if dtype == np.float64 else 2e-6)
+
+
 def test_channels_first_partials_do_not_depend_on_channel_blocks(rng):
     """Each channel's sums run over its runs in example order whatever the channel blocks,
     so the partial statistics and gradient sums are bit-identical for any
