@@ -56,29 +56,34 @@ def shifted_result(m0, s1, s2, inv_n):
 
 
 @helper
-def block_shifted_moments(x, m0):
-    """``(sum(x - m0), sum((x - m0)**2))`` as float64 for a contiguous 1-D ``x``: blocks
-    of ``SUM_BLOCK`` values summed in x's dtype, added up in float64.
+def block_shifted_moments(x, o, n, m0):
+    """``(sum(x - m0), sum((x - m0)**2))`` as float64 over the ``n`` values ``x[o:o + n]``
+    of a contiguous 1-D ``x``: blocks of ``SUM_BLOCK`` values summed in x's dtype, added
+    up in float64.
 
     With ``m0`` any shift of x's dtype near the mean, ``mean = m0 + s1 / n`` and
     ``M2 = s2 - s1**2 / n`` are exact algebra, and lose nothing while the shift is within
     a few standard deviations of the mean (``x - m0`` is then exact, Sterbenz).
+
+    The values are read at unsigned indices ``o + b + j``: a signed index is checked for
+    wraparound, which stops the loop vectorising, and a view per block or per run (the
+    channels-first kernels call this once per run of ``L`` values, 4 for a 2x2 image)
+    costs a reference-count call pair that LLVM cannot drop from their loops.
     """
-    n = x.shape[0]
     s1 = 0.0
     s2 = 0.0
     for b in range(0, n, SUM_BLOCK):
-        xb = x[b:b + SUM_BLOCK]  # a slice: indexing with range(b, stop) does not vectorise
+        ob = o + b
         p1 = m0 - m0
         p2 = m0 - m0
-        for j in range(xb.shape[0]):
-            d = xb[j] - m0
+        for j in range(min(SUM_BLOCK, n - b)):
+            d = x[np.uint64(ob + j)] - m0
             p1 += d
             p2 += d * d
         s1 += p1
         s2 += p2
     if not (math.isfinite(s1) and math.isfinite(s2)):  # overflowed blocks (module notes)
-        return moments64(x, m0)
+        return moments64(x[o:o + n], m0)
     return s1, s2
 
 

@@ -162,12 +162,16 @@ def _tile(t, R, C, rows_per_chunk, cols_per_tile):
 
 
 @helper
-def _col(j0, j):
-    """Column ``j0 + j`` as an unsigned index. numba checks a signed index for wraparound
-    (``j0 + j < 0``), which stops LLVM vectorising the loop; an unsigned one is taken as
-    it is. (A slice per row, ``X[i, j0:j1]``, vectorises too, but costs its bounds
-    arithmetic on every row: 25% of a sum over 64-wide float32 rows.)"""
-    return np.uint64(j0 + j)
+def _uindex(o, j):
+    """``o + j`` as an unsigned index: column ``o + j`` of a tile's row, or element ``j``
+    of the run at flat offset ``o = (n * C + c) * L`` of an ``(N, C, L)`` array. numba
+    checks a signed index for wraparound (``o + j < 0``), which stops LLVM vectorising the
+    loop; an unsigned one is taken as it is. The alternatives cost more: a slice per row,
+    ``X[i, j0:j1]``, its bounds arithmetic on every row (25% of a sum over 64-wide float32
+    rows); a view per run, ``X[n, c]``, the reference counting of each view (a call pair
+    that LLVM cannot drop from the channels-first loops), 6x the arithmetic on runs of 4
+    values (2x2 images)."""
+    return np.uint64(o + j)
 
 
 @helper
@@ -192,7 +196,7 @@ def _segment_moments(X, G, mode, start, stop, j0, j1, m0, scale, shift, one, neg
       left of 0, in X's dtype) as a select; a NaN ``z`` gives a NaN ``g``.
 
     ``m0``, ``scale``, ``shift``, ``acc``, ``acc2``, ``s1`` and ``s2`` are the tile's own
-    (element ``j`` is column ``j0 + j``, read from X and G through :func:`_col`).
+    (element ``j`` is column ``j0 + j``, read from X and G through :func:`_uindex`).
 
     The rows split into ``_STREAMS`` equal segments walked side by side, one row of each
     per pass, so every load and store of the accumulators (``acc``, ``acc2``: X's dtype,
@@ -209,7 +213,7 @@ def _segment_moments(X, G, mode, start, stop, j0, j1, m0, scale, shift, one, neg
             acc2[j] = 0.0
         for i in range(i0, min(i0 + ROW_BLOCK, start + q)):
             for j in range(w):
-                c = _col(j0, j)
+                c = _uindex(j0, j)
                 m = m0[j]
                 d0 = X[i, c] - m
                 d1 = X[i + q, c] - m
@@ -243,7 +247,7 @@ def _segment_moments(X, G, mode, start, stop, j0, j1, m0, scale, shift, one, neg
         acc2[j] = 0.0
     for i in range(start + _STREAMS * q, stop):  # fewer than _STREAMS rows
         for j in range(w):
-            c = _col(j0, j)
+            c = _uindex(j0, j)
             d = X[i, c] - m0[j]
             if mode == 0:
                 h = d
@@ -270,7 +274,7 @@ def _column_partial_stats_task(t, X, rows_per_chunk, cols_per_tile, partial_mean
     inv_n = 1.0 / (stop - start)
     m0 = np.empty(w, X.dtype)  # the shift: the chunk's first row
     for j in range(w):
-        m0[j] = X[start, _col(j0, j)]
+        m0[j] = X[start, _uindex(j0, j)]
     acc = np.empty(w, X.dtype)  # block accumulators in X's dtype
     acc2 = np.empty(w, X.dtype)
     sd = np.empty(w, np.float64)
@@ -413,19 +417,19 @@ def _column_normalize_task(t, X, m0, scale, shift, code, alpha, rows_per_chunk, 
             row = np.empty(w, X.dtype)
             for i in range(start, stop):
                 for j in range(w):
-                    row[j] = (X[i, _col(j0, j)] - mb[j]) * sb[j] + hb[j]
+                    row[j] = (X[i, _uindex(j0, j)] - mb[j]) * sb[j] + hb[j]
                 stream_copy(row, Y[i, j0:j1])
             store_fence()
         elif code == 0:
             for i in range(start, stop):
                 for j in range(w):
-                    c = _col(j0, j)
+                    c = _uindex(j0, j)
                     Y[i, c] = (X[i, c] - mb[j]) * sb[j] + hb[j]
         else:
             one, neg = piecewise_slopes(code, alpha, m0)
             for i in range(start, stop):
                 for j in range(w):
-                    c = _col(j0, j)
+                    c = _uindex(j0, j)
                     z = (X[i, c] - mb[j]) * sb[j] + hb[j]
                     Y[i, c] = z if z > 0.0 else z * neg  # z * neg keeps NaN a NaN
     else:
@@ -587,21 +591,21 @@ def _column_backward_dx_task(t, X, dY, m0, scale, shift, k0, k1, code, alpha, ro
             row = np.empty(w, X.dtype)
             for i in range(start, stop):
                 for j in range(w):
-                    c = _col(j0, j)
+                    c = _uindex(j0, j)
                     row[j] = (dY[i, c] * sb[j] + k0b[j]) - k1b[j] * ((X[i, c] - mb[j]) * sb[j])
                 stream_copy(row, dX[i, j0:j1])
             store_fence()
         elif code == 0:
             for i in range(start, stop):
                 for j in range(w):
-                    c = _col(j0, j)
+                    c = _uindex(j0, j)
                     dX[i, c] = (dY[i, c] * sb[j] + k0b[j]) - k1b[j] * ((X[i, c] - mb[j]) * sb[j])
         else:
             hb = shift[j0:j1]
             one, neg = piecewise_slopes(code, alpha, m0)
             for i in range(start, stop):
                 for j in range(w):
-                    c = _col(j0, j)
+                    c = _uindex(j0, j)
                     d = X[i, c] - mb[j]
                     z = d * sb[j] + hb[j]
                     g = dY[i, c] * (one if z > 0.0 else neg + (z - z))
@@ -783,13 +787,15 @@ def _cf_factors(X, mean, invstd, gamma, beta, code, alpha, c0, w):
 
 
 @helper
-def _cf_slope_run(x, gy, mc, ac, bc, neg, out):
-    """``out = gy * f'(z)`` along one run, ``z = (x - mc) * ac + bc`` formed as the forward
-    forms it (so the slope agrees with the output); ReLU / leaky ReLU as a select, ``neg``
-    the slope left of 0 (NaN where ``z`` is NaN: ``g * (neg + (z - z))``)."""
-    for j in range(x.shape[0]):
-        z = (x[j] - mc) * ac + bc
-        g = gy[j]
+def _cf_slope_run(Xf, Gf, o, L, mc, ac, bc, neg, out):
+    """``out[:L] = g * f'(z)`` along the run at flat offset ``o`` of ``Xf``/``Gf``
+    (:func:`_uindex`), ``z = (x - mc) * ac + bc`` formed as the forward forms it (so the
+    slope agrees with the output); ReLU / leaky ReLU as a select, ``neg`` the slope left
+    of 0 (NaN where ``z`` is NaN: ``g * (neg + (z - z))``)."""
+    for j in range(L):
+        v = _uindex(o, j)
+        z = (Xf[v] - mc) * ac + bc
+        g = Gf[v]
         out[j] = g if z > 0.0 else g * (neg + (z - z))
 
 
@@ -808,9 +814,10 @@ def _column_partial_stats_cf_task(t, X, n_per_chunk, channels_per_task, partial_
     w = c1 - c0
     cnt = (stop - start) * L
     inv_cnt = 1.0 / cnt
+    Xf = X.reshape(-1)
     m0 = np.empty(w, X.dtype)  # the shift: each channel's first value in the chunk
     for c in range(w):
-        m0[c] = X[start, c0 + c, 0]
+        m0[c] = Xf[_uindex((start * C + c0 + c) * L, 0)]
     sd = np.empty(w, np.float64)
     sdd = np.empty(w, np.float64)
     for attempt in range(2):
@@ -818,8 +825,9 @@ def _column_partial_stats_cf_task(t, X, n_per_chunk, channels_per_task, partial_
             sd[c] = 0.0
             sdd[c] = 0.0
         for n in range(start, stop):
+            o = (n * C + c0) * L
             for c in range(w):
-                s1, s2 = block_shifted_moments(X[n, c0 + c], m0[c])
+                s1, s2 = block_shifted_moments(Xf, o + c * L, L, m0[c])
                 sd[c] += s1
                 sdd[c] += s2
         far = False
@@ -863,18 +871,21 @@ def _column_normalize_cf_task(t, X, mean, invstd, gamma, beta, code, alpha, n_pe
     k, start, stop, c0, c1 = _cf_task(t, C, n_per_chunk, channels_per_task, N)
     w = c1 - c0
     m0, a, b, neg = _cf_factors(X, mean, invstd, gamma, beta, code, alpha, c0, w)
+    Xf = X.reshape(-1)
+    Yf = Y.reshape(-1)
     for n in range(start, stop):
         for c in range(w):
-            x = X[n, c0 + c]
-            y = Y[n, c0 + c]
+            o = (n * C + c0 + c) * L
             mc, ac, bc = m0[c], a[c], b[c]
             if code == 0:
                 for j in range(L):
-                    y[j] = (x[j] - mc) * ac + bc
+                    v = _uindex(o, j)
+                    Yf[v] = (Xf[v] - mc) * ac + bc
             else:  # ReLU, leaky ReLU: a select in X's dtype
                 for j in range(L):
-                    z = (x[j] - mc) * ac + bc
-                    y[j] = z if z > 0.0 else z * neg  # z * neg keeps NaN a NaN
+                    v = _uindex(o, j)
+                    z = (Xf[v] - mc) * ac + bc
+                    Yf[v] = z if z > 0.0 else z * neg  # z * neg keeps NaN a NaN
 
 
 @kernel
@@ -907,24 +918,30 @@ def _column_backward_reduce_cf_task(t, X, dY, mean, invstd, gamma, beta, code, a
     # with ReLU / leaky ReLU, g = dY * f'(z) is formed first into a run buffer of X's
     # dtype, and the sums run as without an activation
     m0, a, b, neg = _cf_factors(X, mean, invstd, gamma, beta, code, alpha, c0, w)
+    Xf = X.reshape(-1)
+    Gf = dY.reshape(-1)
     gs = np.empty(L if code != 0 else 0, X.dtype)
     for n in range(start, stop):
         for c in range(w):
-            x = X[n, c0 + c]
-            gy = dY[n, c0 + c]
+            o = (n * C + c0 + c) * L
             mc = m0[c]
             if code != 0:
-                _cf_slope_run(x, gy, mc, a[c], b[c], neg, gs)
-                gy = gs
+                _cf_slope_run(Xf, Gf, o, L, mc, a[c], b[c], neg, gs)
             for bb in range(0, L, SUM_BLOCK):
-                xb = x[bb:bb + SUM_BLOCK]
-                gb = gy[bb:bb + SUM_BLOCK]
                 p1 = mc - mc
                 p2 = mc - mc
-                for j in range(xb.shape[0]):
-                    g = gb[j]
-                    p1 += g
-                    p2 += g * (xb[j] - mc)
+                ob = o + bb
+                if code == 0:
+                    for j in range(min(SUM_BLOCK, L - bb)):
+                        v = _uindex(ob, j)
+                        g = Gf[v]
+                        p1 += g
+                        p2 += g * (Xf[v] - mc)
+                else:  # g from the run buffer
+                    for j in range(min(SUM_BLOCK, L - bb)):
+                        g = gs[bb + j]
+                        p1 += g
+                        p2 += g * (Xf[_uindex(ob, j)] - mc)
                 sg[c] += p1
                 sgx[c] += p2
     for c in range(w):
@@ -974,17 +991,22 @@ def _column_backward_dx_cf_task(t, X, dY, mean, invstd, gamma, beta, code, alpha
         cc = (m - m0[c]) * r
         k0[c] = scale * (cc * mgx - mg)
         k1[c] = r * mgx
+    Xf = X.reshape(-1)
+    Gf = dY.reshape(-1)
+    Df = dX.reshape(-1)
     for n in range(start, stop):
         for c in range(w):
-            x = X[n, c0 + c]
-            gy = dY[n, c0 + c]
-            dx = dX[n, c0 + c]
+            o = (n * C + c0 + c) * L
             mc, ac, k0c, k1c = m0[c], a[c], k0[c], k1[c]
-            if code != 0:
-                _cf_slope_run(x, gy, mc, ac, sh[c], neg, gs)
-                gy = gs
-            for j in range(L):
-                dx[j] = (gy[j] * ac + k0c) - k1c * ((x[j] - mc) * ac)
+            if code == 0:
+                for j in range(L):
+                    v = _uindex(o, j)
+                    Df[v] = (Gf[v] * ac + k0c) - k1c * ((Xf[v] - mc) * ac)
+            else:  # g = dY * f'(z) from the run buffer
+                _cf_slope_run(Xf, Gf, o, L, mc, ac, sh[c], neg, gs)
+                for j in range(L):
+                    v = _uindex(o, j)
+                    Df[v] = (gs[j] * ac + k0c) - k1c * ((Xf[v] - mc) * ac)
 
 
 @kernel
