@@ -762,6 +762,40 @@ def test_batchnorm2d_nchw_channel_blocks_and_chunks(monkeypatch, chunk_bytes, sh
     assert _rel(_nchw(Yi), ref.act_ref(ACTS[act], zi)) < 1e-10
 
 
+@pytest.mark.parametrize("chunk_bytes", [40, 1 << 18])
+@pytest.mark.parametrize("shape", [(9, 5, 2, 1), (6, 11, 3, 1), (70, 3, 2, 2)])
+@pytest.mark.parametrize("act", [None, "relu"])
+def test_batchnorm2d_nchw_short_runs_match_reference(monkeypatch, chunk_bytes, shape, act, rng):
+    """Small images (runs of H*W = 2, 3, 4 values) through the channels-first kernels,
+    which address each run by its flat offset: with the default chunking and with
+    CHUNK_BYTES = 40 (ragged blocks of 2 channels, chunks of one example), training,
+    backward, running statistics and inference match the float64 reference (data with
+    mean 50: the shift by a chunk's first value is far for runs this short)."""
+    from nbnet import config
+    monkeypatch.setattr(config, "CHUNK_BYTES", chunk_bytes)
+    X = rng.normal(50.0, 2.0, shape)
+    dY = rng.normal(size=shape)
+    gamma = rng.uniform(0.5, 1.5, shape[1])
+    beta = rng.normal(0, 0.5, shape[1])
+    layer = nbnet.BatchNorm2D(act_fn=act, data_format="NCHW")
+    layer.forward(X[:2], retain_derived=False)
+    layer.set_params({"parameters": {"scaler": gamma, "intercept": beta}})
+    Y = layer.forward(X)
+    dX = layer.backward(dY)
+    Xc, dYc = _nchw(X), _nchw(dY)
+    Yr, mean, var = ref.norm_forward_ref(Xc, (0, 1, 2), gamma, beta, 1e-5, ACTS[act])
+    dXr, dgr, dbr = ref.norm_backward_ref(Xc, dYc, (0, 1, 2), gamma, beta, 1e-5, ACTS[act])
+    assert _rel(_nchw(Y), Yr) < 1e-10
+    assert _rel(_nchw(dX), dXr) < 1e-10
+    assert _rel(layer.gradients["scaler"], dgr) < 1e-10
+    assert _rel(layer.gradients["intercept"], dbr) < 1e-10
+    assert _rel(layer.parameters["running_var"], 0.9 + 0.1 * var.ravel()) < 1e-10
+    Yi = layer.forward(X, retain_derived=False)
+    rm, rv = layer.parameters["running_mean"], layer.parameters["running_var"]
+    zi = (Xc - rm) / np.sqrt(rv + 1e-5) * gamma + beta
+    assert _rel(_nchw(Yi), ref.act_ref(ACTS[act], zi)) < 1e-10
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("act", [None, "relu"])
 @pytest.mark.parametrize("N,C", [(7, 5), (96, 3000)])
