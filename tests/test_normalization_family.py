@@ -489,6 +489,35 @@ def test_groupnorm_channels_last_tiles_match_reference(G, act, dtype):
     assert np.array_equal(layer.forward(X, retain_derived=False), Y)
 
 
+@pytest.mark.parametrize("fmt", ["NHWC", "NCHW"])
+def test_groupnorm_examples_per_chunk(monkeypatch, fmt):
+    """Each example's statistics and outputs are its own, so the forward is bit-identical
+    for any examples per chunk (``config.CHUNK_BYTES`` from one example a chunk to all
+    five); the backward's parameter-gradient sums, merged chunk by chunk, match the
+    float64 reference at every chunking."""
+    from nbnet import config
+    rng = np.random.default_rng(8)
+    shape = (5, 3, 4, 8) if fmt == "NHWC" else (5, 8, 3, 4)
+    X = rng.normal(1.0, 2.0, shape)
+    dY = rng.normal(size=shape)
+    per_example = X[0].nbytes
+    outputs = []
+    for chunk_bytes in (per_example, 2 * per_example, 1 << 20):
+        monkeypatch.setattr(config, "CHUNK_BYTES", chunk_bytes)
+        layer = nbnet.GroupNorm(4, act_fn="relu", data_format=fmt)
+        outputs.append(layer.forward(X).copy())
+        layer.backward(dY)
+        Xc, dYc = (X, dY) if fmt == "NHWC" else (_nchw(X), _nchw(dY))
+        canon = (lambda a: np.asarray(a, np.float64).reshape(5, 3, 4, 4, 2))
+        ones, zeros = np.ones((4, 2)), np.zeros((4, 2))
+        _, dgr, dbr = ref.norm_backward_ref(canon(Xc), canon(dYc), (1, 2, 4), ones, zeros,
+                                            layer.epsilon, "relu", param_axes=(0, 1, 2))
+        assert _rel(layer.gradients["scaler"], dgr.reshape(8)) < 1e-10
+        assert _rel(layer.gradients["intercept"], dbr.reshape(8)) < 1e-10
+    for other in outputs[1:]:
+        np.testing.assert_array_equal(outputs[0], other)
+
+
 def test_groupnorm_one_group_is_layernorm_without_elementwise_affine():
     rng = np.random.default_rng(7)
     X = rng.normal(2, 3, (N, H, W, C))

@@ -1007,7 +1007,7 @@ class GroupNorm(_NormBase):
                 self._kernel("group_forward_cf")(V.size, V, gamma, beta, G, self.epsilon, code,
                                                  alpha, Yv, mean, invstd)
             else:
-                rpc = config.rows_per_chunk(V.shape[1] * C, X.dtype.itemsize)
+                rpc = config.examples_per_chunk(V.shape[1] * C, X.dtype.itemsize)
                 self._kernel("group_forward_cl")(V.size, V, gamma, beta, G, self.epsilon, code,
                                                  alpha, rpc, Yv, mean, invstd)
             if train:
@@ -1040,7 +1040,7 @@ class GroupNorm(_NormBase):
             gamma, beta = self._gamma_beta(C, X.dtype)
             dX = self._output("dX", X.shape, X.dtype)
             if V.size > 0:
-                rpc = config.rows_per_chunk(V.size // N, X.dtype.itemsize)
+                rpc = config.examples_per_chunk(V.size // N, X.dtype.itemsize)
                 n_chunks = -(-N // rpc)
                 pdg = self._empty((n_chunks, C), _F64)
                 pdb = self._empty((n_chunks, C), _F64)
