@@ -138,14 +138,16 @@ def rows_per_chunk(n_cols, itemsize):
 
 
 def examples_per_chunk(n_values, itemsize):
-    """Examples per task of the group kernels (GroupNorm, InstanceNorm channels-last and
-    their backward), an example being ``n_values`` values: as many as fit CHUNK_BYTES,
-    down to one. Unlike :func:`rows_per_chunk` there is no MIN_CHUNK_ROWS floor: an
-    example is reduced whole by its task, and the per-chunk merge of the parameter
-    gradients costs one add per channel against an example's ``H * W`` values per
-    channel. With the floor, four (4, 4, 4, 4096) float32 examples made one task, and
-    GroupNorm(32) ran serially: inference 0.24 ms against PyTorch's 0.06 ms on the
-    2-core reference machine. Shape-only, like every chunking."""
+    """Examples per task where each task reduces whole examples of ``n_values`` values:
+    the group kernels (GroupNorm, InstanceNorm, forward and backward) and the row
+    kernels' passes that keep no per-chunk partials (LayerNorm/RMSNorm forward, and the
+    dX pass of wide inputs). As many as fit CHUNK_BYTES, down to one. Unlike
+    :func:`rows_per_chunk` there is no MIN_CHUNK_ROWS floor: a group kernel's per-chunk
+    merge of the parameter gradients costs one add per channel against an example's
+    ``H * W`` values per channel, and the others merge nothing. With the floor, four
+    (4, 4, 4, 4096) float32 examples made one task, and GroupNorm(32) ran serially:
+    inference 0.24 ms against PyTorch's 0.06 ms on the 2-core reference machine.
+    Shape-only, like every chunking."""
     width = n_values * itemsize
     rows = CHUNK_BYTES // width if width > 0 else MAX_CHUNK_ROWS
     return 1 if rows < 1 else (MAX_CHUNK_ROWS if rows > MAX_CHUNK_ROWS else rows)

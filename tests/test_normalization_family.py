@@ -518,6 +518,28 @@ def test_groupnorm_examples_per_chunk(monkeypatch, fmt):
         np.testing.assert_array_equal(outputs[0], other)
 
 
+@pytest.mark.parametrize("make", [lambda: nbnet.LayerNorm2D(act_fn="relu"),
+                                  lambda: nbnet.RMSNorm(act_fn="relu")])
+def test_row_kernels_forward_and_wide_dx_do_not_depend_on_chunking(monkeypatch, make):
+    """A row's statistics, output and (on the wide path, whose parameter gradients go by
+    column blocks) its dX are its own: bit-identical for one row per chunk and for all
+    rows in one chunk."""
+    from nbnet import config
+    rng = np.random.default_rng(9)
+    X = rng.normal(1.0, 2.0, (5, 6, 7, 8))
+    dY = rng.normal(size=X.shape)
+    row = X[0].nbytes
+    results = []
+    for chunk_bytes in (row, 1 << 20):
+        monkeypatch.setattr(config, "CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr(config, "WIDE_PARTIALS_RATIO", 0.0)  # the wide path, always
+        layer = make()
+        results.append((layer.forward(X).copy(), layer.backward(dY).copy(),
+                         layer.gradients["scaler"].copy()))
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_groupnorm_one_group_is_layernorm_without_elementwise_affine():
     rng = np.random.default_rng(7)
     X = rng.normal(2, 3, (N, H, W, C))

@@ -551,7 +551,10 @@ class LayerNorm1D(_NormBase):
         mean = self._empty(R, _F64)
         invstd = self._empty(R, _F64)
         if R > 0 and D > 0:
-            rpc = config.rows_per_chunk(D, X.dtype.itemsize)
+            # each row whole in one task: any chunking gives the same bits, and without
+            # MIN_CHUNK_ROWS a few very long rows still make one task each
+            # (LayerNorm2D (4,16,16,512) float32 was one task)
+            rpc = config.examples_per_chunk(D, X.dtype.itemsize)
             self._kernel("row_forward")(R * D, X2, gamma, beta, self.epsilon, self._center, code,
                                         alpha, rpc, Y.reshape(X2.shape), mean, invstd)
         train = self._is_training(retain_derived)
@@ -586,10 +589,11 @@ class LayerNorm1D(_NormBase):
             R, D = X2.shape
             dX = self._output("dX", X.shape, X.dtype)
             if R > 0 and D > 0 and self._wide_param_grads(R, D, X.dtype.itemsize):
-                # wide, short input: parameter gradients by column blocks, no partials
+                # wide, short input: parameter gradients by column blocks, no partials; dX
+                # row by row, so (as in forward) any chunking gives the same bits
                 empty = self._empty((0, D), _F64)
                 self._kernel("row_backward")(R * D, X2, dy2, mean, invstd, gamma, beta, self._center,
-                                             code, alpha, config.rows_per_chunk(D, X.dtype.itemsize),
+                                             code, alpha, config.examples_per_chunk(D, X.dtype.itemsize),
                                              dX.reshape(X2.shape), empty, empty)
                 if retain_grads:  # summed straight into the gradient arrays
                     dgamma = self.gradients["scaler"].reshape(D)
