@@ -790,10 +790,15 @@ def test_batchnorm2d_nchw_channel_blocks_and_chunks(monkeypatch, chunk_bytes, sh
     monkeypatch.setattr(config, "CHUNK_BYTES", chunk_bytes)
     n, per_task = _cf_chunking(shape[0], shape[1], shape[2] * shape[3], 8)
     assert (per_task < shape[1]) if chunk_bytes == 300 else (n > 1 and per_task == shape[1])
-    X = rng.normal(1.5, 2.0, shape)
-    dY = rng.normal(size=shape)
-    gamma = rng.uniform(0.5, 1.5, shape[1])
-    beta = rng.normal(0, 0.5, shape[1])
+    _check_batchnorm2d_nchw(rng.normal(1.5, 2.0, shape), act, rng)
+
+
+def _check_batchnorm2d_nchw(X, act, rng):
+    """BatchNorm2D NCHW on ``X`` (float64) against the float64 reference: training,
+    backward, parameter gradients, running statistics and inference."""
+    dY = rng.normal(size=X.shape)
+    gamma = rng.uniform(0.5, 1.5, X.shape[1])
+    beta = rng.normal(0, 0.5, X.shape[1])
     layer = nbnet.BatchNorm2D(act_fn=act, data_format="NCHW")
     layer.forward(X[:2], retain_derived=False)
     layer.set_params({"parameters": {"scaler": gamma, "intercept": beta}})
@@ -807,6 +812,7 @@ def test_batchnorm2d_nchw_channel_blocks_and_chunks(monkeypatch, chunk_bytes, sh
     assert _rel(layer.gradients["scaler"], dgr) < 1e-10
     assert _rel(layer.gradients["intercept"], dbr) < 1e-10
     assert _rel(layer.parameters["running_mean"], 0.1 * mean.ravel()) < 1e-10
+    assert _rel(layer.parameters["running_var"], 0.9 + 0.1 * var.ravel()) < 1e-10
     Yi = layer.forward(X, retain_derived=False)
     rm, rv = layer.parameters["running_mean"], layer.parameters["running_var"]
     zi = (Xc - rm) / np.sqrt(rv + 1e-5) * gamma + beta
@@ -824,27 +830,7 @@ def test_batchnorm2d_nchw_short_runs_match_reference(monkeypatch, chunk_bytes, s
     mean 50: the shift by a chunk's first value is far for runs this short)."""
     from nbnet import config
     monkeypatch.setattr(config, "CHUNK_BYTES", chunk_bytes)
-    X = rng.normal(50.0, 2.0, shape)
-    dY = rng.normal(size=shape)
-    gamma = rng.uniform(0.5, 1.5, shape[1])
-    beta = rng.normal(0, 0.5, shape[1])
-    layer = nbnet.BatchNorm2D(act_fn=act, data_format="NCHW")
-    layer.forward(X[:2], retain_derived=False)
-    layer.set_params({"parameters": {"scaler": gamma, "intercept": beta}})
-    Y = layer.forward(X)
-    dX = layer.backward(dY)
-    Xc, dYc = _nchw(X), _nchw(dY)
-    Yr, mean, var = ref.norm_forward_ref(Xc, (0, 1, 2), gamma, beta, 1e-5, ACTS[act])
-    dXr, dgr, dbr = ref.norm_backward_ref(Xc, dYc, (0, 1, 2), gamma, beta, 1e-5, ACTS[act])
-    assert _rel(_nchw(Y), Yr) < 1e-10
-    assert _rel(_nchw(dX), dXr) < 1e-10
-    assert _rel(layer.gradients["scaler"], dgr) < 1e-10
-    assert _rel(layer.gradients["intercept"], dbr) < 1e-10
-    assert _rel(layer.parameters["running_var"], 0.9 + 0.1 * var.ravel()) < 1e-10
-    Yi = layer.forward(X, retain_derived=False)
-    rm, rv = layer.parameters["running_mean"], layer.parameters["running_var"]
-    zi = (Xc - rm) / np.sqrt(rv + 1e-5) * gamma + beta
-    assert _rel(_nchw(Yi), ref.act_ref(ACTS[act], zi)) < 1e-10
+    _check_batchnorm2d_nchw(rng.normal(50.0, 2.0, shape), act, rng)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -153,7 +153,8 @@ _MERGE_BLOCK = 256
 def _tile(t, R, C, rows_per_chunk, cols_per_tile):
     """``(k, start, stop, j0, j1)`` of task ``t``: its chunk ``k`` (rows ``start:stop``) and
     its columns ``j0:j1``. Task ``t = k * n_blocks + b`` owns column block ``b`` of chunk
-    ``k`` (see the module notes)."""
+    ``k`` (see the module notes). The channels-first tasks are the same tiles of examples
+    and channels: ``_tile(t, N, C, n_per_chunk, channels_per_task)``."""
     n_blocks = (C + cols_per_tile - 1) // cols_per_tile
     k = t // n_blocks
     j0 = (t - k * n_blocks) * cols_per_tile
@@ -757,16 +758,6 @@ def column_backward_train(size, X, dY, mean, invstd, gamma, beta, code, alpha, g
 
 
 @helper
-def _cf_task(t, C, n_per_chunk, channels_per_task, N):
-    """``(k, start, stop, c0, c1)``: the chunk, its examples and the channels of task ``t``."""
-    n_blocks = (C + channels_per_task - 1) // channels_per_task
-    k = t // n_blocks
-    c0 = (t - k * n_blocks) * channels_per_task
-    start = k * n_per_chunk
-    return k, start, min(start + n_per_chunk, N), c0, min(c0 + channels_per_task, C)
-
-
-@helper
 def _cf_factors(X, mean, invstd, gamma, beta, code, alpha, c0, w):
     """``(m0, a, b, neg)`` for channels ``c0:c0 + w``: the factors of ``z = (x - m0) * a +
     b`` in X's dtype (``m0`` the mean rounded, ``a = invstd * gamma``, ``b = beta - (mean -
@@ -799,18 +790,12 @@ def _cf_slope_run(Xf, Gf, o, L, mc, ac, bc, neg, out):
         out[j] = g if z > 0.0 else g * (neg + (z - z))
 
 
-@helper
-def _cf_n_tasks(N, C, n_per_chunk, channels_per_task):
-    return (((N + n_per_chunk - 1) // n_per_chunk)
-            * ((C + channels_per_task - 1) // channels_per_task))
-
-
 @task_body
 def _column_partial_stats_cf_task(t, X, n_per_chunk, channels_per_task, partial_mean,
                                   partial_m2):
     """Task ``t`` of :func:`column_partial_stats_cf` (the ``prange`` body; see ``task_body``)."""
     N, C, L = X.shape
-    k, start, stop, c0, c1 = _cf_task(t, C, n_per_chunk, channels_per_task, N)
+    k, start, stop, c0, c1 = _tile(t, N, C, n_per_chunk, channels_per_task)
     w = c1 - c0
     cnt = (stop - start) * L
     inv_cnt = 1.0 / cnt
@@ -858,7 +843,7 @@ def column_partial_stats_cf(X, n_per_chunk, channels_per_task, partial_mean, par
     (as :func:`column_partial_stats`).
     """
     N, C, L = X.shape
-    for t in prange(_cf_n_tasks(N, C, n_per_chunk, channels_per_task)):
+    for t in prange(_n_tiles(N, C, n_per_chunk, channels_per_task)):
         _column_partial_stats_cf_task(np.int64(t), X, n_per_chunk, channels_per_task,
                                       partial_mean, partial_m2)
 
@@ -868,7 +853,7 @@ def _column_normalize_cf_task(t, X, mean, invstd, gamma, beta, code, alpha, n_pe
                               channels_per_task, Y):
     """Task ``t`` of :func:`column_normalize_cf` (the ``prange`` body; see ``task_body``)."""
     N, C, L = X.shape
-    k, start, stop, c0, c1 = _cf_task(t, C, n_per_chunk, channels_per_task, N)
+    k, start, stop, c0, c1 = _tile(t, N, C, n_per_chunk, channels_per_task)
     w = c1 - c0
     m0, a, b, neg = _cf_factors(X, mean, invstd, gamma, beta, code, alpha, c0, w)
     Xf = X.reshape(-1)
@@ -900,7 +885,7 @@ def column_normalize_cf(X, mean, invstd, gamma, beta, code, alpha, n_per_chunk,
     for the channels-last twin's sake and ignored.
     """
     N, C, L = X.shape
-    for t in prange(_cf_n_tasks(N, C, n_per_chunk, channels_per_task)):
+    for t in prange(_n_tiles(N, C, n_per_chunk, channels_per_task)):
         _column_normalize_cf_task(np.int64(t), X, mean, invstd, gamma, beta, code, alpha,
                                   n_per_chunk, channels_per_task, Y)
 
@@ -911,7 +896,7 @@ def _column_backward_reduce_cf_task(t, X, dY, mean, invstd, gamma, beta, code, a
                                     partial_sum_gx):
     """Task ``t`` of :func:`column_backward_reduce_cf` (the ``prange`` body; see ``task_body``)."""
     N, C, L = X.shape
-    k, start, stop, c0, c1 = _cf_task(t, C, n_per_chunk, channels_per_task, N)
+    k, start, stop, c0, c1 = _tile(t, N, C, n_per_chunk, channels_per_task)
     w = c1 - c0
     sg = np.zeros(w, np.float64)
     sgx = np.zeros(w, np.float64)
@@ -961,7 +946,7 @@ def column_backward_reduce_cf(X, dY, mean, invstd, gamma, beta, code, alpha, n_p
     m0)) - (mean - m0) * sum(g))`` in float64.
     """
     N, C, L = X.shape
-    for t in prange(_cf_n_tasks(N, C, n_per_chunk, channels_per_task)):
+    for t in prange(_n_tiles(N, C, n_per_chunk, channels_per_task)):
         _column_backward_reduce_cf_task(np.int64(t), X, dY, mean, invstd, gamma, beta,
                                         code, alpha, n_per_chunk, channels_per_task,
                                         partial_sum_g, partial_sum_gx)
@@ -972,7 +957,7 @@ def _column_backward_dx_cf_task(t, X, dY, mean, invstd, gamma, beta, code, alpha
                                 sum_gx, n_per_chunk, channels_per_task, dX):
     """Task ``t`` of :func:`column_backward_dx_cf` (the ``prange`` body; see ``task_body``)."""
     N, C, L = X.shape
-    k, start, stop, c0, c1 = _cf_task(t, C, n_per_chunk, channels_per_task, N)
+    k, start, stop, c0, c1 = _tile(t, N, C, n_per_chunk, channels_per_task)
     w = c1 - c0
     inv_r = 1.0 / (N * L)
     # dX = g * a + k0 - k1 * ((x - m0) * a), per-channel factors rounded once to X's
@@ -1020,7 +1005,7 @@ def column_backward_dx_cf(X, dY, mean, invstd, gamma, beta, code, alpha, sum_g, 
     accepted for the channels-last twin's sake and ignored.
     """
     N, C, L = X.shape
-    for t in prange(_cf_n_tasks(N, C, n_per_chunk, channels_per_task)):
+    for t in prange(_n_tiles(N, C, n_per_chunk, channels_per_task)):
         _column_backward_dx_cf_task(np.int64(t), X, dY, mean, invstd, gamma, beta, code,
                                     alpha, sum_g, sum_gx, n_per_chunk, channels_per_task, dX)
 
