@@ -408,7 +408,8 @@ def _column_normalize_task(t, X, m0, scale, shift, code, alpha, rows_per_chunk, 
                            stream, Y):
     """Task ``t`` of :func:`column_normalize` (the ``prange`` body; see ``task_body``): one
     tile (:func:`_tile`)."""
-    k, start, stop, j0, j1 = _tile(t, X.shape[0], X.shape[1], rows_per_chunk, cols_per_tile)
+    R, C = X.shape
+    k, start, stop, j0, j1 = _tile(t, R, C, rows_per_chunk, cols_per_tile)
     w = j1 - j0
     mb = m0[j0:j1]
     sb = scale[j0:j1]
@@ -419,7 +420,7 @@ def _column_normalize_task(t, X, m0, scale, shift, code, alpha, rows_per_chunk, 
             for i in range(start, stop):
                 for j in range(w):
                     row[j] = (X[i, _uindex(j0, j)] - mb[j]) * sb[j] + hb[j]
-                stream_copy(row, Y[i, j0:j1])
+                stream_copy(row, Y, i * C + j0)
             store_fence()
         elif code == 0:
             for i in range(start, stop):
@@ -581,7 +582,8 @@ def _column_backward_dx_task(t, X, dY, m0, scale, shift, k0, k1, code, alpha, ro
                              cols_per_tile, stream, dX):
     """Task ``t`` of :func:`column_backward_dx` (the ``prange`` body; see ``task_body``): one
     tile (:func:`_tile`)."""
-    k, start, stop, j0, j1 = _tile(t, X.shape[0], X.shape[1], rows_per_chunk, cols_per_tile)
+    R, C = X.shape
+    k, start, stop, j0, j1 = _tile(t, R, C, rows_per_chunk, cols_per_tile)
     w = j1 - j0
     mb = m0[j0:j1]
     sb = scale[j0:j1]
@@ -594,7 +596,7 @@ def _column_backward_dx_task(t, X, dY, m0, scale, shift, k0, k1, code, alpha, ro
                 for j in range(w):
                     c = _uindex(j0, j)
                     row[j] = (dY[i, c] * sb[j] + k0b[j]) - k1b[j] * ((X[i, c] - mb[j]) * sb[j])
-                stream_copy(row, dX[i, j0:j1])
+                stream_copy(row, dX, i * C + j0)
             store_fence()
         elif code == 0:
             for i in range(start, stop):

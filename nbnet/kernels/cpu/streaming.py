@@ -22,26 +22,31 @@ _VECTOR_BYTES = 32  # one AVX register: the widest aligned store every x86-64 CP
 
 
 @intrinsic
-def stream_copy(typingctx, src, dst):
-    """``dst[:] = src[:n]`` (1-D, same float dtype, ``n = len(dst)``) with non-temporal
-    vector stores for the ``_VECTOR_BYTES``-aligned middle of ``dst`` and plain stores for
-    the elements before and after it."""
+def stream_copy(typingctx, src, dst, offset):
+    """``dst.flat[offset:offset + n] = src`` (``n = len(src)``; ``src`` 1-D, ``dst``
+    C-contiguous of any number of dimensions, the same float dtype; the caller keeps the
+    range inside ``dst``) with non-temporal vector stores for the ``_VECTOR_BYTES``-aligned
+    middle of the range and plain stores for the elements before and after it. (An
+    element offset rather than a view ``Y[i, j0:j1]``: a view per row costs its slice
+    arithmetic on every row.)"""
     ok = (isinstance(src, types.Array) and isinstance(dst, types.Array) and src.ndim == 1
-          and dst.ndim == 1 and src.layout == "C" and dst.layout == "C"
+          and src.layout == "C" and dst.layout == "C" and isinstance(offset, types.Integer)
           and src.dtype == dst.dtype and src.dtype in (types.float32, types.float64))
     if not ok:
         return None
 
     def codegen(context, builder, signature, args):
-        sty, dty = signature.args
+        sty, dty, _ = signature.args
         s = context.make_array(sty)(context, builder, args[0])
         d = context.make_array(dty)(context, builder, args[1])
         i64 = ir.IntType(64)
         esz = dty.dtype.bitwidth // 8
         width = _VECTOR_BYTES // esz
         vec = ir.VectorType(context.get_data_type(dty.dtype), width)
-        n = builder.extract_value(d.shape, 0)
-        sp, dp = s.data, d.data
+        n = builder.extract_value(s.shape, 0)
+        sp = s.data
+        dp = builder.gep(d.data, [builder.sext(args[2], i64) if args[2].type.width < 64
+                                  else args[2]])
         # elements before the first aligned address of dst (at most width - 1)
         mis = builder.and_(builder.ptrtoint(dp, i64), ir.Constant(i64, _VECTOR_BYTES - 1))
         gap = builder.and_(builder.sub(ir.Constant(i64, _VECTOR_BYTES), mis),
@@ -65,7 +70,7 @@ def stream_copy(typingctx, src, dst):
             builder.store(builder.load(builder.gep(sp, [off])), builder.gep(dp, [off]))
         return context.get_dummy_value()
 
-    return types.void(src, dst), codegen
+    return types.void(src, dst, offset), codegen
 
 
 @intrinsic
