@@ -149,6 +149,17 @@ _STREAMS = 4
 _MERGE_BLOCK = 256
 
 
+# Inside a tile, column ``j0 + j`` (and, in the channels-first kernels, element ``j`` of the
+# run at flat offset ``o = (n * C + c) * L``) is read at the unsigned index
+# ``np.uint64(j0 + j)``: numba checks a signed index for wraparound (``j0 + j < 0``), which
+# stops LLVM vectorising the loop, and takes an unsigned one as it is. The alternatives
+# cost more: a slice per row, ``X[i, j0:j1]``, its bounds arithmetic on every row (25% of a
+# sum over 64-wide float32 rows); a view per run, ``X[n, c]``, the reference counting of
+# each view (a call pair that LLVM cannot drop from the channels-first loops), 6x the
+# arithmetic on runs of 4 values (2x2 images). (Written out at each use: an inlined helper
+# costs numba a copy of its IR per call site, which is compile time.)
+
+
 @helper
 def _tile(t, R, C, rows_per_chunk, cols_per_tile):
     """``(k, start, stop, j0, j1)`` of task ``t``: its chunk ``k`` (rows ``start:stop``) and
@@ -160,19 +171,6 @@ def _tile(t, R, C, rows_per_chunk, cols_per_tile):
     j0 = (t - k * n_blocks) * cols_per_tile
     start = k * rows_per_chunk
     return k, start, min(start + rows_per_chunk, R), j0, min(j0 + cols_per_tile, C)
-
-
-@helper
-def _uindex(o, j):
-    """``o + j`` as an unsigned index: column ``o + j`` of a tile's row, or element ``j``
-    of the run at flat offset ``o = (n * C + c) * L`` of an ``(N, C, L)`` array. numba
-    checks a signed index for wraparound (``o + j < 0``), which stops LLVM vectorising the
-    loop; an unsigned one is taken as it is. The alternatives cost more: a slice per row,
-    ``X[i, j0:j1]``, its bounds arithmetic on every row (25% of a sum over 64-wide float32
-    rows); a view per run, ``X[n, c]``, the reference counting of each view (a call pair
-    that LLVM cannot drop from the channels-first loops), 6x the arithmetic on runs of 4
-    values (2x2 images)."""
-    return np.uint64(o + j)
 
 
 @helper
@@ -197,7 +195,7 @@ def _segment_moments(X, G, mode, start, stop, j0, j1, m0, scale, shift, one, neg
       left of 0, in X's dtype) as a select; a NaN ``z`` gives a NaN ``g``.
 
     ``m0``, ``scale``, ``shift``, ``acc``, ``acc2``, ``s1`` and ``s2`` are the tile's own
-    (element ``j`` is column ``j0 + j``, read from X and G through :func:`_uindex`).
+    (element ``j`` is column ``j0 + j`` of X and G, read at an unsigned index).
 
     The rows split into ``_STREAMS`` equal segments walked side by side, one row of each
     per pass, so every load and store of the accumulators (``acc``, ``acc2``: X's dtype,
@@ -214,7 +212,7 @@ def _segment_moments(X, G, mode, start, stop, j0, j1, m0, scale, shift, one, neg
             acc2[j] = 0.0
         for i in range(i0, min(i0 + ROW_BLOCK, start + q)):
             for j in range(w):
-                c = _uindex(j0, j)
+                c = np.uint64(j0 + j)
                 m = m0[j]
                 d0 = X[i, c] - m
                 d1 = X[i + q, c] - m
@@ -248,7 +246,7 @@ def _segment_moments(X, G, mode, start, stop, j0, j1, m0, scale, shift, one, neg
         acc2[j] = 0.0
     for i in range(start + _STREAMS * q, stop):  # fewer than _STREAMS rows
         for j in range(w):
-            c = _uindex(j0, j)
+            c = np.uint64(j0 + j)
             d = X[i, c] - m0[j]
             if mode == 0:
                 h = d
@@ -275,7 +273,7 @@ def _column_partial_stats_task(t, X, rows_per_chunk, cols_per_tile, partial_mean
     inv_n = 1.0 / (stop - start)
     m0 = np.empty(w, X.dtype)  # the shift: the chunk's first row
     for j in range(w):
-        m0[j] = X[start, _uindex(j0, j)]
+        m0[j] = X[start, np.uint64(j0 + j)]
     acc = np.empty(w, X.dtype)  # block accumulators in X's dtype
     acc2 = np.empty(w, X.dtype)
     sd = np.empty(w, np.float64)
@@ -419,19 +417,19 @@ def _column_normalize_task(t, X, m0, scale, shift, code, alpha, rows_per_chunk, 
             row = np.empty(w, X.dtype)
             for i in range(start, stop):
                 for j in range(w):
-                    row[j] = (X[i, _uindex(j0, j)] - mb[j]) * sb[j] + hb[j]
+                    row[j] = (X[i, np.uint64(j0 + j)] - mb[j]) * sb[j] + hb[j]
                 stream_copy(row, Y, i * C + j0)
             store_fence()
         elif code == 0:
             for i in range(start, stop):
                 for j in range(w):
-                    c = _uindex(j0, j)
+                    c = np.uint64(j0 + j)
                     Y[i, c] = (X[i, c] - mb[j]) * sb[j] + hb[j]
         else:
             one, neg = piecewise_slopes(code, alpha, m0)
             for i in range(start, stop):
                 for j in range(w):
-                    c = _uindex(j0, j)
+                    c = np.uint64(j0 + j)
                     z = (X[i, c] - mb[j]) * sb[j] + hb[j]
                     Y[i, c] = z if z > 0.0 else z * neg  # z * neg keeps NaN a NaN
     else:
@@ -477,15 +475,17 @@ def _column_backward_reduce_task(t, X, dY, mean, invstd, m0, scale, shift, code,
         sgx[j] = 0.0
     if code <= 2:  # identity, ReLU, leaky ReLU: in X's dtype
         mb = m0[j0:j1]
+        sb = scale[j0:j1]
+        hb = shift[j0:j1]
         acc_g = np.empty(w, X.dtype)  # block accumulators in X's dtype
         acc_gx = np.empty(w, X.dtype)
         one, neg = piecewise_slopes(code, alpha, m0)
         if code == 0:
-            _segment_moments(X, dY, 1, start, stop, j0, j1, mb, mb, mb, one, neg, acc_g, acc_gx,
+            _segment_moments(X, dY, 1, start, stop, j0, j1, mb, sb, hb, one, neg, acc_g, acc_gx,
                              sg, sgx)
         else:  # g = dY * f'(z), the slope as a select
-            _segment_moments(X, dY, 2, start, stop, j0, j1, mb, scale[j0:j1], shift[j0:j1], one,
-                             neg, acc_g, acc_gx, sg, sgx)
+            _segment_moments(X, dY, 2, start, stop, j0, j1, mb, sb, hb, one, neg, acc_g, acc_gx,
+                             sg, sgx)
         meanb = mean[j0:j1]
         ib = invstd[j0:j1]
         for j in range(w):  # sum(g * (x - mean)) = sum(g * (x - m0)) - (mean - m0) * sum(g)
@@ -594,21 +594,21 @@ def _column_backward_dx_task(t, X, dY, m0, scale, shift, k0, k1, code, alpha, ro
             row = np.empty(w, X.dtype)
             for i in range(start, stop):
                 for j in range(w):
-                    c = _uindex(j0, j)
+                    c = np.uint64(j0 + j)
                     row[j] = (dY[i, c] * sb[j] + k0b[j]) - k1b[j] * ((X[i, c] - mb[j]) * sb[j])
                 stream_copy(row, dX, i * C + j0)
             store_fence()
         elif code == 0:
             for i in range(start, stop):
                 for j in range(w):
-                    c = _uindex(j0, j)
+                    c = np.uint64(j0 + j)
                     dX[i, c] = (dY[i, c] * sb[j] + k0b[j]) - k1b[j] * ((X[i, c] - mb[j]) * sb[j])
         else:
             hb = shift[j0:j1]
             one, neg = piecewise_slopes(code, alpha, m0)
             for i in range(start, stop):
                 for j in range(w):
-                    c = _uindex(j0, j)
+                    c = np.uint64(j0 + j)
                     d = X[i, c] - mb[j]
                     z = d * sb[j] + hb[j]
                     g = dY[i, c] * (one if z > 0.0 else neg + (z - z))
@@ -782,11 +782,11 @@ def _cf_factors(X, mean, invstd, gamma, beta, code, alpha, c0, w):
 @helper
 def _cf_slope_run(Xf, Gf, o, L, mc, ac, bc, neg, out):
     """``out[:L] = g * f'(z)`` along the run at flat offset ``o`` of ``Xf``/``Gf``
-    (:func:`_uindex`), ``z = (x - mc) * ac + bc`` formed as the forward forms it (so the
+    (unsigned indices), ``z = (x - mc) * ac + bc`` formed as the forward forms it (so the
     slope agrees with the output); ReLU / leaky ReLU as a select, ``neg`` the slope left
     of 0 (NaN where ``z`` is NaN: ``g * (neg + (z - z))``)."""
     for j in range(L):
-        v = _uindex(o, j)
+        v = np.uint64(o + j)
         z = (Xf[v] - mc) * ac + bc
         g = Gf[v]
         out[j] = g if z > 0.0 else g * (neg + (z - z))
@@ -804,7 +804,7 @@ def _column_partial_stats_cf_task(t, X, n_per_chunk, channels_per_task, partial_
     Xf = X.reshape(-1)
     m0 = np.empty(w, X.dtype)  # the shift: each channel's first value in the chunk
     for c in range(w):
-        m0[c] = Xf[_uindex((start * C + c0 + c) * L, 0)]
+        m0[c] = Xf[np.uint64((start * C + c0 + c) * L)]
     sd = np.empty(w, np.float64)
     sdd = np.empty(w, np.float64)
     for attempt in range(2):
@@ -866,11 +866,11 @@ def _column_normalize_cf_task(t, X, mean, invstd, gamma, beta, code, alpha, n_pe
             mc, ac, bc = m0[c], a[c], b[c]
             if code == 0:
                 for j in range(L):
-                    v = _uindex(o, j)
+                    v = np.uint64(o + j)
                     Yf[v] = (Xf[v] - mc) * ac + bc
             else:  # ReLU, leaky ReLU: a select in X's dtype
                 for j in range(L):
-                    v = _uindex(o, j)
+                    v = np.uint64(o + j)
                     z = (Xf[v] - mc) * ac + bc
                     Yf[v] = z if z > 0.0 else z * neg  # z * neg keeps NaN a NaN
 
@@ -920,7 +920,7 @@ def _column_backward_reduce_cf_task(t, X, dY, mean, invstd, gamma, beta, code, a
                 ob = o + bb
                 if code == 0:
                     for j in range(min(SUM_BLOCK, L - bb)):
-                        v = _uindex(ob, j)
+                        v = np.uint64(ob + j)
                         g = Gf[v]
                         p1 += g
                         p2 += g * (Xf[v] - mc)
@@ -928,7 +928,7 @@ def _column_backward_reduce_cf_task(t, X, dY, mean, invstd, gamma, beta, code, a
                     for j in range(min(SUM_BLOCK, L - bb)):
                         g = gs[bb + j]
                         p1 += g
-                        p2 += g * (Xf[_uindex(ob, j)] - mc)
+                        p2 += g * (Xf[np.uint64(ob + j)] - mc)
                 sg[c] += p1
                 sgx[c] += p2
     for c in range(w):
@@ -987,12 +987,12 @@ def _column_backward_dx_cf_task(t, X, dY, mean, invstd, gamma, beta, code, alpha
             mc, ac, k0c, k1c = m0[c], a[c], k0[c], k1[c]
             if code == 0:
                 for j in range(L):
-                    v = _uindex(o, j)
+                    v = np.uint64(o + j)
                     Df[v] = (Gf[v] * ac + k0c) - k1c * ((Xf[v] - mc) * ac)
             else:  # g = dY * f'(z) from the run buffer
                 _cf_slope_run(Xf, Gf, o, L, mc, ac, sh[c], neg, gs)
                 for j in range(L):
-                    v = _uindex(o, j)
+                    v = np.uint64(o + j)
                     Df[v] = (gs[j] * ac + k0c) - k1c * ((Xf[v] - mc) * ac)
 
 
