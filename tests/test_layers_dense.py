@@ -346,6 +346,47 @@ def test_tanh_and_sigmoid_backward_from_their_output(cls, dtype, monkeypatch):
             assert dX.dtype == dtype
 
 
+@pytest.mark.parametrize("act", ["tanh", "sigmoid"])
+@pytest.mark.parametrize("make", [lambda act: FullyConnected(9, act_fn=act, seed=3),
+                                  lambda act: BatchNorm1D(act_fn=act)])
+def test_dense_and_normalization_act_fn_backward_from_their_output(make, act, monkeypatch):
+    """A dense or normalization layer whose act_fn is tanh or the sigmoid (run as a pass of
+    its own on CPU) retains its output and differentiates from it: the output op is the
+    one called, and every gradient is bit for bit what the slope from z gives (the
+    layer's z path, SLOPE_FROM_OUTPUT emptied); two retained forward calls, serial and
+    parallel sizes, float32 and float64."""
+    from nbnet.layers import activation, dense, normalization
+    from nbnet.layers.base import LayerBase
+
+    called = []
+    kernel = LayerBase._kernel
+    monkeypatch.setattr(LayerBase, "_kernel", lambda self, op: (called.append(op),
+                                                                kernel(self, op))[1])
+    rng = np.random.default_rng(2)
+    for dtype in (np.float32, np.float64):
+        for rows in (6, 40000):  # serial and parallel loops
+            Xs = [(rng.normal(size=(rows, 9)) * 3).astype(dtype) for _ in range(2)]
+            dYs = [rng.normal(size=(rows, 9)).astype(dtype) for _ in range(2)]
+            results = []
+            for from_output in (True, False):
+                with monkeypatch.context() as m:
+                    if not from_output:
+                        for mod in (activation, dense, normalization):
+                            m.setattr(mod, "SLOPE_FROM_OUTPUT", frozenset())
+                    layer = make(act)
+                    Ys = [layer.forward(X) for X in Xs]
+                    if from_output:
+                        assert all(a is b for a, b in zip(layer.derived_variables["Y"], Ys))
+                    called.clear()
+                    dXs = layer.backward(dYs)
+                    assert ("act_backward_from_output" in called) == from_output
+                    assert ("act_backward" in called) != from_output
+                    results.append(dXs + [layer.gradients[k].copy()
+                                          for k in sorted(layer.gradients)])
+            for a, b in zip(*results):
+                np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("cls", [ReLU, Tanh, Sigmoid])
 def test_activation_backward_rejects_bad_gradients_and_keeps_its_state(cls):
     """A gradient of the wrong shape, a non-float one, or one too many gets one clear

@@ -77,6 +77,26 @@ def activation_backward_from_output(layer, activation, Y, dy, dX):
 SLOPE_FROM_OUTPUT = frozenset((A.TANH, A.SIGMOID))
 
 
+def activation_backward_retained(layer, activation, Z, Y, dy, dX):
+    """``dX = dy * f'(Z)`` for a layer that ran ``f`` as its own pass: from the retained
+    output ``Y = f(Z)`` when the slope is a function of it (:data:`SLOPE_FROM_OUTPUT`; the
+    same bits, without evaluating ``exp`` again), else from ``Z``. ``Y`` None: from ``Z``."""
+    if Y is not None and activation.code in SLOPE_FROM_OUTPUT:
+        return activation_backward_from_output(layer, activation, Y, dy, dX)
+    return activation_backward(layer, activation, Z, dy, dX)
+
+
+def retained_outputs(layer, activation, n):
+    """The outputs a layer retained for :func:`activation_backward_retained` (its
+    ``derived_variables["Y"]``), one per retained forward call, or ``[None] * n`` when the
+    activation differentiates from ``z`` or the list does not match the ``n`` retained
+    inputs (a subclass that did not retain them)."""
+    Ys = layer.derived_variables.get("Y", [])
+    if activation.code in SLOPE_FROM_OUTPUT and len(Ys) == n:
+        return Ys
+    return [None] * n
+
+
 def _check_alpha(name, value):
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)) \
             or not np.isfinite(value):

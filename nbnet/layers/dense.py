@@ -17,7 +17,8 @@ import numpy as np
 from .. import config, devices
 from .._validation import check_float_array
 from ..activations import LEAKY_RELU, RELU, TANH, parse_activation
-from .activation import activation_backward, activation_forward, fused_activation, runs_apart
+from .activation import (SLOPE_FROM_OUTPUT, activation_backward_retained, activation_forward,
+                         fused_activation, retained_outputs, runs_apart)
 from .base import LayerBase
 
 _F64 = np.float64
@@ -138,7 +139,10 @@ class FullyConnected(LayerBase):
     -----
     Shapes: ``X (N, n_in)``, ``Y (N, n_out)``, ``W (n_in, n_out)``, ``b (1, n_out)``
     (numpy-ml's), all of the input's dtype. ``derived_variables["Z"]`` holds the
-    pre-activation ``X W + b`` of each retained forward call.
+    pre-activation ``X W + b`` of each retained forward call; with ``act_fn`` tanh or the
+    sigmoid on CPU, ``derived_variables["Y"]`` also holds the output, which backward
+    differentiates from (as PyTorch does; like the input, a retained output must not be
+    modified in place before ``backward``).
     """
 
     _param_keys = ("W", "b")
@@ -250,11 +254,14 @@ class FullyConnected(LayerBase):
             rpc = config.rows_per_chunk(C, X.dtype.itemsize)
             self._kernel("dense_forward_epilogue")(_work(N, C, rpc), Z, p["b"].reshape(-1), code,
                                                    alpha, rpc, Y)
-        if runs_apart(self.act_fn, self.device):  # a smooth activation, as its own pass
+        apart = runs_apart(self.act_fn, self.device)
+        if apart:  # a smooth activation, as its own pass
             activation_forward(self, self.act_fn, Z, Y)
         if self._is_training(retain_derived):
             self.X.append(X)
             self.derived_variables["Z"].append(Z)
+            if apart and self.act_fn.code in SLOPE_FROM_OUTPUT:  # tanh, sigmoid: slope from Y
+                self.derived_variables.setdefault("Y", []).append(Y)
         return Y
 
     # -------------------------------------------------------------- backward
@@ -277,13 +284,15 @@ class FullyConnected(LayerBase):
         apart = runs_apart(self.act_fn, self.device)
         matmul, add_into = self._kernel("matmul"), self._kernel("add_into")
         out = []
-        for dy, X, Z in zip(checked, self.X, self.derived_variables["Z"]):
+        Ys = retained_outputs(self, self.act_fn, len(self.X)) if apart else [None] * len(self.X)
+        for dy, X, Z, Y in zip(checked, self.X, self.derived_variables["Z"], Ys):
             N, C = dy.shape
             rpc = config.rows_per_chunk(C, dy.dtype.itemsize)
             n_chunks = max(1, -(-N // rpc))
             partial = self._empty((n_chunks, C), _F64)
             if apart:  # a smooth activation, as its own pass
-                dZ = activation_backward(self, self.act_fn, Z, dy, self._empty((N, C), dy.dtype))
+                dZ = activation_backward_retained(self, self.act_fn, Z, Y, dy,
+                                                  self._empty((N, C), dy.dtype))
                 if N:
                     self._kernel("column_partial_sums")(_work(N, C, rpc), dZ, rpc, partial)
             elif code == 0:

@@ -16,7 +16,9 @@ leaves parameters and running statistics exactly as they were. Every layer fuses
 into the backward reductions), except a smooth one (ELU, GELU, tanh, sigmoid) on CPU: that
 runs as a vectorised pass of its own after the normalization (forward) and before it
 (backward), with the pre-activation output retained in training as
-``derived_variables["Z"]`` (see :meth:`_NormBase._act`).
+``derived_variables["Z"]`` (see :meth:`_NormBase._act`); tanh and the sigmoid also retain
+their output, ``derived_variables["Y"]``, and differentiate from it (as PyTorch does; like
+the input, a retained output must not be modified in place before ``backward``).
 
 NaN and Inf propagate, but only to what they touch: a NaN in feature ``j`` of a
 BatchNorm input makes output column ``j``, ``running_mean[j]`` and ``running_var[j]``
@@ -32,7 +34,8 @@ import numpy as np
 from .. import config, devices
 from .._validation import check_float_array
 from ..activations import parse_activation
-from .activation import activation_backward, activation_forward, fused_activation, runs_apart
+from .activation import (SLOPE_FROM_OUTPUT, activation_backward_retained, activation_forward,
+                         fused_activation, retained_outputs, runs_apart)
 from .base import LayerBase
 
 _F64 = np.float64
@@ -173,9 +176,12 @@ class _NormBase(LayerBase):
         the activation runs apart (``Z`` retained for backward in training), else ``Z``."""
         if not runs_apart(self.act_fn, self.device):
             return Z
+        Y = activation_forward(self, self.act_fn, Z, self._output("Y_act", Z.shape, Z.dtype))
         if train:
             self.derived_variables.setdefault("Z", []).append(Z)
-        return activation_forward(self, self.act_fn, Z, self._output("Y_act", Z.shape, Z.dtype))
+            if self.act_fn.code in SLOPE_FROM_OUTPUT:  # tanh, sigmoid: the slope from Y
+                self.derived_variables.setdefault("Y", []).append(Y)
+        return Y
 
     def _activation_grads(self, grads):
         """The gradients the kernels' backward takes: ``dL/dZ = dL/dY * f'(Z)`` for each
@@ -186,8 +192,9 @@ class _NormBase(LayerBase):
         if len(Zs) != len(grads):
             raise RuntimeError(f"{type(self).__name__}.backward: act_fn was changed between "
                                "forward and backward; run forward again")
-        return [activation_backward(self, self.act_fn, Z, dy, np.empty_like(dy))
-                for dy, Z in zip(grads, Zs)]
+        Ys = retained_outputs(self, self.act_fn, len(Zs))
+        return [activation_backward_retained(self, self.act_fn, Z, Y, dy, np.empty_like(dy))
+                for dy, Z, Y in zip(grads, Zs, Ys)]
 
 
 # ============================================================== column statistics
