@@ -156,18 +156,17 @@ class _ElementwiseActivation(LayerBase):
 
     def backward(self, dLdy, retain_grads=True):
         grads, was_list = self._gradient_list(dLdy)
-        Ys = self.derived_variables.get("Y", [])
-        from_output = self.activation.code in SLOPE_FROM_OUTPUT and len(Ys) == len(self.X)
+        Ys = retained_outputs(self, self.activation, len(self.X))
         out = []
-        for i, (dy, X) in enumerate(zip(grads, self.X)):
+        for dy, X, Y in zip(grads, self.X, Ys):
             dy = check_float_array(dy, "dLdy", device=self.device)
             if tuple(dy.shape) != tuple(X.shape):
                 raise ValueError(f"dLdy must have the shape of the layer's output "
                                  f"{tuple(X.shape)}, got {tuple(dy.shape)}")
             dy = dy if dy.dtype == X.dtype else dy.astype(X.dtype)
-            if from_output:
+            if Y is not None:
                 out.append(activation_backward_from_output(
-                    self, self.activation, Ys[i], dy, self._output("dX", X.shape, X.dtype)))
+                    self, self.activation, Y, dy, self._output("dX", X.shape, X.dtype)))
             else:
                 out.append(self._apply_backward(X, dy))
         return out if was_list else out[0]
