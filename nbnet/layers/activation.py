@@ -164,11 +164,8 @@ class _ElementwiseActivation(LayerBase):
                 raise ValueError(f"dLdy must have the shape of the layer's output "
                                  f"{tuple(X.shape)}, got {tuple(dy.shape)}")
             dy = dy if dy.dtype == X.dtype else dy.astype(X.dtype)
-            if Y is not None:
-                out.append(activation_backward_from_output(
-                    self, self.activation, Y, dy, self._output("dX", X.shape, X.dtype)))
-            else:
-                out.append(self._apply_backward(X, dy))
+            out.append(activation_backward_retained(self, self.activation, X, Y, dy,
+                                                    self._output("dX", X.shape, X.dtype)))
         return out if was_list else out[0]
 
     def _apply_backward(self, X, dy):

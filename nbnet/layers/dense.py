@@ -284,7 +284,7 @@ class FullyConnected(LayerBase):
         apart = runs_apart(self.act_fn, self.device)
         matmul, add_into = self._kernel("matmul"), self._kernel("add_into")
         out = []
-        Ys = retained_outputs(self, self.act_fn, len(self.X)) if apart else [None] * len(self.X)
+        Ys = retained_outputs(self, self.act_fn, len(self.X))  # None each unless retained
         for dy, X, Z, Y in zip(checked, self.X, self.derived_variables["Z"], Ys):
             N, C = dy.shape
             rpc = config.rows_per_chunk(C, dy.dtype.itemsize)
