@@ -73,7 +73,7 @@ import numpy as np
 from numba import prange
 
 from ... import config
-from ._jit import helper, kernel, task_body, wraps_kernel
+from ._jit import helper, kernel, subroutine, task_body, wraps_kernel
 from .block_sums import (ROW_BLOCK, SUM_BLOCK, block_shifted_moments, rescue_columns,
                          shifted_result)
 from .activations import piecewise_slopes, reject_smooth
@@ -100,7 +100,7 @@ def _affine_factors(mean, invstd, gamma, beta, m0, scale, shift):
         scale[j] = sc
 
 
-@helper
+@subroutine(ordered=True)
 def _column_factors(mean, invstd, gamma, beta, dtype):
     """:func:`_affine_factors` into three new ``(C,)`` arrays of ``dtype``: ``m0, scale,
     shift``. The row-layout kernels compute them once per call, before their ``prange``
@@ -117,7 +117,7 @@ def _column_factors(mean, invstd, gamma, beta, dtype):
     return m0, scale, shift
 
 
-@helper
+@subroutine(ordered=True)
 def _dx_factors(mean, invstd, gamma, m0, sum_g, sum_gx, R, dtype):
     """The per-column constants ``k0, k1`` (``(C,)`` arrays of ``dtype``) of the dx pass.
 
