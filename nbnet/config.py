@@ -167,6 +167,15 @@ def examples_per_chunk(n_values, itemsize):
 TILE_BYTES = _env_int("NBNET_TILE_BYTES", 4096)
 
 
+def groups_per_task(n_channels, n_groups, itemsize):
+    """Whole groups per task of the channels-last group kernels (GroupNorm, InstanceNorm
+    NHWC): as many as fit ``TILE_BYTES`` of channels, at least one. A task's per-channel
+    arrays are that wide, so they stay in L1 whatever the channel count. Shape-only."""
+    per_group = (n_channels // n_groups) * itemsize
+    g = TILE_BYTES // per_group if per_group > 0 else n_groups
+    return 1 if g < 1 else (n_groups if g > n_groups else g)
+
+
 def column_tiling(n_cols, itemsize):
     """``(rows_per_chunk, cols_per_tile)`` of the column kernels for a ``(rows, n_cols)``
     array: tiles of at most ``TILE_BYTES`` per row, chunks of ``rows_per_chunk`` of the

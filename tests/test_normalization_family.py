@@ -454,19 +454,28 @@ def test_groupnorm_one_group_per_channel_is_instancenorm(fmt):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("act", [None, "relu", "leaky_relu"])
-@pytest.mark.parametrize("G", [8, 64])
-def test_groupnorm_channels_last_tiles_match_reference(G, act, dtype):
-    """The channels-last kernels walk an example in tiles of several positions (8 at
-    C = 64), statistics and output alike, then take the positions past the last whole
-    tile one by one; the sums walk the whole tiles as four segments side by side (then
-    the tiles left over); ReLU and leaky ReLU are selects in X's dtype inside the tile
-    loop. P = 19 * 18 = 342 positions (42 tiles: four segments of 10, a ROW_BLOCK block
-    of passes and a partial one, 2 tiles left over, then 6 positions) take every path
-    (the family's small shapes fit in one tile)."""
+@pytest.mark.parametrize("G,groups_per_task", [(8, 1), (8, 3), (8, 8), (64, 5), (64, 64)])
+def test_groupnorm_channels_last_group_blocks_match_reference(monkeypatch, G,
+                                                              groups_per_task, act, dtype):
+    """The channels-last kernels run tasks of a block of whole groups (channels ``j0:j1``)
+    of a chunk of examples: one group per task, ragged blocks (8 groups as 3 + 3 + 2, 64
+    as twelve of 5 and one of 4) and all groups in one, set through ``config.TILE_BYTES``.
+    P = 19 * 18 = 342 positions: the per-channel sums walk four segments of 85 rows (a
+    ROW_BLOCK block of passes and a partial one) and 2 rows left over. The first position
+    of example 1 is 40 standard deviations off in its first channels, so the groups it
+    starts take the far-shift second pass. ReLU and leaky ReLU are selects in X's dtype.
+    Against the float64 reference: outputs, dX, both parameter gradients."""
+    from nbnet import config
     rng = np.random.default_rng(12)
-    Nn, Hh, Ww, Cc = 2, 19, 18, 64
-    X = rng.normal(1.5, 2.0, (Nn, Hh, Ww, Cc)).astype(dtype)
+    Nn, Hh, Ww, Cc = 3, 19, 18, 64
+    itemsize = np.dtype(dtype).itemsize
+    monkeypatch.setattr(config, "TILE_BYTES", groups_per_task * (Cc // G) * itemsize)
+    assert config.groups_per_task(Cc, G, itemsize) == groups_per_task
+    X = rng.normal(1.5, 2.0, (Nn, Hh, Ww, Cc))
+    X[1, 0, 0, :20] += 80.0
+    X = X.astype(dtype)
     dY = rng.normal(size=X.shape).astype(dtype)
+    monkeypatch.setattr(config, "CHUNK_BYTES", 2 * X[0].nbytes)  # chunks of 2 and 1 examples
     layer = nbnet.GroupNorm(G, act_fn=act)
     layer.forward(X[:1], retain_derived=False)
     gamma = rng.uniform(0.5, 1.5, Cc).astype(dtype)

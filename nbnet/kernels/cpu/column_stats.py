@@ -45,7 +45,7 @@ moments around it, read each chunk twice: BatchNorm1D (4096, 1024) float32 stati
 0.55-0.6 -> 0.35-0.45 ms in one pass.)
 
 The sums walk a chunk as four row *segments* side by side, one row of each per pass
-(:func:`_segment_moments`): the accumulators' loads and stores, not memory, bound a pass
+(:func:`segment_moments`): the accumulators' loads and stores, not memory, bound a pass
 of one row at a time, and four segments are four long sequential streams for the
 hardware prefetcher. (Four *adjacent* rows per pass were 1.3x faster in cache
 ((4096, 1024)) but 2x slower from DRAM ((65536, 256)) on the 2-core Zen 4 reference
@@ -140,7 +140,7 @@ def _dx_factors(mean, invstd, gamma, m0, sum_g, sum_gx, R, dtype):
     return k0, k1
 
 
-#: Row segments that :func:`_segment_moments` walks side by side (the pass is written out
+#: Row segments that :func:`segment_moments` walks side by side (the pass is written out
 #: for four).
 _STREAMS = 4
 
@@ -161,11 +161,11 @@ _MERGE_BLOCK = 256
 
 
 @helper
-def _tile(t, R, C, rows_per_chunk, cols_per_tile):
+def tile_of(t, R, C, rows_per_chunk, cols_per_tile):
     """``(k, start, stop, j0, j1)`` of task ``t``: its chunk ``k`` (rows ``start:stop``) and
     its columns ``j0:j1``. Task ``t = k * n_blocks + b`` owns column block ``b`` of chunk
     ``k`` (see the module notes). The channels-first tasks are the same tiles of examples
-    and channels: ``_tile(t, N, C, n_per_chunk, channels_per_task)``."""
+    and channels: ``tile_of(t, N, C, n_per_chunk, channels_per_task)``."""
     n_blocks = (C + cols_per_tile - 1) // cols_per_tile
     k = t // n_blocks
     j0 = (t - k * n_blocks) * cols_per_tile
@@ -174,14 +174,14 @@ def _tile(t, R, C, rows_per_chunk, cols_per_tile):
 
 
 @helper
-def _n_tiles(R, C, rows_per_chunk, cols_per_tile):
+def count_tiles(R, C, rows_per_chunk, cols_per_tile):
     """The number of tasks (tiles) of an ``(R, C)`` input: chunks times column blocks."""
     return ((R + rows_per_chunk - 1) // rows_per_chunk) * ((C + cols_per_tile - 1)
                                                           // cols_per_tile)
 
 
 @helper
-def _segment_moments(X, G, mode, start, stop, j0, j1, m0, scale, shift, one, neg, acc, acc2,
+def segment_moments(X, G, mode, start, stop, j0, j1, m0, scale, shift, one, neg, acc, acc2,
                      s1, s2):
     """Per-column sums of the tile ``X[start:stop, j0:j1]`` added into the float64 ``s1``,
     ``s2``: with ``d = x - m0``,
@@ -265,8 +265,8 @@ def _segment_moments(X, G, mode, start, stop, j0, j1, m0, scale, shift, one, neg
 @task_body(ordered=True)
 def _column_partial_stats_task(t, X, rows_per_chunk, cols_per_tile, partial_mean, partial_m2):
     """Task ``t`` of :func:`column_partial_stats` (the ``prange`` body; see ``task_body``):
-    the moments of one tile (:func:`_tile`)."""
-    k, start, stop, j0, j1 = _tile(t, X.shape[0], X.shape[1], rows_per_chunk, cols_per_tile)
+    the moments of one tile (:func:`tile_of`)."""
+    k, start, stop, j0, j1 = tile_of(t, X.shape[0], X.shape[1], rows_per_chunk, cols_per_tile)
     w = j1 - j0
     pm = partial_mean[k, j0:j1]
     pm2 = partial_m2[k, j0:j1]
@@ -281,7 +281,7 @@ def _column_partial_stats_task(t, X, rows_per_chunk, cols_per_tile, partial_mean
         for j in range(w):
             sd[j] = 0.0
             pm2[j] = 0.0
-        _segment_moments(X, X, 0, start, stop, j0, j1, m0, m0, m0, m0[0], m0[0], acc, acc2,
+        segment_moments(X, X, 0, start, stop, j0, j1, m0, m0, m0, m0[0], m0[0], acc, acc2,
                          sd, pm2)
         rescue_columns(X, start, stop, j0, m0, sd, pm2)  # float32 squares that overflowed
         far = False
@@ -307,7 +307,7 @@ def column_partial_stats(X, rows_per_chunk, cols_per_tile, partial_mean, partial
     the module notes), per tile of ``rows_per_chunk`` rows and ``cols_per_tile`` columns.
     """
     R, C = X.shape
-    for t in prange(_n_tiles(R, C, rows_per_chunk, cols_per_tile)):
+    for t in prange(count_tiles(R, C, rows_per_chunk, cols_per_tile)):
         _column_partial_stats_task(np.int64(t), X, rows_per_chunk, cols_per_tile, partial_mean,
                                    partial_m2)
 
@@ -405,9 +405,9 @@ def column_merge_moments(partial_mean, partial_m2, n_rows, rows_per_chunk, mean,
 def _column_normalize_task(t, X, m0, scale, shift, code, alpha, rows_per_chunk, cols_per_tile,
                            stream, Y):
     """Task ``t`` of :func:`column_normalize` (the ``prange`` body; see ``task_body``): one
-    tile (:func:`_tile`)."""
+    tile (:func:`tile_of`)."""
     R, C = X.shape
-    k, start, stop, j0, j1 = _tile(t, R, C, rows_per_chunk, cols_per_tile)
+    k, start, stop, j0, j1 = tile_of(t, R, C, rows_per_chunk, cols_per_tile)
     w = j1 - j0
     mb = m0[j0:j1]
     sb = scale[j0:j1]
@@ -450,7 +450,7 @@ def column_normalize(X, mean, invstd, gamma, beta, code, alpha, rows_per_chunk, 
     """
     R, C = X.shape
     m0, scale, shift = _column_factors(mean, invstd, gamma, beta, X.dtype)
-    for t in prange(_n_tiles(R, C, rows_per_chunk, cols_per_tile)):
+    for t in prange(count_tiles(R, C, rows_per_chunk, cols_per_tile)):
         # Chunks in memory order, like every other kernel: the thread pool splits the loop
         # into one contiguous block per thread, so each core writes the part of Y that it
         # (and the kernels before it) touched last. Taking the chunks in reverse (once done
@@ -465,8 +465,8 @@ def column_normalize(X, mean, invstd, gamma, beta, code, alpha, rows_per_chunk, 
 def _column_backward_reduce_task(t, X, dY, mean, invstd, m0, scale, shift, code, alpha,
                                  rows_per_chunk, cols_per_tile, partial_sum_g, partial_sum_gx):
     """Task ``t`` of :func:`column_backward_reduce` (the ``prange`` body; see ``task_body``):
-    one tile (:func:`_tile`)."""
-    k, start, stop, j0, j1 = _tile(t, X.shape[0], X.shape[1], rows_per_chunk, cols_per_tile)
+    one tile (:func:`tile_of`)."""
+    k, start, stop, j0, j1 = tile_of(t, X.shape[0], X.shape[1], rows_per_chunk, cols_per_tile)
     w = j1 - j0
     sg = partial_sum_g[k, j0:j1]
     sgx = partial_sum_gx[k, j0:j1]
@@ -481,10 +481,10 @@ def _column_backward_reduce_task(t, X, dY, mean, invstd, m0, scale, shift, code,
         acc_gx = np.empty(w, X.dtype)
         one, neg = piecewise_slopes(code, alpha, m0)
         if code == 0:
-            _segment_moments(X, dY, 1, start, stop, j0, j1, mb, sb, hb, one, neg, acc_g, acc_gx,
+            segment_moments(X, dY, 1, start, stop, j0, j1, mb, sb, hb, one, neg, acc_g, acc_gx,
                              sg, sgx)
         else:  # g = dY * f'(z), the slope as a select
-            _segment_moments(X, dY, 2, start, stop, j0, j1, mb, sb, hb, one, neg, acc_g, acc_gx,
+            segment_moments(X, dY, 2, start, stop, j0, j1, mb, sb, hb, one, neg, acc_g, acc_gx,
                              sg, sgx)
         meanb = mean[j0:j1]
         ib = invstd[j0:j1]
@@ -502,13 +502,13 @@ def column_backward_reduce(X, dY, mean, invstd, gamma, beta, code, alpha, rows_p
     ``xhat = (x - mean) * invstd``; ``g = dY * f'(xhat * gamma + beta)`` is the gradient
     at the normalised-and-scaled value (``g = dY`` without an activation; ReLU and leaky
     ReLU only, as selects). In the input's dtype: ``sum(g * (x - m0))`` over blocks of
-    ``ROW_BLOCK`` passes of four rows (:func:`_segment_moments`), accumulated in float64,
+    ``ROW_BLOCK`` passes of four rows (:func:`segment_moments`), accumulated in float64,
     then ``sum(g * (x - mean)) = sum(g * (x - m0)) - (mean - m0) * sum(g)`` and the
     scaling by ``invstd`` once per chunk.
     """
     R, C = X.shape
     m0, scale, shift = _column_factors(mean, invstd, gamma, beta, X.dtype)
-    for t in prange(_n_tiles(R, C, rows_per_chunk, cols_per_tile)):
+    for t in prange(count_tiles(R, C, rows_per_chunk, cols_per_tile)):
         _column_backward_reduce_task(np.int64(t), X, dY, mean, invstd, m0, scale, shift, code,
                                      alpha, rows_per_chunk, cols_per_tile, partial_sum_g,
                                      partial_sum_gx)
@@ -581,9 +581,9 @@ def merge_partial_sums_pair(size, partial_a, partial_b, out_a, out_b, grad_a, gr
 def _column_backward_dx_task(t, X, dY, m0, scale, shift, k0, k1, code, alpha, rows_per_chunk,
                              cols_per_tile, stream, dX):
     """Task ``t`` of :func:`column_backward_dx` (the ``prange`` body; see ``task_body``): one
-    tile (:func:`_tile`)."""
+    tile (:func:`tile_of`)."""
     R, C = X.shape
-    k, start, stop, j0, j1 = _tile(t, R, C, rows_per_chunk, cols_per_tile)
+    k, start, stop, j0, j1 = tile_of(t, R, C, rows_per_chunk, cols_per_tile)
     w = j1 - j0
     mb = m0[j0:j1]
     sb = scale[j0:j1]
@@ -632,7 +632,7 @@ def column_backward_dx(X, dY, mean, invstd, gamma, beta, code, alpha, sum_g, sum
     R, C = X.shape
     m0, scale, shift = _column_factors(mean, invstd, gamma, beta, X.dtype)
     k0, k1 = _dx_factors(mean, invstd, gamma, m0, sum_g, sum_gx, R, X.dtype)
-    for t in prange(_n_tiles(R, C, rows_per_chunk, cols_per_tile)):
+    for t in prange(count_tiles(R, C, rows_per_chunk, cols_per_tile)):
         _column_backward_dx_task(np.int64(t), X, dY, m0, scale, shift, k0, k1, code, alpha,
                                  rows_per_chunk, cols_per_tile, stream, dX)
 
@@ -662,7 +662,7 @@ def _column_forward_train(X, gamma, beta, code, alpha, eps, momentum, unbiased, 
     in one call (see :func:`column_forward_train`)."""
     R, C = X.shape
     n_chunks = (R + rows_per_chunk - 1) // rows_per_chunk
-    n_tiles = _n_tiles(R, C, rows_per_chunk, cols_per_tile)
+    n_tiles = count_tiles(R, C, rows_per_chunk, cols_per_tile)
     pm = np.empty((n_chunks, C), np.float64)
     pm2 = np.empty((n_chunks, C), np.float64)
     for t in prange(n_tiles):
@@ -702,7 +702,7 @@ def _column_backward_train(X, dY, mean, invstd, gamma, beta, code, alpha, grad_g
     :func:`column_backward_train`)."""
     R, C = X.shape
     n_chunks = (R + rows_per_chunk - 1) // rows_per_chunk
-    n_tiles = _n_tiles(R, C, rows_per_chunk, cols_per_tile)
+    n_tiles = count_tiles(R, C, rows_per_chunk, cols_per_tile)
     psg = np.empty((n_chunks, C), np.float64)
     psgx = np.empty((n_chunks, C), np.float64)
     m0, scale, shift = _column_factors(mean, invstd, gamma, beta, X.dtype)
@@ -797,7 +797,7 @@ def _column_partial_stats_cf_task(t, X, n_per_chunk, channels_per_task, partial_
                                   partial_m2):
     """Task ``t`` of :func:`column_partial_stats_cf` (the ``prange`` body; see ``task_body``)."""
     N, C, L = X.shape
-    k, start, stop, c0, c1 = _tile(t, N, C, n_per_chunk, channels_per_task)
+    k, start, stop, c0, c1 = tile_of(t, N, C, n_per_chunk, channels_per_task)
     w = c1 - c0
     cnt = (stop - start) * L
     inv_cnt = 1.0 / cnt
@@ -845,7 +845,7 @@ def column_partial_stats_cf(X, n_per_chunk, channels_per_task, partial_mean, par
     (as :func:`column_partial_stats`).
     """
     N, C, L = X.shape
-    for t in prange(_n_tiles(N, C, n_per_chunk, channels_per_task)):
+    for t in prange(count_tiles(N, C, n_per_chunk, channels_per_task)):
         _column_partial_stats_cf_task(np.int64(t), X, n_per_chunk, channels_per_task,
                                       partial_mean, partial_m2)
 
@@ -855,7 +855,7 @@ def _column_normalize_cf_task(t, X, mean, invstd, gamma, beta, code, alpha, n_pe
                               channels_per_task, Y):
     """Task ``t`` of :func:`column_normalize_cf` (the ``prange`` body; see ``task_body``)."""
     N, C, L = X.shape
-    k, start, stop, c0, c1 = _tile(t, N, C, n_per_chunk, channels_per_task)
+    k, start, stop, c0, c1 = tile_of(t, N, C, n_per_chunk, channels_per_task)
     w = c1 - c0
     m0, a, b, neg = _cf_factors(X, mean, invstd, gamma, beta, code, alpha, c0, w)
     Xf = X.reshape(-1)
@@ -887,7 +887,7 @@ def column_normalize_cf(X, mean, invstd, gamma, beta, code, alpha, n_per_chunk,
     for the channels-last twin's sake and ignored.
     """
     N, C, L = X.shape
-    for t in prange(_n_tiles(N, C, n_per_chunk, channels_per_task)):
+    for t in prange(count_tiles(N, C, n_per_chunk, channels_per_task)):
         _column_normalize_cf_task(np.int64(t), X, mean, invstd, gamma, beta, code, alpha,
                                   n_per_chunk, channels_per_task, Y)
 
@@ -898,7 +898,7 @@ def _column_backward_reduce_cf_task(t, X, dY, mean, invstd, gamma, beta, code, a
                                     partial_sum_gx):
     """Task ``t`` of :func:`column_backward_reduce_cf` (the ``prange`` body; see ``task_body``)."""
     N, C, L = X.shape
-    k, start, stop, c0, c1 = _tile(t, N, C, n_per_chunk, channels_per_task)
+    k, start, stop, c0, c1 = tile_of(t, N, C, n_per_chunk, channels_per_task)
     w = c1 - c0
     sg = np.zeros(w, np.float64)
     sgx = np.zeros(w, np.float64)
@@ -948,7 +948,7 @@ def column_backward_reduce_cf(X, dY, mean, invstd, gamma, beta, code, alpha, n_p
     m0)) - (mean - m0) * sum(g))`` in float64.
     """
     N, C, L = X.shape
-    for t in prange(_n_tiles(N, C, n_per_chunk, channels_per_task)):
+    for t in prange(count_tiles(N, C, n_per_chunk, channels_per_task)):
         _column_backward_reduce_cf_task(np.int64(t), X, dY, mean, invstd, gamma, beta,
                                         code, alpha, n_per_chunk, channels_per_task,
                                         partial_sum_g, partial_sum_gx)
@@ -959,7 +959,7 @@ def _column_backward_dx_cf_task(t, X, dY, mean, invstd, gamma, beta, code, alpha
                                 sum_gx, n_per_chunk, channels_per_task, dX):
     """Task ``t`` of :func:`column_backward_dx_cf` (the ``prange`` body; see ``task_body``)."""
     N, C, L = X.shape
-    k, start, stop, c0, c1 = _tile(t, N, C, n_per_chunk, channels_per_task)
+    k, start, stop, c0, c1 = tile_of(t, N, C, n_per_chunk, channels_per_task)
     w = c1 - c0
     inv_r = 1.0 / (N * L)
     # dX = g * a + k0 - k1 * ((x - m0) * a), per-channel factors rounded once to X's
@@ -1007,7 +1007,7 @@ def column_backward_dx_cf(X, dY, mean, invstd, gamma, beta, code, alpha, sum_g, 
     accepted for the channels-last twin's sake and ignored.
     """
     N, C, L = X.shape
-    for t in prange(_n_tiles(N, C, n_per_chunk, channels_per_task)):
+    for t in prange(count_tiles(N, C, n_per_chunk, channels_per_task)):
         _column_backward_dx_cf_task(np.int64(t), X, dY, mean, invstd, gamma, beta, code,
                                     alpha, sum_g, sum_gx, n_per_chunk, channels_per_task, dX)
 

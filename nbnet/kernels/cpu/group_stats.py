@@ -12,11 +12,12 @@ shape ``(C,)``). Two views cover every layout without a transpose:
 * channels-first ``(N, C, L)`` (NCHW, ``L = H*W``): group ``g`` of example ``n`` is the
   contiguous block ``X[n, g*cg:(g+1)*cg, :]``.
 
-Parallel layout. Channels-last: ``prange`` over chunks of ``rows_per_chunk`` examples;
-channels-first: over ``(chunk, group)`` tasks, which keeps both cores busy when ``G`` is
-large and ``N`` is small. Statistics of an example depend on that example alone; the
+Parallel layout. Channels-last: ``prange`` over tasks of a chunk of ``rows_per_chunk``
+examples times a block of whole groups (``config.groups_per_task``, about
+``config.TILE_BYTES`` of channels); channels-first: over ``(chunk, group)`` tasks. Both
+keep both cores busy when ``N`` is small and C or G large. Statistics of an example depend on that example alone; the
 parameter gradients reduce over examples, so backward writes per-chunk ``[n_chunks, C]``
-partials (task ``(k, g)`` owns columns ``g*cg:(g+1)*cg`` of row ``k``) merged in chunk
+partials (a task owns its groups' columns of row ``k``) merged in chunk
 order by :func:`~nbnet.kernels.cpu.column_stats.merge_partial_sums`. Chunking depends
 only on the shape, so results are bit-identical for any thread count.
 
@@ -29,8 +30,9 @@ standard deviations off (see :func:`_group_forward_cl_task`).
 
 Channels-last kernels compute in the input's dtype the way the column kernels do (see
 :mod:`~nbnet.kernels.cpu.column_stats`): per-channel block accumulators of the input's
-dtype flushed into float64 every ``ROW_BLOCK`` passes (a pass adds one tile from each of
-four segments of the example, see :func:`_channel_sums`), and the group mean subtracted
+dtype flushed into float64 every ``ROW_BLOCK`` passes (a pass adds one position from
+each of four segments of the example, see
+:func:`~nbnet.kernels.cpu.column_stats.segment_moments`), and the group mean subtracted
 as ``x - m0`` (``m0`` the mean rounded to X's dtype) with the float64 remainder ``mean -
 m0`` folded into per-channel constants; they compile with ``ordered=True``.
 
@@ -42,432 +44,304 @@ import math
 import numpy as np
 from numba import prange
 
-from ._jit import helper, kernel, task_body
+from ... import config
+from ._jit import helper, kernel, subroutine, task_body, wraps_kernel
 from .activations import piecewise_slopes, reject_smooth
-from .block_sums import ROW_BLOCK, rescue_columns, shifted_result
+from .block_sums import rescue_columns, shifted_result
+from .column_stats import count_tiles, segment_moments, tile_of
 
 
-#: Values per tile in the channels-last kernels (a whole number of positions, see
-#: _group_forward_cl_task).
-_TILE = 512
-
-#: Segments of an example's tiles that :func:`_channel_sums` walks side by side (the
-#: pass is written out for four).
-_STREAMS = 4
-
-
-@helper
-def _tile(src, dst):
-    """dst[t * C + c] = src[c] for every whole copy of ``src`` (length C) in ``dst``."""
-    C = src.shape[0]
-    for t in range(dst.shape[0] // C):
-        d = dst[t * C:(t + 1) * C]
-        for c in range(C):
-            d[c] = src[c]
-
-
-@helper
-def _fold(src, dst):
-    """dst[c] = sum over t of src[t * C + c] (float64), for a tiled accumulator."""
-    C = dst.shape[0]
-    for c in range(C):
-        dst[c] = 0.0
-    for t in range(src.shape[0] // C):
-        s = src[t * C:(t + 1) * C]
-        for c in range(C):
-            dst[c] += s[c]
+# Channels-last kernels. A task is a chunk of ``rows_per_chunk`` examples times a block of
+# ``groups_per_task`` whole groups: channels ``j0:j1``, a contiguous run of every position
+# (:func:`~nbnet.kernels.cpu.column_stats.tile_of` over examples and groups). Each
+# example's ``(P, C)`` values are the column pattern's rows and columns: the per-channel
+# sums over positions are :func:`~nbnet.kernels.cpu.column_stats.segment_moments` over
+# the block's columns (four row segments side by side, block accumulators in X's dtype
+# flushed into float64), then a group's sums add its ``cg`` channel sums. Every
+# per-channel array of a task is the block's width (at most ``config.TILE_BYTES`` of X's
+# dtype, unless one group is wider), so it stays in L1 whatever C is.
+#
+# (Round 13's kernels took whole examples per task, with the per-channel factors and
+# accumulators tiled ``512 // C`` positions wide: with C = 4096 or 8192 and a few
+# positions, an example's ~15 passes over C-long arrays, two integer divisions per
+# channel and the serial float64 group sums cost more than its data. GroupNorm(32)
+# (2, 2, 2, 8192) float32 inference: 0.17 ms against PyTorch's 0.054 ms on the 2-core
+# reference machine.)
 
 
-@helper
-def _channel_sums(xf, gf, mode, P, C, kp, m0, m0_t, sc, sc_t, sh, sh_t, neg, blk, blk2, acc_t,
-                  acc2_t, acc, acc2):
-    """Per-channel sums of one example (``xf``, ``gf``: P positions of C channels, flat),
-    float64, into ``acc`` and ``acc2``: with ``d = x - m0``,
+@subroutine
+def _group_sums(s1, s2, cg, out1, out2):
+    """``out1[g], out2[g]`` = the sums of ``s1``, ``s2`` over channels ``g*cg:(g+1)*cg``
+    (float64). Compiled with "reassoc", so the loop is a vectorised reduction: written
+    in order inside an ``ordered`` task, each group's two sums were one chain of
+    dependent adds (~4 cycles per channel)."""
+    for g in range(out1.shape[0]):
+        a = 0.0
+        b = 0.0
+        for j in range(cg):
+            c = np.uint64(g * cg + j)  # (unsigned: see below)
+            a += s1[c]
+            b += s2[c]
+        out1[g] = a
+        out2[g] = b
 
-    * ``mode`` 0 (the forward's shifted moments): ``sum(d)`` and ``sum(d**2)`` (``gf``,
-      ``sc``, ``sh`` and ``neg`` are not read);
-    * ``mode`` 1 (the backward): ``sum(g)`` and ``sum(g * d)``, ``g`` the values of ``gf``;
-    * ``mode`` 2 (the backward through ReLU / leaky ReLU): the same with ``g = gf *
-      f'(z)``, ``z = d * sc + sh`` the forward's pre-activation (formed as
-      :func:`_affine_tiles` forms it, so a slope agrees with its output) and ``neg`` the
-      slope left of 0, as a select; a NaN ``z`` gives a NaN ``g``.
 
-    In X's dtype over tiles of ``kp`` positions (``m0_t``, ``sc_t``, ``sh_t``: the
-    per-channel factors tiled ``kp`` times): the example's whole tiles split into
-    ``_STREAMS`` equal segments, walked side by side, one tile of each per pass, so every
-    accumulator load and store serves ``_STREAMS`` values; blocks of ``ROW_BLOCK`` passes
-    are flushed into float64. Then the tiles past the segments one at a time, and the
-    positions past the last whole tile. ``mode`` is a constant at each call site, so the
-    selects fold away and each caller gets the loop it would have written alone.
-
-    Why segments: a pass of one tile at a time is bound by its two accumulator
-    load-add-store streams, not by memory (GroupNorm(32) (32,32,32,64) float32 forward
-    on the 2-core reference machine: statistics 137 us, the output pass 130 us, a copy of
-    X 206 us). Four *adjacent* tiles per pass were as fast in cache but 1.4-1.6x slower
-    from DRAM (each 2 KiB stream ends before the prefetcher has learnt it); four
-    segments are four long sequential streams, and the statistics pass is 2x faster in
-    cache and from DRAM alike (137 -> 66 us at (32,32,32,64), 720 -> 420 us at
-    (128,32,32,64), prototype loops, 2 threads).
-    """
-    W = kp * C
-    n_tiles = P // kp
-    q = n_tiles // _STREAMS           # tiles per segment
-    for j in range(W):
-        acc_t[j] = 0.0
-        acc2_t[j] = 0.0
-    for t0 in range(0, q, ROW_BLOCK):
-        for j in range(W):
-            blk[j] = 0.0
-            blk2[j] = 0.0
-        for t in range(t0, min(t0 + ROW_BLOCK, q)):
-            a = t * W
-            b = a + q * W
-            c = b + q * W
-            e = c + q * W
-            x0 = xf[a:a + W]
-            x1 = xf[b:b + W]
-            x2 = xf[c:c + W]
-            x3 = xf[e:e + W]
-            g0 = gf[a:a + W]
-            g1 = gf[b:b + W]
-            g2 = gf[c:c + W]
-            g3 = gf[e:e + W]
-            for j in range(W):
-                m = m0_t[j]
-                d0 = x0[j] - m
-                d1 = x1[j] - m
-                d2 = x2[j] - m
-                d3 = x3[j] - m
-                if mode == 0:
-                    h0, h1, h2, h3 = d0, d1, d2, d3
-                else:
-                    h0 = g0[j]
-                    h1 = g1[j]
-                    h2 = g2[j]
-                    h3 = g3[j]
-                    if mode == 2:
-                        s = sc_t[j]
-                        f = sh_t[j]
-                        z0 = d0 * s + f
-                        z1 = d1 * s + f
-                        z2 = d2 * s + f
-                        z3 = d3 * s + f
-                        h0 = h0 if z0 > 0.0 else h0 * (neg + (z0 - z0))
-                        h1 = h1 if z1 > 0.0 else h1 * (neg + (z1 - z1))
-                        h2 = h2 if z2 > 0.0 else h2 * (neg + (z2 - z2))
-                        h3 = h3 if z3 > 0.0 else h3 * (neg + (z3 - z3))
-                blk[j] += (h0 + h1) + (h2 + h3)
-                blk2[j] += (h0 * d0 + h1 * d1) + (h2 * d2 + h3 * d3)
-        for j in range(W):
-            acc_t[j] += blk[j]
-            acc2_t[j] += blk2[j]
-    for j in range(W):
-        blk[j] = 0.0
-        blk2[j] = 0.0
-    for t in range(_STREAMS * q, n_tiles):  # fewer than _STREAMS tiles: one block
-        _tile_sums(xf[t * W:(t + 1) * W], gf[t * W:(t + 1) * W], mode, m0_t, sc_t, sh_t, neg,
-                   blk, blk2)
-    for j in range(W):
-        acc_t[j] += blk[j]
-        acc2_t[j] += blk2[j]
-    _fold(acc_t, acc)
-    _fold(acc2_t, acc2)
-    for p in range(n_tiles * kp, P):
-        _tile_sums(xf[p * C:(p + 1) * C], gf[p * C:(p + 1) * C], mode, m0, sc, sh, neg, acc,
-                   acc2)
+@subroutine
+def _group_dots(wt, s1, s2, cg, out1, out2):
+    """``out1[g], out2[g]`` = the sums of ``wt * s1``, ``wt * s2`` over channels
+    ``g*cg:(g+1)*cg`` (float64; see :func:`_group_sums`)."""
+    for g in range(out1.shape[0]):
+        a = 0.0
+        b = 0.0
+        for j in range(cg):
+            c = np.uint64(g * cg + j)
+            a += wt[c] * s1[c]
+            b += wt[c] * s2[c]
+        out1[g] = a
+        out2[g] = b
 
 
 @helper
-def _tile_sums(xs, gs, mode, m0, sc, sh, neg, acc, acc2):
-    """``acc += h``, ``acc2 += h * d`` over one tile (or one position: factors of the
-    tile's length), ``d = xs - m0`` and ``h`` as in :func:`_channel_sums`."""
-    for j in range(m0.shape[0]):
-        d = xs[j] - m0[j]
-        if mode == 0:
-            h = d
-        else:
-            h = gs[j]
-            if mode == 2:
-                z = d * sc[j] + sh[j]
-                h = h if z > 0.0 else h * (neg + (z - z))
-        acc[j] += h
-        acc2[j] += h * d
+def _fill_groups(values, cg, out):
+    """``out[g*cg:(g+1)*cg] = values[g]`` for every group (per group, no division per
+    channel: ``out[j] = values[j // cg]`` cost ~37 us per 16K channels)."""
+    for g in range(values.shape[0]):
+        v = values[g]
+        for j in range(cg):
+            out[np.uint64(g * cg + j)] = v
 
 
 @helper
-def _group_affine(mc, inv, cg, gamma, beta, m0, scale, shift):
-    """Per-channel factors of the output ``z = (x - m0) * scale + shift`` of one example:
-    ``m0`` the group mean ``mc`` rounded to X's dtype, ``scale = invstd * gamma`` and
+def _group_affine(mean_g, inv_g, cg, gamma, beta, m0, scale, shift):
+    """Per-channel factors of the output ``z = (x - m0) * scale + shift`` for a block of
+    groups: ``m0`` the group mean rounded to X's dtype, ``scale = invstd * gamma`` and
     ``shift = beta - (mean - m0) * scale`` (the float64 remainder folded in; see
-    column_stats._affine_factors). ``inv``: the example's invstd per group. The forward
-    and the activation slopes of the backward both take them from here, so a slope
-    always agrees with the output it belongs to."""
-    for c in range(mc.shape[0]):
-        m0[c] = mc[c]
-        sc = inv[c // cg] * gamma[c]
-        scale[c] = sc
-        shift[c] = beta[c] - (mc[c] - m0[c]) * sc
-
-
-@helper
-def _affine_tiles(xf, yf, m0_t, scale_t, shift_t, code, neg):
-    """``yf = f((xf - m0_t) * scale_t + shift_t)`` over whole tiles of ``W = len(m0_t)``
-    values, the factors repeating every tile; ``f`` the identity (``code`` 0) or ReLU /
-    leaky ReLU as a select in X's dtype (``neg`` the slope left of 0).
-
-    One tile at a time, in memory order. (Two or four adjacent tiles per pass over the
-    factors and accumulators halve their loads and stores: 10-20% faster while the input
-    sits in the caches, but 15-35% slower when it streams from DRAM, (128,32,32,64) float32
-    on the 2-core reference machine, so the hardware prefetcher keeps its one stream.)
-    """
-    W = m0_t.shape[0]
-    for t in range(xf.shape[0] // W):
-        xs = xf[t * W:(t + 1) * W]
-        ys = yf[t * W:(t + 1) * W]
-        if code == 0:
-            for j in range(W):
-                ys[j] = (xs[j] - m0_t[j]) * scale_t[j] + shift_t[j]
-        else:
-            for j in range(W):
-                z = (xs[j] - m0_t[j]) * scale_t[j] + shift_t[j]
-                ys[j] = z if z > 0.0 else z * neg  # z * neg keeps NaN a NaN
+    column_stats._affine_factors). ``mean_g``, ``inv_g``: the block's group means and
+    invstd (float64); ``gamma``, ``beta`` and the outputs: the block's channels. The
+    forward and the activation slopes of the backward both take them from here, so a
+    slope always agrees with the output it belongs to."""
+    for g in range(mean_g.shape[0]):
+        m = mean_g[g]
+        r = inv_g[g]
+        a = g * cg
+        m0[a] = m
+        mr = m0[a]  # the mean rounded to X's dtype
+        rem = m - mr
+        for j in range(cg):
+            c = np.uint64(a + j)
+            m0[c] = mr
+            sc = r * gamma[c]
+            scale[c] = sc
+            shift[c] = beta[c] - rem * sc
 
 
 @task_body(ordered=True)
-def _group_forward_cl_task(k, X, gamma, beta, n_groups, eps, code, alpha, rows_per_chunk,
-                           Y, mean, invstd):
-    """Task ``k`` of :func:`group_forward_cl` (the ``prange`` body; see ``task_body``).
-
-    An example's ``(P, C)`` values are walked as *tiles* of ``kp`` consecutive positions
-    (``W = kp * C`` contiguous values, about ``_TILE``) with the per-channel factors and
-    accumulators tiled ``kp`` times, so the inner loops run ``W`` long instead of ``C``
-    (with C = 64 loop overhead bounded the short loops: GroupNorm(32) (32,32,32,64)
-    float32 forward on 2 cores 0.50 -> 0.41 ms). Positions past the last whole tile take
-    the per-position loops.
+def _group_forward_cl_task(t, X, gamma, beta, n_groups, eps, code, alpha, rows_per_chunk,
+                           groups_per_task, Y, mean, invstd):
+    """Task ``t`` of :func:`group_forward_cl` (the ``prange`` body; see ``task_body``): the
+    groups ``g0:g1`` (channels ``j0:j1``) of chunk ``k`` of examples.
 
     Statistics in one pass: shifted moments around the group's first value, ``d = x -
     x0``: ``mean = x0 + sum(d) / n`` and ``M2 = sum(d^2) - sum(d)^2 / n`` are exact for any
     shift, and lose only ~``(1 + K^2)`` float32 roundings of M2 when the shift is ``K``
     standard deviations from the mean. A value drawn from the group is a few standard
     deviations away at most, as a rule; when some group's shift is more than
-    ``SHIFT_LIMIT`` away (a constant border, an outlier first pixel) the example's
-    moments are taken again around the mean just found, as the two-pass form would.
-    (Two passes every time cost 15-20% more: GroupNorm(32) (32,32,32,64) float32 forward
-    0.39 -> 0.32 ms on the 2-core reference machine.)
+    ``SHIFT_LIMIT`` away (a constant border, an outlier first pixel) the block's moments
+    are taken again around the means just found, as the two-pass form would. (Two passes
+    every time cost 15-20% more: GroupNorm(32) (32,32,32,64) float32 forward 0.39 ->
+    0.32 ms on the 2-core reference machine.)
     """
     N, P, C = X.shape
     cg = C // n_groups
     inv_cnt = 1.0 / (P * cg)
-    start = k * rows_per_chunk
-    stop = min(start + rows_per_chunk, N)
-    kp = max(1, min(P, _TILE // C))
-    W = kp * C
-    n_tiles = P // kp
-    tail = n_tiles * kp
-    blk = np.empty(W, X.dtype)        # tiled block accumulators in X's dtype
-    blk2 = np.empty(W, X.dtype)
-    acc_t = np.empty(W, np.float64)   # tiled float64 accumulators
-    acc2_t = np.empty(W, np.float64)
-    acc = np.empty(C, np.float64)
-    acc2 = np.empty(C, np.float64)
-    mc = np.empty(C, np.float64)      # the group mean, per channel
-    m0 = np.empty(C, X.dtype)         # the shift in X's dtype, per channel
-    scale = np.empty(C, X.dtype)      # invstd * gamma, per channel
-    shift = np.empty(C, X.dtype)      # beta - (mean - m0) * scale
-    m0_t = np.empty(W, X.dtype)
-    scale_t = np.empty(W, X.dtype)
-    shift_t = np.empty(W, X.dtype)
+    k, start, stop, g0, g1 = tile_of(t, N, n_groups, rows_per_chunk, groups_per_task)
+    j0 = g0 * cg
+    j1 = g1 * cg
+    w = j1 - j0
+    m0 = np.empty(w, X.dtype)         # the shift, per channel, in X's dtype
+    sc = np.empty(w, X.dtype)         # invstd * gamma
+    sh = np.empty(w, X.dtype)         # beta - (mean - m0) * sc
+    acc = np.empty(w, X.dtype)        # block accumulators (segment_moments)
+    acc2 = np.empty(w, X.dtype)
+    s1 = np.empty(w, np.float64)      # per-channel sums of d and d**2
+    s2 = np.empty(w, np.float64)
+    sd = np.empty(g1 - g0, np.float64)  # per-group sums, then the shift (float64)
+    sdd = np.empty(g1 - g0, np.float64)
+    shift0 = np.empty(g1 - g0, np.float64)
     reject_smooth(code)
-    _, neg = piecewise_slopes(code, alpha, m0)
+    one, neg = piecewise_slopes(code, alpha, m0)
     for n in range(start, stop):
-        xf = X[n].reshape(P * C)
-        yf = Y[n].reshape(P * C)
-        for g in range(n_groups):  # shift: the group's first value
-            for c in range(g * cg, (g + 1) * cg):
-                m0[c] = xf[g * cg]
+        Xn = X[n]
+        Yn = Y[n]
+        mn = mean[n, g0:g1]
+        rn = invstd[n, g0:g1]
+        for g in range(g1 - g0):  # the shift: the group's first value
+            shift0[g] = Xn[0, j0 + g * cg]
         for attempt in range(2):
-            _tile(m0, m0_t)
-            _channel_sums(xf, xf, 0, P, C, kp, m0, m0_t, m0, m0_t, m0, m0_t, neg, blk, blk2,
-                          acc_t, acc2_t, acc, acc2)
-            rescue_columns(xf.reshape(P, C), 0, P, 0, m0, acc, acc2)  # overflowed float32 squares
+            _fill_groups(shift0, cg, m0)
+            for j in range(w):
+                s1[j] = 0.0
+                s2[j] = 0.0
+            segment_moments(Xn, Xn, 0, 0, P, j0, j1, m0, m0, m0, one, neg, acc, acc2, s1, s2)
+            rescue_columns(Xn, 0, P, j0, m0, s1, s2)  # float32 squares that overflowed
+            _group_sums(s1, s2, cg, sd, sdd)
             far = False
-            for g in range(n_groups):
-                sd = 0.0
-                sdd = 0.0
-                for c in range(g * cg, (g + 1) * cg):
-                    sd += acc[c]
-                    sdd += acc2[c]
-                m, m2, far_g = shifted_result(np.float64(m0[g * cg]), sd, sdd, inv_cnt)
+            for g in range(g1 - g0):
+                m, m2, far_g = shifted_result(np.float64(m0[g * cg]), sd[g], sdd[g], inv_cnt)
                 far = far or far_g
-                mean[n, g] = m
-                invstd[n, g] = 1.0 / math.sqrt(m2 * inv_cnt + eps)
-                for c in range(g * cg, (g + 1) * cg):
-                    mc[c] = m
+                mn[g] = m
+                rn[g] = 1.0 / math.sqrt(m2 * inv_cnt + eps)
             if not far:
                 break
-            for c in range(C):  # again, around the mean just found
-                m0[c] = mc[c]
-        # pass 3: normalise, affine, activation
-        _group_affine(mc, invstd[n], cg, gamma, beta, m0, scale, shift)
-        _tile(m0, m0_t)
-        _tile(scale, scale_t)
-        _tile(shift, shift_t)
-        _affine_tiles(xf[:tail * C], yf[:tail * C], m0_t, scale_t, shift_t, code, neg)
-        for p in range(tail, P):
-            _affine_tiles(xf[p * C:(p + 1) * C], yf[p * C:(p + 1) * C], m0, scale, shift, code,
-                          neg)
+            for g in range(g1 - g0):  # again, around the means just found
+                shift0[g] = mn[g]
+        _group_affine(mn, rn, cg, gamma[j0:j1], beta[j0:j1], m0, sc, sh)
+        for p in range(P):
+            if code == 0:
+                for j in range(w):
+                    c = np.uint64(j0 + j)
+                    Yn[p, c] = (Xn[p, c] - m0[j]) * sc[j] + sh[j]
+            else:
+                for j in range(w):
+                    c = np.uint64(j0 + j)
+                    z = (Xn[p, c] - m0[j]) * sc[j] + sh[j]
+                    Yn[p, c] = z if z > 0.0 else z * neg  # z * neg keeps NaN a NaN
 
 
 @kernel(ordered=True)
-def group_forward_cl(X, gamma, beta, n_groups, eps, code, alpha, rows_per_chunk, Y, mean,
+def _group_forward_cl(X, gamma, beta, n_groups, eps, code, alpha, rows_per_chunk,
+                      groups_per_task, Y, mean, invstd):
+    """:func:`group_forward_cl` with the block of groups per task given."""
+    N, P, C = X.shape
+    for t in prange(count_tiles(N, n_groups, rows_per_chunk, groups_per_task)):
+        _group_forward_cl_task(np.int64(t), X, gamma, beta, n_groups, eps, code, alpha,
+                               rows_per_chunk, groups_per_task, Y, mean, invstd)
+
+
+@wraps_kernel(_group_forward_cl)
+def group_forward_cl(size, X, gamma, beta, n_groups, eps, code, alpha, rows_per_chunk, Y, mean,
                      invstd):
     """Y = f((X - mean_ng) * invstd_ng * gamma_c + beta_c), channels-last.
 
     X, Y : (N, P, C) float32/float64, C-contiguous; gamma, beta : (C,);
-    mean, invstd : (N, G) float64, written (biased variance).
+    mean, invstd : (N, G) float64, written (biased variance). Tasks of ``rows_per_chunk``
+    examples times ``config.groups_per_task`` groups.
     """
-    N, P, C = X.shape
-    n_chunks = (N + rows_per_chunk - 1) // rows_per_chunk
-    for k in prange(n_chunks):
-        _group_forward_cl_task(np.int64(k), X, gamma, beta, n_groups, eps, code, alpha,
-                               rows_per_chunk, Y, mean, invstd)
-
-
-@helper
-def _dx_tiles(xf, gf, dxf, act, m0_t, sc_t, sh_t, neg, fa_t, fb_t, fr_t, fq_t):
-    """``dx = (g * fa + fb) - ((x - m0) * fr) * fq`` over whole tiles of ``len(m0_t)``
-    values, the per-channel factors tiled (see :func:`_group_backward_cl_task`); ``g`` the
-    values of ``gf``, or with ``act`` (ReLU / leaky ReLU) ``gf * f'(z)``, ``z = (x - m0) *
-    sc + sh`` formed as the forward forms it (``neg`` the slope left of 0; NaN where ``z``
-    is NaN)."""
-    W = m0_t.shape[0]
-    for t in range(xf.shape[0] // W):
-        xs = xf[t * W:(t + 1) * W]
-        gs = gf[t * W:(t + 1) * W]
-        ds = dxf[t * W:(t + 1) * W]
-        if act:
-            for j in range(W):
-                d = xs[j] - m0_t[j]
-                z = d * sc_t[j] + sh_t[j]
-                g = gs[j] if z > 0.0 else gs[j] * (neg + (z - z))
-                ds[j] = (g * fa_t[j] + fb_t[j]) - (d * fr_t[j]) * fq_t[j]
-        else:
-            for j in range(W):
-                ds[j] = (gs[j] * fa_t[j] + fb_t[j]) - ((xs[j] - m0_t[j]) * fr_t[j]) * fq_t[j]
+    _group_forward_cl(size, X, gamma, beta, n_groups, eps, code, alpha, rows_per_chunk,
+                      config.groups_per_task(X.shape[2], n_groups, X.dtype.itemsize), Y, mean,
+                      invstd)
 
 
 @task_body(ordered=True)
-def _group_backward_cl_task(k, X, dY, mean, invstd, gamma, beta, n_groups, code, alpha,
-                            rows_per_chunk, dX, partial_dgamma, partial_dbeta):
-    """Task ``k`` of :func:`group_backward_cl` (the ``prange`` body; see ``task_body``).
+def _group_backward_cl_task(t, X, dY, mean, invstd, gamma, beta, n_groups, code, alpha,
+                            rows_per_chunk, groups_per_task, dX, partial_dgamma, partial_dbeta):
+    """Task ``t`` of :func:`group_backward_cl` (the ``prange`` body; see ``task_body``): the
+    groups ``g0:g1`` (channels ``j0:j1``) of chunk ``k`` of examples, and columns ``j0:j1``
+    of row ``k`` of the partial buffers.
 
-    In X's dtype: sums of g and g * (x - m0) per block of tiles (m0 the mean rounded to
-    X's dtype), flushed into float64; then sum(g * (x - mean)) = sum(g * (x - m0)) -
-    (mean - m0) * sum(g), times invstd once per channel. Both passes walk the example in
-    the forward's tiles of ``kp`` positions (inner loops ``kp * C`` long, the per-channel
-    factors and accumulators tiled; per position, C = 64 loops were bound by their own
-    overhead). With ReLU / leaky ReLU, both passes form ``g = dY * f'(z)`` as they go,
-    ``z`` recomputed from the forward's per-channel scale and shift (one multiply-add and
-    a select per value: cheaper than writing ``g`` of the whole example into a buffer and
-    reading it twice, as round 9's kernel did; and a per-position float64 path before
-    that made GroupNorm(32, relu) training 1.9x the identity's).
+    In X's dtype: per-channel sums of g and g * (x - m0) (m0 the mean rounded to X's
+    dtype) by :func:`~nbnet.kernels.cpu.column_stats.segment_moments`, flushed into
+    float64; then sum(g * (x - mean)) = sum(g * (x - m0)) - (mean - m0) * sum(g), times
+    invstd once per channel. With ReLU / leaky ReLU, both passes form ``g = dY * f'(z)``
+    as they go, ``z`` recomputed from the forward's per-channel scale and shift (one
+    multiply-add and a select per value: cheaper than writing ``g`` into a buffer and
+    reading it twice, as round 9's kernel did).
     """
     N, P, C = X.shape
     cg = C // n_groups
     inv_cnt = 1.0 / (P * cg)
-    start = k * rows_per_chunk
-    stop = min(start + rows_per_chunk, N)
-    pdg = partial_dgamma[k]
-    pdb = partial_dbeta[k]
-    for c in range(C):
-        pdg[c] = 0.0
-        pdb[c] = 0.0
-    kp = max(1, min(P, _TILE // C))
-    W = kp * C
-    tail = (P // kp) * kp
-    mc = np.empty(C, np.float64)
-    rc = np.empty(C, np.float64)
-    ag = np.empty(C, np.float64)
-    agx = np.empty(C, np.float64)
-    m0 = np.empty(C, X.dtype)
-    sc = np.empty(C, X.dtype)         # the forward's scale and shift, per channel
-    sh = np.empty(C, X.dtype)
-    fa = np.empty(C, X.dtype)
-    fb = np.empty(C, X.dtype)
-    fq = np.empty(C, X.dtype)
-    fr = np.empty(C, X.dtype)
-    blk = np.empty(W, X.dtype)        # tiled block accumulators in X's dtype
-    blk2 = np.empty(W, X.dtype)
-    acc_t = np.empty(W, np.float64)   # tiled float64 accumulators
-    acc2_t = np.empty(W, np.float64)
-    m0_t = np.empty(W, X.dtype)
-    sc_t = np.empty(W, X.dtype)
-    sh_t = np.empty(W, X.dtype)
-    fa_t = np.empty(W, X.dtype)
-    fb_t = np.empty(W, X.dtype)
-    fq_t = np.empty(W, X.dtype)
-    fr_t = np.empty(W, X.dtype)
+    k, start, stop, g0, g1 = tile_of(t, N, n_groups, rows_per_chunk, groups_per_task)
+    j0 = g0 * cg
+    j1 = g1 * cg
+    w = j1 - j0
+    gm = gamma[j0:j1]
+    pdg = partial_dgamma[k, j0:j1]
+    pdb = partial_dbeta[k, j0:j1]
+    for j in range(w):
+        pdg[j] = 0.0
+        pdb[j] = 0.0
+    ag = np.empty(w, np.float64)      # per channel: sum(g), sum(g * xhat)
+    agx = np.empty(w, np.float64)
+    rc = np.empty(w, np.float64)      # invstd, per channel
+    dm = np.empty(w, np.float64)      # mean - m0, per channel
+    mh = np.empty(g1 - g0, np.float64)   # per group: mean(h), mean(h * xhat)
+    mhx = np.empty(g1 - g0, np.float64)
+    m0 = np.empty(w, X.dtype)
+    sc = np.empty(w, X.dtype)         # the forward's scale and shift (the activation's slope)
+    sh = np.empty(w, X.dtype)
+    fa = np.empty(w, X.dtype)
+    fb = np.empty(w, X.dtype)
+    fq = np.empty(w, X.dtype)
+    fr = np.empty(w, X.dtype)
+    acc = np.empty(w, X.dtype)
+    acc2 = np.empty(w, X.dtype)
     reject_smooth(code)
-    _, neg = piecewise_slopes(code, alpha, m0)
-    act = code != 0
+    one, neg = piecewise_slopes(code, alpha, m0)
     for n in range(start, stop):
-        xf = X[n].reshape(P * C)
-        gy = dY[n].reshape(P * C)
-        dxf = dX[n].reshape(P * C)
-        for g in range(n_groups):
-            for c in range(g * cg, (g + 1) * cg):
-                mc[c] = mean[n, g]
-                rc[c] = invstd[n, g]
-        # m0, and the forward's scale and shift (for the activation's slope)
-        _group_affine(mc, invstd[n], cg, gamma, beta, m0, sc, sh)
-        _tile(m0, m0_t)
-        if act:
-            _tile(sc, sc_t)
-            _tile(sh, sh_t)
-            _channel_sums(xf, gy, 2, P, C, kp, m0, m0_t, sc, sc_t, sh, sh_t, neg, blk, blk2,
-                          acc_t, acc2_t, ag, agx)
+        Xn = X[n]
+        Gn = dY[n]
+        Dn = dX[n]
+        mn = mean[n, g0:g1]
+        rn = invstd[n, g0:g1]
+        _group_affine(mn, rn, cg, gm, beta[j0:j1], m0, sc, sh)
+        _fill_groups(rn, cg, rc)
+        _fill_groups(mn, cg, dm)
+        for j in range(w):
+            dm[j] -= m0[j]
+            ag[j] = 0.0
+            agx[j] = 0.0
+        if code == 0:
+            segment_moments(Xn, Gn, 1, 0, P, j0, j1, m0, sc, sh, one, neg, acc, acc2, ag, agx)
         else:
-            _channel_sums(xf, gy, 1, P, C, kp, m0, m0_t, sc, sc_t, sh, sh_t, neg, blk, blk2,
-                          acc_t, acc2_t, ag, agx)
-        for c in range(C):
-            agx[c] = (agx[c] - (mc[c] - m0[c]) * ag[c]) * rc[c]
-        for c in range(C):
-            pdg[c] += agx[c]
-            pdb[c] += ag[c]
-        # per-group means of h and h * xhat, spread back per channel (reuse ag/agx)
-        for g in range(n_groups):
-            s_h = 0.0
-            s_hx = 0.0
-            for c in range(g * cg, (g + 1) * cg):
-                s_h += gamma[c] * ag[c]
-                s_hx += gamma[c] * agx[c]
-            for c in range(g * cg, (g + 1) * cg):
-                ag[c] = s_h * inv_cnt
-                agx[c] = s_hx * inv_cnt
+            segment_moments(Xn, Gn, 2, 0, P, j0, j1, m0, sc, sh, one, neg, acc, acc2, ag, agx)
+        for j in range(w):
+            agx[j] = (agx[j] - dm[j] * ag[j]) * rc[j]
+            pdg[j] += agx[j]
+            pdb[j] += ag[j]
+        # per-group sums of h = g * gamma and h * xhat
+        _group_dots(gm, ag, agx, cg, mh, mhx)
         # dx = rc * (g * gamma - mh - xhat * mhx) = g * a + b - ((x - m0) * rc) * q,
         # q = rc * mhx, with x - mean = (x - m0) - (mean - m0) and the float64
         # remainder folded into b. (rc * q as one factor underflows float32 for
         # groups with a standard deviation past ~1e19.)
-        for c in range(C):
-            q = rc[c] * agx[c]
-            fa[c] = rc[c] * gamma[c]
-            fb[c] = (mc[c] - m0[c]) * rc[c] * q - rc[c] * ag[c]
-            fq[c] = q
-            fr[c] = rc[c]
-        _tile(fa, fa_t)
-        _tile(fb, fb_t)
-        _tile(fq, fq_t)
-        _tile(fr, fr_t)
-        _dx_tiles(xf[:tail * C], gy[:tail * C], dxf[:tail * C], act, m0_t, sc_t, sh_t, neg,
-                  fa_t, fb_t, fr_t, fq_t)
-        for p in range(tail, P):
-            _dx_tiles(xf[p * C:(p + 1) * C], gy[p * C:(p + 1) * C], dxf[p * C:(p + 1) * C], act,
-                      m0, sc, sh, neg, fa, fb, fr, fq)
+        for g in range(g1 - g0):
+            r = rn[g]
+            q = r * (mhx[g] * inv_cnt)
+            b = (mn[g] - m0[g * cg]) * r * q - r * (mh[g] * inv_cnt)
+            for j in range(cg):
+                c = np.uint64(g * cg + j)
+                fa[c] = r * gm[c]
+                fb[c] = b
+                fq[c] = q
+                fr[c] = r
+        for p in range(P):
+            if code == 0:
+                for j in range(w):
+                    c = np.uint64(j0 + j)
+                    Dn[p, c] = (Gn[p, c] * fa[j] + fb[j]) - ((Xn[p, c] - m0[j]) * fr[j]) * fq[j]
+            else:
+                for j in range(w):
+                    c = np.uint64(j0 + j)
+                    d = Xn[p, c] - m0[j]
+                    z = d * sc[j] + sh[j]
+                    gv = Gn[p, c] if z > 0.0 else Gn[p, c] * (neg + (z - z))
+                    Dn[p, c] = (gv * fa[j] + fb[j]) - (d * fr[j]) * fq[j]
 
 
 @kernel(ordered=True)
-def group_backward_cl(X, dY, mean, invstd, gamma, beta, n_groups, code, alpha, rows_per_chunk,
-                      dX, partial_dgamma, partial_dbeta):
+def _group_backward_cl(X, dY, mean, invstd, gamma, beta, n_groups, code, alpha, rows_per_chunk,
+                       groups_per_task, dX, partial_dgamma, partial_dbeta):
+    """:func:`group_backward_cl` with the block of groups per task given."""
+    N, P, C = X.shape
+    for t in prange(count_tiles(N, n_groups, rows_per_chunk, groups_per_task)):
+        _group_backward_cl_task(np.int64(t), X, dY, mean, invstd, gamma, beta, n_groups,
+                                code, alpha, rows_per_chunk, groups_per_task, dX,
+                                partial_dgamma, partial_dbeta)
+
+
+@wraps_kernel(_group_backward_cl)
+def group_backward_cl(size, X, dY, mean, invstd, gamma, beta, n_groups, code, alpha,
+                      rows_per_chunk, dX, partial_dgamma, partial_dbeta):
     """Input gradient per example; parameter-gradient partials per chunk (channels-last).
 
     With ``xhat = (x - mean_ng) * invstd_ng``, ``g = dY * f'(xhat * gamma + beta)`` and
@@ -478,14 +352,13 @@ def group_backward_cl(X, dY, mean, invstd, gamma, beta, n_groups, code, alpha, r
     Both group means come from per-channel sums ``sum_p g`` and ``sum_p g * xhat``
     (``mean(h) = sum_c gamma_c * sum_p g / M``), which are also what the parameter
     gradients need: ``partial_dgamma[k, c] = sum of g * xhat``, ``partial_dbeta[k, c] =
-    sum of g`` over the chunk's examples.
+    sum of g`` over the chunk's examples (``rows_per_chunk`` of them; the partials have
+    one row per chunk).
     """
-    N, P, C = X.shape
-    n_chunks = partial_dgamma.shape[0]
-    for k in prange(n_chunks):
-        _group_backward_cl_task(np.int64(k), X, dY, mean, invstd, gamma, beta, n_groups,
-                                code, alpha, rows_per_chunk, dX, partial_dgamma,
-                                partial_dbeta)
+    _group_backward_cl(size, X, dY, mean, invstd, gamma, beta, n_groups, code, alpha,
+                       rows_per_chunk,
+                       config.groups_per_task(X.shape[2], n_groups, X.dtype.itemsize), dX,
+                       partial_dgamma, partial_dbeta)
 
 
 @task_body
