@@ -498,6 +498,47 @@ def test_groupnorm_channels_last_group_blocks_match_reference(monkeypatch, G,
     assert np.array_equal(layer.forward(X, retain_derived=False), Y)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("act", [None, "relu", "leaky_relu"])
+@pytest.mark.parametrize("shape,G", [((6, 64), 2), ((5, 2, 2, 128), 4), ((3, 2, 4, 512), 8)])
+def test_groupnorm_channels_last_runs_match_reference(monkeypatch, shape, G, act, dtype):
+    """With few positions and wide groups (``P * 8 <= cg``: one position and 32 channels
+    per group, 4 and 32, 8 and 64) the channels-last forward sums each group's P runs of
+    ``cg`` contiguous values as they lie instead of per-channel sums. Blocks of 1 and 3
+    groups (the last ragged). The first value of example 1's first group is 40 standard
+    deviations off: that group takes the second pass around its mean. Against the float64
+    reference, and inference bit-equal to training."""
+    from nbnet import config
+    rng = np.random.default_rng(13)
+    Cc = shape[-1]
+    cg = Cc // G
+    X = rng.normal(-3.0, 2.0, shape)
+    X.reshape(shape[0], -1)[1, 0] += 80.0
+    X = X.astype(dtype)
+    dY = rng.normal(size=shape).astype(dtype)
+    for per_task in (1, 3):
+        monkeypatch.setattr(config, "TILE_BYTES", per_task * cg * np.dtype(dtype).itemsize)
+        layer = nbnet.GroupNorm(G, act_fn=act)
+        layer.forward(X[:1], retain_derived=False)
+        gamma = rng.uniform(0.5, 1.5, Cc).astype(dtype)
+        beta = rng.normal(0, 0.5, Cc).astype(dtype)
+        layer.set_params({"parameters": {"scaler": gamma, "intercept": beta}})
+        Y = layer.forward(X)
+        dX = layer.backward(dY)
+        canon = (lambda a: np.asarray(a, np.float64).reshape(shape[0], -1, G, cg))
+        g64, b64 = (np.asarray(p, np.float64).reshape(G, cg) for p in (gamma, beta))
+        Yr, _, var = ref.norm_forward_ref(canon(X), (1, 3), g64, b64, layer.epsilon, ACTS[act])
+        dXr, dgr, dbr = ref.norm_backward_ref(canon(X), canon(dY), (1, 3), g64, b64,
+                                              layer.epsilon, ACTS[act], param_axes=(0, 1))
+        tol = 1e-10 if dtype == np.float64 else 2e-6
+        dx_scale = float(np.abs(canon(dY) * g64 / np.sqrt(var + layer.epsilon)).max())
+        assert _rel(canon(Y), Yr) < tol
+        assert _rel(canon(dX), dXr, dx_scale) < tol
+        assert _rel(layer.gradients["scaler"], dgr.reshape(Cc)) < tol
+        assert _rel(layer.gradients["intercept"], dbr.reshape(Cc)) < tol
+        assert np.array_equal(layer.forward(X, retain_derived=False), Y)
+
+
 @pytest.mark.parametrize("fmt", ["NHWC", "NCHW"])
 def test_groupnorm_examples_per_chunk(monkeypatch, fmt):
     """Each example's statistics and outputs are its own, so the forward is bit-identical
