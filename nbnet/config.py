@@ -93,6 +93,16 @@ def streams(V):
 #: wins at 65,536 elements (84 vs 99 us), parallel from 131,072 (102 vs 144 us).
 SERIAL_CUTOFF = _env_int("NBNET_SERIAL_CUTOFF", 1 << 17)
 
+#: The channels-last group kernels (GroupNorm, InstanceNorm NHWC) go parallel from this
+#: many elements when they have two tasks or more (blocks of groups, chunks of
+#: examples): they do more per value than a BatchNorm pass (a dozen short passes per
+#: example and block besides the data), so a parallel region pays for itself sooner.
+#: Serial against parallel kernel on the 2-core reference machine, float32, GroupNorm(32):
+#: (1, 2, 8192) (16K values, 8 tasks) forward 13.5 vs 9.4 us, backward 35.8 vs 21.1 us;
+#: (4, 2, 2048) (2 tasks) 11.7 vs 9.7 and 29.3 vs 19.1 us; with one task parallel only
+#: costs (2-3 us).
+GROUP_SERIAL_CUTOFF = _env_int("NBNET_GROUP_SERIAL_CUTOFF", 1 << 14)
+
 #: LLVM fast-math flags for the kernels. "nnan"/"ninf" are deliberately absent: they
 #: let LLVM assume NaN never occurs, which breaks isnan and NaN containment.
 #: "reassoc" lets row sums vectorise; "contract" allows FMA. Kernels built with

@@ -249,6 +249,13 @@ def _group_forward_cl_task(t, X, gamma, beta, n_groups, eps, code, alpha, rows_p
                     Yn[p, c] = z if z > 0.0 else z * neg  # z * neg keeps NaN a NaN
 
 
+def _loops(kern, size, N, n_groups, rows_per_chunk, groups_per_task):
+    """``kern.parallel`` from ``config.GROUP_SERIAL_CUTOFF`` elements and two tasks on,
+    else ``kern.serial``."""
+    n_tasks = -(-N // rows_per_chunk) * -(-n_groups // groups_per_task)
+    return kern.parallel if size >= config.GROUP_SERIAL_CUTOFF and n_tasks > 1 else kern.serial
+
+
 @kernel(ordered=True)
 def _group_forward_cl(X, gamma, beta, n_groups, eps, code, alpha, rows_per_chunk,
                       groups_per_task, Y, mean, invstd):
@@ -268,9 +275,9 @@ def group_forward_cl(size, X, gamma, beta, n_groups, eps, code, alpha, rows_per_
     mean, invstd : (N, G) float64, written (biased variance). Tasks of ``rows_per_chunk``
     examples times ``config.groups_per_task`` groups.
     """
-    _group_forward_cl(size, X, gamma, beta, n_groups, eps, code, alpha, rows_per_chunk,
-                      config.groups_per_task(X.shape[2], n_groups, X.dtype.itemsize), Y, mean,
-                      invstd)
+    gpt = config.groups_per_task(X.shape[2], n_groups, X.dtype.itemsize)
+    _loops(_group_forward_cl, size, X.shape[0], n_groups, rows_per_chunk, gpt)(
+        X, gamma, beta, n_groups, eps, code, alpha, rows_per_chunk, gpt, Y, mean, invstd)
 
 
 @task_body(ordered=True)
@@ -396,10 +403,10 @@ def group_backward_cl(size, X, dY, mean, invstd, gamma, beta, n_groups, code, al
     sum of g`` over the chunk's examples (``rows_per_chunk`` of them; the partials have
     one row per chunk).
     """
-    _group_backward_cl(size, X, dY, mean, invstd, gamma, beta, n_groups, code, alpha,
-                       rows_per_chunk,
-                       config.groups_per_task(X.shape[2], n_groups, X.dtype.itemsize), dX,
-                       partial_dgamma, partial_dbeta)
+    gpt = config.groups_per_task(X.shape[2], n_groups, X.dtype.itemsize)
+    _loops(_group_backward_cl, size, X.shape[0], n_groups, rows_per_chunk, gpt)(
+        X, dY, mean, invstd, gamma, beta, n_groups, code, alpha, rows_per_chunk, gpt, dX,
+        partial_dgamma, partial_dbeta)
 
 
 @task_body
