@@ -310,8 +310,6 @@ def _group_backward_cl_task(t, X, dY, mean, invstd, gamma, beta, n_groups, code,
         pdb[j] = 0.0
     ag = np.empty(w, np.float64)      # per channel: sum(g), sum(g * xhat)
     agx = np.empty(w, np.float64)
-    rc = np.empty(w, np.float64)      # invstd, per channel
-    dm = np.empty(w, np.float64)      # mean - m0, per channel
     mh = np.empty(g1 - g0, np.float64)   # per group: mean(h), mean(h * xhat)
     mhx = np.empty(g1 - g0, np.float64)
     m0 = np.empty(w, X.dtype)
@@ -332,20 +330,21 @@ def _group_backward_cl_task(t, X, dY, mean, invstd, gamma, beta, n_groups, code,
         mn = mean[n, g0:g1]
         rn = invstd[n, g0:g1]
         _group_affine(mn, rn, cg, gm, beta[j0:j1], m0, sc, sh)
-        _fill_groups(rn, cg, rc)
-        _fill_groups(mn, cg, dm)
         for j in range(w):
-            dm[j] -= m0[j]
             ag[j] = 0.0
             agx[j] = 0.0
         if code == 0:
             segment_moments(Xn, Gn, 1, 0, P, j0, j1, m0, sc, sh, one, neg, acc, acc2, ag, agx)
         else:
             segment_moments(Xn, Gn, 2, 0, P, j0, j1, m0, sc, sh, one, neg, acc, acc2, ag, agx)
-        for j in range(w):
-            agx[j] = (agx[j] - dm[j] * ag[j]) * rc[j]
-            pdg[j] += agx[j]
-            pdb[j] += ag[j]
+        for g in range(g1 - g0):  # sum(g * (x - mean)) * invstd, per group's channels
+            r = rn[g]
+            dm = mn[g] - m0[g * cg]
+            for j in range(cg):
+                c = np.uint64(g * cg + j)
+                agx[c] = (agx[c] - dm * ag[c]) * r
+                pdg[c] += agx[c]
+                pdb[c] += ag[c]
         # per-group sums of h = g * gamma and h * xhat
         _group_dots(gm, ag, agx, cg, mh, mhx)
         # dx = rc * (g * gamma - mh - xhat * mhx) = g * a + b - ((x - m0) * rc) * q,
