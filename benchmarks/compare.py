@@ -315,6 +315,16 @@ def normalization_rows(nbnet, torch, npml, quick, dtypes_1d=("float32", "float64
                       None, (N, C, H, W), f32, "rows"))
     specs.append(("GroupNorm(32) NHWC", nb("GroupNorm", n_groups=32),
                   nn and (lambda: nn.GroupNorm(32, img[3], eps=1e-5)), None, img, f32, "nhwc"))
+    # wide channels at few positions, and GroupNorm on a batch of features (one position):
+    # the channels-last kernels' blocks of groups and their runs path
+    gn_wide = (2, 2, 2, 256) if quick else (8, 7, 7, 2048)
+    specs.append(("GroupNorm(32) NHWC", nb("GroupNorm", n_groups=32),
+                  nn and (lambda C=gn_wide[3]: nn.GroupNorm(32, C, eps=1e-5)), None, gn_wide,
+                  f32, "nhwc"))
+    gn_flat = (16, 256) if quick else (64, 4096)
+    specs.append(("GroupNorm(32)", nb("GroupNorm", n_groups=32),
+                  nn and (lambda C=gn_flat[1]: nn.GroupNorm(32, C, eps=1e-5)), None, gn_flat,
+                  f32, "rows"))
     if nn is not None and not hasattr(nn, "RMSNorm"):
         rms_torch = None
     else:
