@@ -186,6 +186,21 @@ def groups_per_task(n_channels, n_groups, itemsize):
     return 1 if g < 1 else (n_groups if g > n_groups else g)
 
 
+def cf_group_tiling(n_examples, example_values, n_groups, itemsize):
+    """``(examples_per_chunk, groups_per_task)`` of the channels-first group kernels
+    (GroupNorm, InstanceNorm NCHW): a chunk of whole examples (:func:`examples_per_chunk`)
+    times as many whole groups as fill ``CHUNK_BYTES`` with the chunk. A task of one group
+    of one example had ``cg * H * W`` values, 4 to 16 for InstanceNorm on small images,
+    and its fixed costs (a call, the moments' set-up, a square root) exceeded its data.
+    ``n_examples``: the chunk's examples when the caller has fixed them (the backward's
+    partial buffers), else the batch. Shape-only."""
+    rpc = examples_per_chunk(example_values, itemsize)
+    rpc = n_examples if n_examples < rpc else rpc
+    per_group = rpc * (example_values // n_groups) * itemsize
+    g = CHUNK_BYTES // per_group if per_group > 0 else n_groups
+    return rpc, 1 if g < 1 else (n_groups if g > n_groups else g)
+
+
 def column_tiling(n_cols, itemsize):
     """``(rows_per_chunk, cols_per_tile)`` of the column kernels for a ``(rows, n_cols)``
     array: tiles of at most ``TILE_BYTES`` per row, chunks of ``rows_per_chunk`` of the

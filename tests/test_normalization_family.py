@@ -539,6 +539,49 @@ def test_groupnorm_channels_last_runs_match_reference(monkeypatch, shape, G, act
         assert np.array_equal(layer.forward(X, retain_derived=False), Y)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("act", [None, "relu", "leaky_relu"])
+@pytest.mark.parametrize("G,per_task", [(6, 4), (24, 5), (6, 6)])
+def test_groupnorm_nchw_group_blocks_match_reference(monkeypatch, G, per_task, act, dtype):
+    """The channels-first kernels run tasks of one example times a block of groups
+    (``config.cf_group_tiling``: 4 + 2 of 6 groups, five blocks of 5 and one of 4 of 24
+    (InstanceNorm-like, one channel per group), all 6), set through CHUNK_BYTES. The first
+    value of example 1 is 80 off a group of standard deviation 2: with 4 channels per
+    group (256 values) the shift is 15 of the group's own deviations from its mean and
+    the group takes the second pass; with one (64 values) it is 7.8, within SHIFT_LIMIT
+    (one value is at most sqrt(n) deviations from the mean of n), one pass. Against the
+    float64 reference."""
+    from nbnet import config
+    rng = np.random.default_rng(15)
+    Nn, Cc, Hh, Ww = 5, 24, 8, 8
+    cg, L = Cc // G, Hh * Ww
+    monkeypatch.setattr(config, "CHUNK_BYTES", per_task * cg * L * np.dtype(dtype).itemsize)
+    assert config.cf_group_tiling(Nn, Cc * L, G, np.dtype(dtype).itemsize) == (1, per_task)
+    X = rng.normal(-2.0, 2.0, (Nn, Cc, Hh, Ww))
+    X[1, 0, 0, 0] += 80.0
+    X = X.astype(dtype)
+    dY = rng.normal(size=X.shape).astype(dtype)
+    layer = nbnet.GroupNorm(G, act_fn=act, data_format="NCHW")
+    layer.forward(X[:1], retain_derived=False)
+    gamma = rng.uniform(0.5, 1.5, Cc).astype(dtype)
+    beta = rng.normal(0, 0.5, Cc).astype(dtype)
+    layer.set_params({"parameters": {"scaler": gamma, "intercept": beta}})
+    Y = layer.forward(X)
+    dX = layer.backward(dY)
+    canon = (lambda a: _nchw(np.asarray(a, np.float64)).reshape(Nn, Hh, Ww, G, cg))
+    g64, b64 = (np.asarray(p, np.float64).reshape(G, cg) for p in (gamma, beta))
+    Yr, _, var = ref.norm_forward_ref(canon(X), (1, 2, 4), g64, b64, layer.epsilon, ACTS[act])
+    dXr, dgr, dbr = ref.norm_backward_ref(canon(X), canon(dY), (1, 2, 4), g64, b64, layer.epsilon,
+                                          ACTS[act], param_axes=(0, 1, 2))
+    tol = 1e-10 if dtype == np.float64 else 2e-6
+    dx_scale = float(np.abs(canon(dY) * g64 / np.sqrt(var + layer.epsilon)).max())
+    assert _rel(canon(Y), Yr) < tol
+    assert _rel(canon(dX), dXr, dx_scale) < tol
+    assert _rel(layer.gradients["scaler"], dgr.reshape(Cc)) < tol
+    assert _rel(layer.gradients["intercept"], dbr.reshape(Cc)) < tol
+    assert np.array_equal(layer.forward(X, retain_derived=False), Y)
+
+
 @pytest.mark.parametrize("fmt", ["NHWC", "NCHW"])
 def test_groupnorm_examples_per_chunk(monkeypatch, fmt):
     """Each example's statistics and outputs are its own, so the forward is bit-identical

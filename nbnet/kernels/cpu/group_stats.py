@@ -47,8 +47,8 @@ from numba import prange
 from ... import config
 from ._jit import helper, kernel, subroutine, task_body, wraps_kernel
 from .activations import piecewise_slopes, reject_smooth
-from .block_sums import block_shifted_moments, rescue_columns, shifted_result
-from .column_stats import count_tiles, segment_moments, tile_of
+from .block_sums import SUM_BLOCK, block_shifted_moments, rescue_columns, shifted_result
+from .column_stats import _cf_slope_run, count_tiles, segment_moments, tile_of
 
 
 # Channels-last kernels. A task is a chunk of ``rows_per_chunk`` examples times a block of
@@ -408,135 +408,223 @@ def group_backward_cl(size, X, dY, mean, invstd, gamma, beta, n_groups, code, al
         partial_dgamma, partial_dbeta)
 
 
-@task_body
-def _group_forward_cf_task(t, X, gamma, beta, n_groups, eps, code, alpha, Y, mean, invstd):
-    """Task ``t`` of :func:`group_forward_cf` (the ``prange`` body; see ``task_body``)."""
+@subroutine
+def _run_grad_sums(Xf, Gf, gs, o, L, mc, act):
+    """``(sum(g), sum(g * (x - mc)))`` along the run of ``L`` values at flat offset ``o``
+    (float64): ``g`` the values of ``Gf``, or with ``act`` those of the run buffer ``gs``
+    (``dY * f'(z)``, :func:`~nbnet.kernels.cpu.column_stats._cf_slope_run`). Blocks of
+    ``SUM_BLOCK`` values summed in X's dtype, added up in float64; compiled with "reassoc"
+    (vectorised reductions) for the ``ordered`` channels-first backward."""
+    s1 = 0.0
+    s2 = 0.0
+    for b in range(0, L, SUM_BLOCK):
+        p1 = mc - mc
+        p2 = mc - mc
+        ob = o + b
+        e = SUM_BLOCK if SUM_BLOCK < L - b else L - b
+        if act:
+            for j in range(e):
+                g = gs[b + j]
+                p1 += g
+                p2 += g * (Xf[np.uint64(ob + j)] - mc)
+        else:
+            for j in range(e):
+                v = np.uint64(ob + j)
+                g = Gf[v]
+                p1 += g
+                p2 += g * (Xf[v] - mc)
+        s1 += p1
+        s2 += p2
+    return s1, s2
+
+
+@task_body(ordered=True)
+def _group_forward_cf_task(t, X, gamma, beta, n_groups, eps, code, alpha, rows_per_chunk,
+                           groups_per_task, Y, mean, invstd):
+    """Task ``t`` of :func:`group_forward_cf` (the ``prange`` body; see ``task_body``): the
+    groups ``g0:g1`` of a chunk of examples (:func:`~nbnet.kernels.cpu.column_stats.
+    tile_of`); group ``g`` of example ``n`` is the ``cg * L`` contiguous values at flat
+    offset ``o``.
+
+    Statistics in one pass of shifted moments around the group's first value
+    (:func:`_run_moments`: input-dtype blocks, float64 across them), a second around the
+    mean when that shift was more than ``SHIFT_LIMIT`` standard deviations off; the
+    output ``(x - m0) * a + b`` in X's dtype per channel run (``m0`` the mean rounded to
+    X's dtype, ``a = invstd * gamma``, ``b = beta - (mean - m0) * a``: the channels-last
+    kernels' factors, so both layouts agree)."""
     N, C, L = X.shape
     cg = C // n_groups
     inv_cnt = 1.0 / (L * cg)
-    n = t // n_groups
-    g = t - n * n_groups
-    c0 = g * cg
-    c1 = c0 + cg
-    s = 0.0
-    for c in range(c0, c1):
-        for j in range(L):
-            s += X[n, c, j]
-    m = s * inv_cnt
-    s2 = 0.0
-    for c in range(c0, c1):
-        for j in range(L):
-            d = X[n, c, j] - m
-            s2 += d * d
-    r = 1.0 / math.sqrt(s2 * inv_cnt + eps)
-    mean[n, g] = m
-    invstd[n, g] = r
-    if code == 0:
-        for c in range(c0, c1):
-            sc = r * gamma[c]
-            bc = np.float64(beta[c])
-            for j in range(L):
-                Y[n, c, j] = (X[n, c, j] - m) * sc + bc
-    else:  # ReLU, leaky ReLU: a select (the smooth codes run apart, see reject_smooth)
-        reject_smooth(code)
-        neg = 0.0 if code == 1 else alpha
-        for c in range(c0, c1):
-            sc = r * gamma[c]
-            bc = np.float64(beta[c])
-            for j in range(L):
-                z = (X[n, c, j] - m) * sc + bc
-                Y[n, c, j] = z if z > 0.0 else z * neg  # z * neg keeps NaN a NaN
+    k, start, stop, g0, g1 = tile_of(t, N, n_groups, rows_per_chunk, groups_per_task)
+    Xf = X.reshape(-1)
+    Yf = Y.reshape(-1)
+    f = np.empty(3, X.dtype)  # values rounded to X's dtype
+    reject_smooth(code)
+    _, neg = piecewise_slopes(code, alpha, f)
+    for n in range(start, stop):
+        for g in range(g0, g1):
+            o = (n * C + g * cg) * L
+            x0 = Xf[np.uint64(o)]
+            for attempt in range(2):
+                s1, s2 = _run_moments(Xf, o, cg * L, x0)
+                m, m2, far = shifted_result(np.float64(x0), s1, s2, inv_cnt)
+                if not far:
+                    break
+                f[0] = m  # again, around the mean just found
+                x0 = f[0]
+            r = 1.0 / math.sqrt(m2 * inv_cnt + eps)
+            mean[n, g] = m
+            invstd[n, g] = r
+            f[0] = m
+            mc = f[0]
+            rem = m - mc
+            for c in range(g * cg, (g + 1) * cg):
+                sc = r * gamma[c]
+                f[1] = sc
+                f[2] = beta[c] - rem * sc
+                ac = f[1]
+                bc = f[2]
+                oc = o + (c - g * cg) * L
+                if code == 0:
+                    for j in range(L):
+                        v = np.uint64(oc + j)
+                        Yf[v] = (Xf[v] - mc) * ac + bc
+                else:  # ReLU, leaky ReLU: a select in X's dtype
+                    for j in range(L):
+                        v = np.uint64(oc + j)
+                        z = (Xf[v] - mc) * ac + bc
+                        Yf[v] = z if z > 0.0 else z * neg  # z * neg keeps NaN a NaN
 
 
-@kernel
-def group_forward_cf(X, gamma, beta, n_groups, eps, code, alpha, Y, mean, invstd):
+@kernel(ordered=True)
+def _group_forward_cf(X, gamma, beta, n_groups, eps, code, alpha, rows_per_chunk,
+                      groups_per_task, Y, mean, invstd):
+    """:func:`group_forward_cf` with its tasks' sizes given."""
+    N, C, L = X.shape
+    for t in prange(count_tiles(N, n_groups, rows_per_chunk, groups_per_task)):
+        _group_forward_cf_task(np.int64(t), X, gamma, beta, n_groups, eps, code, alpha,
+                               rows_per_chunk, groups_per_task, Y, mean, invstd)
+
+
+@wraps_kernel(_group_forward_cf)
+def group_forward_cf(size, X, gamma, beta, n_groups, eps, code, alpha, Y, mean, invstd):
     """Channels-first twin of :func:`group_forward_cl`: X, Y : (N, C, L).
 
-    One task per ``(example, group)``: its ``cg * L`` values are contiguous, read once
-    from memory and twice more from cache.
+    Tasks of a chunk of examples times a block of groups, about ``config.CHUNK_BYTES``
+    (``config.cf_group_tiling``); each group's ``cg * L`` values are contiguous, read
+    once from memory and once more from cache.
     """
     N, C, L = X.shape
-    for t in prange(N * n_groups):
-        _group_forward_cf_task(np.int64(t), X, gamma, beta, n_groups, eps, code, alpha, Y,
-                               mean, invstd)
+    rpc, gpt = config.cf_group_tiling(N, C * L, n_groups, X.dtype.itemsize)
+    _loops(_group_forward_cf, size, N, n_groups, rpc, gpt)(
+        X, gamma, beta, n_groups, eps, code, alpha, rpc, gpt, Y, mean, invstd)
 
 
-@task_body
+@task_body(ordered=True)
 def _group_backward_cf_task(t, X, dY, mean, invstd, gamma, beta, n_groups, code, alpha,
-                            rows_per_chunk, dX, partial_dgamma, partial_dbeta):
-    """Task ``t`` of :func:`group_backward_cf` (the ``prange`` body; see ``task_body``)."""
+                            rows_per_chunk, groups_per_task, dX, partial_dgamma,
+                            partial_dbeta):
+    """Task ``t`` of :func:`group_backward_cf` (the ``prange`` body; see ``task_body``):
+    group ``g`` of the chunk's examples, columns ``g*cg:(g+1)*cg`` of row ``k`` of the
+    partial buffers.
+
+    Per channel run, in X's dtype with the forward's factors: ``sum(g)`` and ``sum(g * (x
+    - m0))`` (:func:`_run_grad_sums`), then ``sum(g * xhat) = (sum(g * (x - m0)) - (mean
+    - m0) * sum(g)) * invstd``; with ReLU / leaky ReLU ``g = dY * f'(z)`` formed first
+    into a run buffer. Then ``dx = (g * a + b) - ((x - m0) * r) * q`` as the channels-last
+    kernel forms it."""
     N, C, L = X.shape
     cg = C // n_groups
     inv_cnt = 1.0 / (L * cg)
-    k = t // n_groups
-    g = t - k * n_groups
-    c0 = g * cg
-    c1 = c0 + cg
-    start = k * rows_per_chunk
-    stop = min(start + rows_per_chunk, N)
-    for c in range(c0, c1):
+    k, start, stop, g0, g1 = tile_of(t, N, n_groups, rows_per_chunk, groups_per_task)
+    for c in range(g0 * cg, g1 * cg):
         partial_dgamma[k, c] = 0.0
         partial_dbeta[k, c] = 0.0
+    Xf = X.reshape(-1)
+    Gf = dY.reshape(-1)
+    Df = dX.reshape(-1)
+    f = np.empty(6, X.dtype)  # values rounded to X's dtype
+    gs = np.empty(L if code != 0 else 0, X.dtype)
     reject_smooth(code)
-    # ReLU / leaky ReLU slopes as selects, 1 or neg + (z - z) (NaN where z is NaN)
-    neg = 0.0 if code == 1 else alpha
+    _, neg = piecewise_slopes(code, alpha, f)
+    act = code != 0
     for n in range(start, stop):
-        m = mean[n, g]
-        r = invstd[n, g]
-        sh = 0.0
-        shx = 0.0
-        for c in range(c0, c1):
-            gc = np.float64(gamma[c])
-            bc = np.float64(beta[c])
-            sg = 0.0
-            sgx = 0.0
-            if code == 0:
-                for j in range(L):
-                    gv = np.float64(dY[n, c, j])
-                    sg += gv
-                    sgx += gv * ((X[n, c, j] - m) * r)
-            else:
-                for j in range(L):
-                    xhat = (X[n, c, j] - m) * r
-                    z = xhat * gc + bc
-                    gv = dY[n, c, j] * (1.0 if z > 0.0 else neg + (z - z))
-                    sg += gv
-                    sgx += gv * xhat
-            partial_dgamma[k, c] += sgx
-            partial_dbeta[k, c] += sg
-            sh += gc * sg
-            shx += gc * sgx
-        mh = sh * inv_cnt
-        mhx = shx * inv_cnt
-        for c in range(c0, c1):
-            gc = np.float64(gamma[c])
-            bc = np.float64(beta[c])
-            if code == 0:
-                for j in range(L):
-                    xhat = (X[n, c, j] - m) * r
-                    dX[n, c, j] = r * (dY[n, c, j] * gc - mh - xhat * mhx)
-            else:
-                for j in range(L):
-                    xhat = (X[n, c, j] - m) * r
-                    z = xhat * gc + bc
-                    gv = dY[n, c, j] * (1.0 if z > 0.0 else neg + (z - z))
-                    dX[n, c, j] = r * (gv * gc - mh - xhat * mhx)
+        for g in range(g0, g1):
+            c0 = g * cg
+            m = mean[n, g]
+            r = invstd[n, g]
+            f[0] = m
+            mc = f[0]
+            rem = m - mc
+            o = (n * C + c0) * L
+            s_h = 0.0
+            s_hx = 0.0
+            for c in range(c0, c0 + cg):
+                oc = o + (c - c0) * L
+                if act:
+                    sc = r * gamma[c]
+                    f[1] = sc
+                    f[2] = beta[c] - rem * sc
+                    _cf_slope_run(Xf, Gf, oc, L, mc, f[1], f[2], neg, gs)
+                sg, sgd = _run_grad_sums(Xf, Gf, gs, oc, L, mc, act)
+                sgx = (sgd - rem * sg) * r
+                partial_dgamma[k, c] += sgx
+                partial_dbeta[k, c] += sg
+                s_h += gamma[c] * sg
+                s_hx += gamma[c] * sgx
+            # dx = r * (g * gamma - mean(h) - xhat * mean(h * xhat)) = (g * a + b) - ((x - m0)
+            # * r) * q, q = r * mean(h * xhat), the float64 remainder folded into b (r * q as
+            # one factor underflows float32 for groups with a standard deviation past ~1e19)
+            q = r * (s_hx * inv_cnt)
+            f[3] = rem * r * q - r * (s_h * inv_cnt)
+            f[4] = r
+            f[5] = q
+            fb = f[3]
+            fr = f[4]
+            fq = f[5]
+            for c in range(c0, c0 + cg):
+                oc = o + (c - c0) * L
+                f[1] = r * gamma[c]
+                fa = f[1]
+                if act:
+                    sc = r * gamma[c]
+                    f[1] = sc
+                    f[2] = beta[c] - rem * sc
+                    _cf_slope_run(Xf, Gf, oc, L, mc, f[1], f[2], neg, gs)
+                    for j in range(L):
+                        v = np.uint64(oc + j)
+                        Df[v] = (gs[j] * fa + fb) - ((Xf[v] - mc) * fr) * fq
+                else:
+                    for j in range(L):
+                        v = np.uint64(oc + j)
+                        Df[v] = (Gf[v] * fa + fb) - ((Xf[v] - mc) * fr) * fq
 
 
-@kernel
-def group_backward_cf(X, dY, mean, invstd, gamma, beta, n_groups, code, alpha, rows_per_chunk,
-                      dX, partial_dgamma, partial_dbeta):
+@kernel(ordered=True)
+def _group_backward_cf(X, dY, mean, invstd, gamma, beta, n_groups, code, alpha, rows_per_chunk,
+                       groups_per_task, dX, partial_dgamma, partial_dbeta):
+    """:func:`group_backward_cf` with its tasks' blocks of groups given."""
+    N, C, L = X.shape
+    for t in prange(count_tiles(N, n_groups, rows_per_chunk, groups_per_task)):
+        _group_backward_cf_task(np.int64(t), X, dY, mean, invstd, gamma, beta, n_groups,
+                                code, alpha, rows_per_chunk, groups_per_task, dX,
+                                partial_dgamma, partial_dbeta)
+
+
+@wraps_kernel(_group_backward_cf)
+def group_backward_cf(size, X, dY, mean, invstd, gamma, beta, n_groups, code, alpha,
+                      rows_per_chunk, dX, partial_dgamma, partial_dbeta):
     """Channels-first twin of :func:`group_backward_cl`: X, dY, dX : (N, C, L).
 
-    One task per ``(chunk of rows_per_chunk examples, group)``; it owns columns
-    ``g*cg:(g+1)*cg`` of row ``k`` of the partial buffers.
+    Tasks of a chunk of ``rows_per_chunk`` examples times a block of groups (about
+    ``config.CHUNK_BYTES``, ``config.cf_group_tiling``); a task owns its groups' columns of
+    row ``k`` of the partial buffers.
     """
     N, C, L = X.shape
-    n_chunks = partial_dgamma.shape[0]
-    for t in prange(n_chunks * n_groups):
-        _group_backward_cf_task(np.int64(t), X, dY, mean, invstd, gamma, beta, n_groups,
-                                code, alpha, rows_per_chunk, dX, partial_dgamma,
-                                partial_dbeta)
+    _, gpt = config.cf_group_tiling(rows_per_chunk, C * L, n_groups, X.dtype.itemsize)
+    _loops(_group_backward_cf, size, N, n_groups, rows_per_chunk, gpt)(
+        X, dY, mean, invstd, gamma, beta, n_groups, code, alpha, rows_per_chunk, gpt, dX,
+        partial_dgamma, partial_dbeta)
 
 
 KERNELS = {
