@@ -582,6 +582,35 @@ def test_groupnorm_nchw_group_blocks_match_reference(monkeypatch, G, per_task, a
     assert np.array_equal(layer.forward(X, retain_derived=False), Y)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("act", [None, "relu"])
+def test_groupnorm_nchw_one_pixel_is_channels_last(dtype, act):
+    """An (N, C, 1, 1) NCHW input is (N, C) in memory and takes the channels-last kernels:
+    outputs, dX, parameter gradients and inference bit-identical to GroupNorm NHWC on
+    (N, 1, 1, C) and on the (N, C) view, and close to the float64 reference."""
+    rng = np.random.default_rng(14)
+    Nn, Cc, Gg = 6, 256, 4
+    X = rng.normal(2.0, 3.0, (Nn, Cc)).astype(dtype)
+    dY = rng.normal(size=X.shape).astype(dtype)
+    results = []
+    for fmt, shape in (("NCHW", (Nn, Cc, 1, 1)), ("NHWC", (Nn, 1, 1, Cc)), ("NHWC", (Nn, Cc))):
+        layer = nbnet.GroupNorm(Gg, act_fn=act, data_format=fmt)
+        Y = layer.forward(X.reshape(shape))
+        dX = layer.backward(dY.reshape(shape))
+        assert Y.shape == dX.shape == shape
+        Yi = layer.forward(X.reshape(shape), retain_derived=False)
+        results.append([Y.reshape(Nn, Cc).copy(), dX.reshape(Nn, Cc).copy(),
+                        Yi.reshape(Nn, Cc).copy(), layer.gradients["scaler"].copy(),
+                        layer.gradients["intercept"].copy()])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_array_equal(a, b)
+    canon = (lambda a: np.asarray(a, np.float64).reshape(Nn, Gg, Cc // Gg))
+    Yr, _, _ = ref.norm_forward_ref(canon(X), (2,), np.ones((Gg, Cc // Gg)),
+                                    np.zeros((Gg, Cc // Gg)), 1e-5, ACTS[act])
+    assert _rel(canon(results[0][0]), Yr) < (1e-10 if dtype == np.float64 else 2e-6)
+
+
 @pytest.mark.parametrize("fmt", ["NHWC", "NCHW"])
 def test_groupnorm_examples_per_chunk(monkeypatch, fmt):
     """Each example's statistics and outputs are its own, so the forward is bit-identical

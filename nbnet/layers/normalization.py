@@ -907,10 +907,17 @@ class GroupNorm(_NormBase):
         return X
 
     def _view(self, X):
-        """``(V, channels_first)``: ``(N, C, L)`` for NCHW, else ``(N, P, C)``."""
+        """``(V, channels_first)``: ``(N, C, L)`` for NCHW, else ``(N, P, C)``. NCHW images
+        of one pixel are ``(N, C)`` in memory, as NHWC ones: they take the channels-last
+        kernels (runs of one value cost the channels-first ones a call per channel:
+        GroupNorm(32) (64, 4096, 1, 1) float32 training step 3.0 ms against PyTorch's
+        1.34 ms on the 2-core reference machine)."""
         N, C = int(X.shape[0]), self._n_features(X)
         if X.ndim == 4 and self.data_format == "NCHW":
-            return X.reshape(N, C, math.prod(X.shape[2:])), True
+            L = math.prod(X.shape[2:])
+            if L != 1:
+                return X.reshape(N, C, L), True
+            return X.reshape(N, 1, C), False
         return X.reshape(N, math.prod(X.shape[1:-1]), C), False
 
     def _held_keys(self):
