@@ -780,7 +780,7 @@ def _cf_factors(X, mean, invstd, gamma, beta, code, alpha, c0, w):
 
 
 @helper
-def _cf_slope_run(Xf, Gf, o, L, mc, ac, bc, neg, out):
+def cf_slope_run(Xf, Gf, o, L, mc, ac, bc, neg, out):
     """``out[:L] = g * f'(z)`` along the run at flat offset ``o`` of ``Xf``/``Gf``
     (unsigned indices), ``z = (x - mc) * ac + bc`` formed as the forward forms it (so the
     slope agrees with the output); ReLU / leaky ReLU as a select, ``neg`` the slope left
@@ -790,6 +790,35 @@ def _cf_slope_run(Xf, Gf, o, L, mc, ac, bc, neg, out):
         z = (Xf[v] - mc) * ac + bc
         g = Gf[v]
         out[j] = g if z > 0.0 else g * (neg + (z - z))
+
+
+@helper
+def run_grad_sums(Xf, Gf, gs, o, L, mc, act):
+    """``(sum(g), sum(g * (x - mc)))`` along the run of ``L`` values at flat offset ``o``
+    of ``Xf`` (float64; unsigned indices): ``g`` the values of ``Gf`` there, or with
+    ``act`` those of the run buffer ``gs`` (``dY * f'(z)``, :func:`cf_slope_run`). Blocks
+    of ``SUM_BLOCK`` values summed in X's dtype (vectorised where the caller compiles with
+    "reassoc"), added up in float64."""
+    s1 = 0.0
+    s2 = 0.0
+    for b in range(0, L, SUM_BLOCK):
+        p1 = mc - mc
+        p2 = mc - mc
+        ob = o + b
+        if act:
+            for j in range(min(SUM_BLOCK, L - b)):
+                g = gs[b + j]
+                p1 += g
+                p2 += g * (Xf[np.uint64(ob + j)] - mc)
+        else:
+            for j in range(min(SUM_BLOCK, L - b)):
+                v = np.uint64(ob + j)
+                g = Gf[v]
+                p1 += g
+                p2 += g * (Xf[v] - mc)
+        s1 += p1
+        s2 += p2
+    return s1, s2
 
 
 @task_body
@@ -913,24 +942,10 @@ def _column_backward_reduce_cf_task(t, X, dY, mean, invstd, gamma, beta, code, a
             o = (n * C + c0 + c) * L
             mc = m0[c]
             if code != 0:
-                _cf_slope_run(Xf, Gf, o, L, mc, a[c], b[c], neg, gs)
-            for bb in range(0, L, SUM_BLOCK):
-                p1 = mc - mc
-                p2 = mc - mc
-                ob = o + bb
-                if code == 0:
-                    for j in range(min(SUM_BLOCK, L - bb)):
-                        v = np.uint64(ob + j)
-                        g = Gf[v]
-                        p1 += g
-                        p2 += g * (Xf[v] - mc)
-                else:  # g from the run buffer
-                    for j in range(min(SUM_BLOCK, L - bb)):
-                        g = gs[bb + j]
-                        p1 += g
-                        p2 += g * (Xf[np.uint64(ob + j)] - mc)
-                sg[c] += p1
-                sgx[c] += p2
+                cf_slope_run(Xf, Gf, o, L, mc, a[c], b[c], neg, gs)
+            s1, s2 = run_grad_sums(Xf, Gf, gs, o, L, mc, code != 0)
+            sg[c] += s1
+            sgx[c] += s2
     for c in range(w):
         sgx[c] = invstd[c0 + c] * (sgx[c] - (mean[c0 + c] - m0[c]) * sg[c])
     for c in range(w):
@@ -990,7 +1005,7 @@ def _column_backward_dx_cf_task(t, X, dY, mean, invstd, gamma, beta, code, alpha
                     v = np.uint64(o + j)
                     Df[v] = (Gf[v] * ac + k0c) - k1c * ((Xf[v] - mc) * ac)
             else:  # g = dY * f'(z) from the run buffer
-                _cf_slope_run(Xf, Gf, o, L, mc, ac, sh[c], neg, gs)
+                cf_slope_run(Xf, Gf, o, L, mc, ac, sh[c], neg, gs)
                 for j in range(L):
                     v = np.uint64(o + j)
                     Df[v] = (gs[j] * ac + k0c) - k1c * ((Xf[v] - mc) * ac)

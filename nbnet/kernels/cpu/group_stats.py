@@ -12,29 +12,33 @@ shape ``(C,)``). Two views cover every layout without a transpose:
 * channels-first ``(N, C, L)`` (NCHW, ``L = H*W``): group ``g`` of example ``n`` is the
   contiguous block ``X[n, g*cg:(g+1)*cg, :]``.
 
-Parallel layout. Channels-last: ``prange`` over tasks of a chunk of ``rows_per_chunk``
-examples times a block of whole groups (``config.groups_per_task``, about
-``config.TILE_BYTES`` of channels); channels-first: over ``(chunk, group)`` tasks. Both
-keep both cores busy when ``N`` is small and C or G large. Statistics of an example depend on that example alone; the
-parameter gradients reduce over examples, so backward writes per-chunk ``[n_chunks, C]``
-partials (a task owns its groups' columns of row ``k``) merged in chunk
-order by :func:`~nbnet.kernels.cpu.column_stats.merge_partial_sums`. Chunking depends
-only on the shape, so results are bit-identical for any thread count.
+Parallel layout: ``prange`` over tasks of a chunk of examples times a block of whole
+groups, channels-last (``config.groups_per_task``: about ``config.TILE_BYTES`` of
+channels) and channels-first (``config.cf_group_tiling``: about ``config.CHUNK_BYTES`` a
+task) alike, which keeps both cores busy when N is small and C or G large. Statistics of
+an example depend on that example alone; the parameter gradients reduce over examples,
+so backward writes per-chunk ``[n_chunks, C]`` partials (a task owns its groups' columns
+of row ``k``) merged in chunk order by
+:func:`~nbnet.kernels.cpu.column_stats.merge_partial_sums`. Chunking depends only on the
+shape, so results are bit-identical for any thread count.
 
 Numerics: float64 accumulation, never E[x^2] - E[x]^2 (for float32 data of mean 1e4 and
-unit variance that form keeps no correct digit of the variance). Channels-first groups
-take two passes over the cached group (mean, then squared deviations around it);
-channels-last examples take one pass of moments shifted by each group's first value,
-and a second around the found mean when that shift was more than ``SHIFT_LIMIT``
-standard deviations off (see :func:`_group_forward_cl_task`).
+unit variance that form keeps no correct digit of the variance). Statistics are moments
+shifted by each group's first value, taken again around the found mean when that shift
+was more than ``SHIFT_LIMIT`` standard deviations off (see :func:`_group_forward_cl_task`):
+channels-last as per-channel sums over positions (or, for a few positions of wide groups,
+each group's runs directly), channels-first over the group's contiguous block.
 
-Channels-last kernels compute in the input's dtype the way the column kernels do (see
-:mod:`~nbnet.kernels.cpu.column_stats`): per-channel block accumulators of the input's
-dtype flushed into float64 every ``ROW_BLOCK`` passes (a pass adds one position from
-each of four segments of the example, see
-:func:`~nbnet.kernels.cpu.column_stats.segment_moments`), and the group mean subtracted
-as ``x - m0`` (``m0`` the mean rounded to X's dtype) with the float64 remainder ``mean -
-m0`` folded into per-channel constants; they compile with ``ordered=True``.
+Both layouts compute in the input's dtype the way the column kernels do (see
+:mod:`~nbnet.kernels.cpu.column_stats`): block sums of the input's dtype flushed into
+float64 (channels-last: per-channel block accumulators flushed every ``ROW_BLOCK``
+passes, a pass adding one position from each of four segments of the example, see
+:func:`~nbnet.kernels.cpu.column_stats.segment_moments`; channels-first: ``SUM_BLOCK``
+values along a run), and the group mean subtracted as ``x - m0`` (``m0`` the mean rounded
+to X's dtype) with the float64 remainder ``mean - m0`` folded into per-channel constants,
+the same factors in both layouts. The tasks compile with ``ordered=True``; their
+reductions run in "reassoc" subroutines (:func:`_run_moments`, :func:`_run_grad_sums`,
+:func:`_group_sums`, :func:`_group_dots`).
 
 NaN containment: a NaN anywhere in group ``g`` of example ``n`` makes ``mean[n, g]``,
 ``invstd[n, g]`` and that group's outputs NaN; other groups and examples stay finite.
@@ -47,8 +51,8 @@ from numba import prange
 from ... import config
 from ._jit import helper, kernel, subroutine, task_body, wraps_kernel
 from .activations import piecewise_slopes, reject_smooth
-from .block_sums import SUM_BLOCK, block_shifted_moments, rescue_columns, shifted_result
-from .column_stats import _cf_slope_run, count_tiles, segment_moments, tile_of
+from .block_sums import block_shifted_moments, rescue_columns, shifted_result
+from .column_stats import cf_slope_run, count_tiles, run_grad_sums, segment_moments, tile_of
 
 
 # Channels-last kernels. A task is a chunk of ``rows_per_chunk`` examples times a block of
@@ -410,32 +414,9 @@ def group_backward_cl(size, X, dY, mean, invstd, gamma, beta, n_groups, code, al
 
 @subroutine
 def _run_grad_sums(Xf, Gf, gs, o, L, mc, act):
-    """``(sum(g), sum(g * (x - mc)))`` along the run of ``L`` values at flat offset ``o``
-    (float64): ``g`` the values of ``Gf``, or with ``act`` those of the run buffer ``gs``
-    (``dY * f'(z)``, :func:`~nbnet.kernels.cpu.column_stats._cf_slope_run`). Blocks of
-    ``SUM_BLOCK`` values summed in X's dtype, added up in float64; compiled with "reassoc"
+    """:func:`~nbnet.kernels.cpu.column_stats.run_grad_sums` compiled with "reassoc"
     (vectorised reductions) for the ``ordered`` channels-first backward."""
-    s1 = 0.0
-    s2 = 0.0
-    for b in range(0, L, SUM_BLOCK):
-        p1 = mc - mc
-        p2 = mc - mc
-        ob = o + b
-        e = SUM_BLOCK if SUM_BLOCK < L - b else L - b
-        if act:
-            for j in range(e):
-                g = gs[b + j]
-                p1 += g
-                p2 += g * (Xf[np.uint64(ob + j)] - mc)
-        else:
-            for j in range(e):
-                v = np.uint64(ob + j)
-                g = Gf[v]
-                p1 += g
-                p2 += g * (Xf[v] - mc)
-        s1 += p1
-        s2 += p2
-    return s1, s2
+    return run_grad_sums(Xf, Gf, gs, o, L, mc, act)
 
 
 @task_body(ordered=True)
@@ -565,7 +546,7 @@ def _group_backward_cf_task(t, X, dY, mean, invstd, gamma, beta, n_groups, code,
                     sc = r * gamma[c]
                     f[1] = sc
                     f[2] = beta[c] - rem * sc
-                    _cf_slope_run(Xf, Gf, oc, L, mc, f[1], f[2], neg, gs)
+                    cf_slope_run(Xf, Gf, oc, L, mc, f[1], f[2], neg, gs)
                 sg, sgd = _run_grad_sums(Xf, Gf, gs, oc, L, mc, act)
                 sgx = (sgd - rem * sg) * r
                 partial_dgamma[k, c] += sgx
@@ -590,7 +571,7 @@ def _group_backward_cf_task(t, X, dY, mean, invstd, gamma, beta, n_groups, code,
                     sc = r * gamma[c]
                     f[1] = sc
                     f[2] = beta[c] - rem * sc
-                    _cf_slope_run(Xf, Gf, oc, L, mc, f[1], f[2], neg, gs)
+                    cf_slope_run(Xf, Gf, oc, L, mc, f[1], f[2], neg, gs)
                     for j in range(L):
                         v = np.uint64(oc + j)
                         Df[v] = (gs[j] * fa + fb) - ((Xf[v] - mc) * fr) * fq
