@@ -793,10 +793,11 @@ def cf_slope_run(Xf, Gf, o, L, mc, ac, bc, neg, out):
 
 
 @helper
-def run_grad_sums(Xf, Gf, gs, o, L, mc, act):
+def run_grad_sums(Xf, Gf, gs, og, o, L, mc, act):
     """``(sum(g), sum(g * (x - mc)))`` along the run of ``L`` values at flat offset ``o``
     of ``Xf`` (float64; unsigned indices): ``g`` the values of ``Gf`` there, or with
-    ``act`` those of the run buffer ``gs`` (``dY * f'(z)``, :func:`cf_slope_run`). Blocks
+    ``act`` those of the buffer ``gs`` from ``og`` on (``dY * f'(z)``,
+    :func:`cf_slope_run`). Blocks
     of ``SUM_BLOCK`` values summed in X's dtype (vectorised where the caller compiles with
     "reassoc"), added up in float64."""
     s1 = 0.0
@@ -807,7 +808,7 @@ def run_grad_sums(Xf, Gf, gs, o, L, mc, act):
         ob = o + b
         if act:
             for j in range(min(SUM_BLOCK, L - b)):
-                g = gs[b + j]
+                g = gs[np.uint64(og + b + j)]
                 p1 += g
                 p2 += g * (Xf[np.uint64(ob + j)] - mc)
         else:
@@ -943,7 +944,7 @@ def _column_backward_reduce_cf_task(t, X, dY, mean, invstd, gamma, beta, code, a
             mc = m0[c]
             if code != 0:
                 cf_slope_run(Xf, Gf, o, L, mc, a[c], b[c], neg, gs)
-            s1, s2 = run_grad_sums(Xf, Gf, gs, o, L, mc, code != 0)
+            s1, s2 = run_grad_sums(Xf, Gf, gs, 0, o, L, mc, code != 0)
             sg[c] += s1
             sgx[c] += s2
     for c in range(w):

@@ -37,7 +37,7 @@ passes, a pass adding one position from each of four segments of the example, se
 values along a run), and the group mean subtracted as ``x - m0`` (``m0`` the mean rounded
 to X's dtype) with the float64 remainder ``mean - m0`` folded into per-channel constants,
 the same factors in both layouts. The tasks compile with ``ordered=True``; their
-reductions run in "reassoc" subroutines (:func:`_run_moments`, :func:`_run_grad_sums`,
+reductions run in "reassoc" subroutines (:func:`_run_moments`, :func:`_block_grad_sums`,
 :func:`_group_sums`, :func:`_group_dots`).
 
 NaN containment: a NaN anywhere in group ``g`` of example ``n`` makes ``mean[n, g]``,
@@ -413,10 +413,19 @@ def group_backward_cl(size, X, dY, mean, invstd, gamma, beta, n_groups, code, al
 
 
 @subroutine
-def _run_grad_sums(Xf, Gf, gs, o, L, mc, act):
-    """:func:`~nbnet.kernels.cpu.column_stats.run_grad_sums` compiled with "reassoc"
-    (vectorised reductions) for the ``ordered`` channels-first backward."""
-    return run_grad_sums(Xf, Gf, gs, o, L, mc, act)
+def _block_grad_sums(Xf, Gf, gs, o, L, cg, m0, act, sg, sgd):
+    """``sg[c], sgd[c] = (sum(g), sum(g * (x - m0[c // cg])))`` for each channel ``c`` of
+    a block of groups (``len(m0)`` groups of ``cg`` channels, runs of ``L`` values from
+    flat offset ``o``; with ``act``, ``g`` from ``gs[c * L:]``):
+    :func:`~nbnet.kernels.cpu.column_stats.run_grad_sums` compiled with "reassoc"
+    (vectorised reductions) for the ``ordered`` channels-first backward. One call per
+    example and block of groups, not per channel: a call costs about as much as the sums
+    of a short run (its arrays are passed field by field). GroupNorm(32) (256,512,4,4)
+    float32 training step 2.06-2.2 -> 1.5-1.7 ms on the 2-core reference machine."""
+    for i in range(m0.shape[0]):
+        mc = m0[i]
+        for c in range(i * cg, (i + 1) * cg):
+            sg[c], sgd[c] = run_grad_sums(Xf, Gf, gs, c * L, o + c * L, L, mc, act)
 
 
 @task_body(ordered=True)
@@ -510,7 +519,7 @@ def _group_backward_cf_task(t, X, dY, mean, invstd, gamma, beta, n_groups, code,
     partial buffers.
 
     Per channel run, in X's dtype with the forward's factors: ``sum(g)`` and ``sum(g * (x
-    - m0))`` (:func:`_run_grad_sums`), then ``sum(g * xhat) = (sum(g * (x - m0)) - (mean
+    - m0))`` (:func:`_block_grad_sums`), then ``sum(g * xhat) = (sum(g * (x - m0)) - (mean
     - m0) * sum(g)) * invstd``; with ReLU / leaky ReLU ``g = dY * f'(z)`` formed first
     into a run buffer. Then ``dx = (g * a + b) - ((x - m0) * r) * q`` as the channels-last
     kernel forms it."""
@@ -525,33 +534,45 @@ def _group_backward_cf_task(t, X, dY, mean, invstd, gamma, beta, n_groups, code,
     Gf = dY.reshape(-1)
     Df = dX.reshape(-1)
     f = np.empty(6, X.dtype)  # values rounded to X's dtype
-    gs = np.empty(L if code != 0 else 0, X.dtype)
+    w = (g1 - g0) * cg
+    m0 = np.empty(g1 - g0, X.dtype)  # the block's group means rounded to X's dtype
+    gs = np.empty(w * L if code != 0 else 0, X.dtype)  # the block's dY * f'(z)
+    sg = np.empty(w, np.float64)  # per channel of the block: sum(g), sum(g * (x - m0))
+    sgd = np.empty(w, np.float64)
     reject_smooth(code)
     _, neg = piecewise_slopes(code, alpha, f)
     act = code != 0
+    j0 = g0 * cg
     for n in range(start, stop):
+        o0 = (n * C + j0) * L  # the block's first run
+        for i in range(g1 - g0):  # the group means in X's dtype, and with act g = dY * f'(z)
+            m = mean[n, g0 + i]
+            m0[i] = m
+            if act:
+                r = invstd[n, g0 + i]
+                rem = m - m0[i]
+                for c in range(i * cg, (i + 1) * cg):
+                    sc = r * gamma[j0 + c]
+                    f[1] = sc
+                    f[2] = beta[j0 + c] - rem * sc
+                    cf_slope_run(Xf, Gf, o0 + c * L, L, m0[i], f[1], f[2], neg,
+                                 gs[c * L:(c + 1) * L])
+        _block_grad_sums(Xf, Gf, gs, o0, L, cg, m0, act, sg, sgd)
         for g in range(g0, g1):
             c0 = g * cg
             m = mean[n, g]
             r = invstd[n, g]
-            f[0] = m
-            mc = f[0]
+            mc = m0[g - g0]
             rem = m - mc
             o = (n * C + c0) * L
             s_h = 0.0
             s_hx = 0.0
             for c in range(c0, c0 + cg):
-                oc = o + (c - c0) * L
-                if act:
-                    sc = r * gamma[c]
-                    f[1] = sc
-                    f[2] = beta[c] - rem * sc
-                    cf_slope_run(Xf, Gf, oc, L, mc, f[1], f[2], neg, gs)
-                sg, sgd = _run_grad_sums(Xf, Gf, gs, oc, L, mc, act)
-                sgx = (sgd - rem * sg) * r
+                u = c - j0
+                sgx = (sgd[u] - rem * sg[u]) * r
                 partial_dgamma[k, c] += sgx
-                partial_dbeta[k, c] += sg
-                s_h += gamma[c] * sg
+                partial_dbeta[k, c] += sg[u]
+                s_h += gamma[c] * sg[u]
                 s_hx += gamma[c] * sgx
             # dx = r * (g * gamma - mean(h) - xhat * mean(h * xhat)) = (g * a + b) - ((x - m0)
             # * r) * q, q = r * mean(h * xhat), the float64 remainder folded into b (r * q as
@@ -567,14 +588,11 @@ def _group_backward_cf_task(t, X, dY, mean, invstd, gamma, beta, n_groups, code,
                 oc = o + (c - c0) * L
                 f[1] = r * gamma[c]
                 fa = f[1]
-                if act:
-                    sc = r * gamma[c]
-                    f[1] = sc
-                    f[2] = beta[c] - rem * sc
-                    cf_slope_run(Xf, Gf, oc, L, mc, f[1], f[2], neg, gs)
+                if act:  # g = dY * f'(z) from the buffer
+                    gb = (c - j0) * L
                     for j in range(L):
                         v = np.uint64(oc + j)
-                        Df[v] = (gs[j] * fa + fb) - ((Xf[v] - mc) * fr) * fq
+                        Df[v] = (gs[np.uint64(gb + j)] * fa + fb) - ((Xf[v] - mc) * fr) * fq
                 else:
                     for j in range(L):
                         v = np.uint64(oc + j)
