@@ -321,6 +321,11 @@ def normalization_rows(nbnet, torch, npml, quick, dtypes_1d=("float32", "float64
     specs.append(("GroupNorm(32) NHWC", nb("GroupNorm", n_groups=32),
                   nn and (lambda C=gn_wide[3]: nn.GroupNorm(32, C, eps=1e-5)), None, gn_wide,
                   f32, "nhwc"))
+    # channels-first (PyTorch's default layout; a diffusion U-Net's 256-channel stage)
+    gn_cf = (2, 64, 4, 4) if quick else (16, 256, 32, 32)
+    specs.append(("GroupNorm(32) NCHW", nb("GroupNorm", n_groups=32, data_format="NCHW"),
+                  nn and (lambda C=gn_cf[1]: nn.GroupNorm(32, C, eps=1e-5)), None, gn_cf, f32,
+                  "rows"))
     gn_flat = (16, 256) if quick else (64, 4096)
     specs.append(("GroupNorm(32)", nb("GroupNorm", n_groups=32),
                   nn and (lambda C=gn_flat[1]: nn.GroupNorm(32, C, eps=1e-5)), None, gn_flat,
