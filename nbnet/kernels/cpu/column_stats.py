@@ -793,6 +793,22 @@ def cf_slope_run(Xf, Gf, o, L, mc, ac, bc, neg, out):
 
 
 @helper
+def cf_normalize_run(Xf, Yf, o, L, mc, ac, bc, code, neg):
+    """``Yf = f((Xf - mc) * ac + bc)`` along the run of ``L`` values at flat offset ``o``
+    (unsigned indices), in X's dtype: ``f`` the identity (``code`` 0) or ReLU / leaky
+    ReLU as a select (``neg`` the slope left of 0)."""
+    if code == 0:
+        for j in range(L):
+            v = np.uint64(o + j)
+            Yf[v] = (Xf[v] - mc) * ac + bc
+    else:
+        for j in range(L):
+            v = np.uint64(o + j)
+            z = (Xf[v] - mc) * ac + bc
+            Yf[v] = z if z > 0.0 else z * neg  # z * neg keeps NaN a NaN
+
+
+@helper
 def run_grad_sums(Xf, Gf, gs, og, o, L, mc, act):
     """``(sum(g), sum(g * (x - mc)))`` along the run of ``L`` values at flat offset ``o``
     of ``Xf`` (float64; unsigned indices): ``g`` the values of ``Gf`` there, or with
@@ -892,17 +908,7 @@ def _column_normalize_cf_task(t, X, mean, invstd, gamma, beta, code, alpha, n_pe
     Yf = Y.reshape(-1)
     for n in range(start, stop):
         for c in range(w):
-            o = (n * C + c0 + c) * L
-            mc, ac, bc = m0[c], a[c], b[c]
-            if code == 0:
-                for j in range(L):
-                    v = np.uint64(o + j)
-                    Yf[v] = (Xf[v] - mc) * ac + bc
-            else:  # ReLU, leaky ReLU: a select in X's dtype
-                for j in range(L):
-                    v = np.uint64(o + j)
-                    z = (Xf[v] - mc) * ac + bc
-                    Yf[v] = z if z > 0.0 else z * neg  # z * neg keeps NaN a NaN
+            cf_normalize_run(Xf, Yf, (n * C + c0 + c) * L, L, m0[c], a[c], b[c], code, neg)
 
 
 @kernel

@@ -52,7 +52,8 @@ from ... import config
 from ._jit import helper, kernel, subroutine, task_body, wraps_kernel
 from .activations import piecewise_slopes, reject_smooth
 from .block_sums import block_shifted_moments, rescue_columns, shifted_result
-from .column_stats import cf_slope_run, count_tiles, run_grad_sums, segment_moments, tile_of
+from .column_stats import (cf_normalize_run, cf_slope_run, count_tiles, run_grad_sums,
+                           segment_moments, tile_of)
 
 
 # Channels-last kernels. A task is a chunk of ``rows_per_chunk`` examples times a block of
@@ -472,18 +473,7 @@ def _group_forward_cf_task(t, X, gamma, beta, n_groups, eps, code, alpha, rows_p
                 sc = r * gamma[c]
                 f[1] = sc
                 f[2] = beta[c] - rem * sc
-                ac = f[1]
-                bc = f[2]
-                oc = o + (c - g * cg) * L
-                if code == 0:
-                    for j in range(L):
-                        v = np.uint64(oc + j)
-                        Yf[v] = (Xf[v] - mc) * ac + bc
-                else:  # ReLU, leaky ReLU: a select in X's dtype
-                    for j in range(L):
-                        v = np.uint64(oc + j)
-                        z = (Xf[v] - mc) * ac + bc
-                        Yf[v] = z if z > 0.0 else z * neg  # z * neg keeps NaN a NaN
+                cf_normalize_run(Xf, Yf, o + (c - g * cg) * L, L, mc, f[1], f[2], code, neg)
 
 
 @kernel(ordered=True)
