@@ -93,7 +93,7 @@ def streams(V):
 #: wins at 65,536 elements (84 vs 99 us), parallel from 131,072 (102 vs 144 us).
 SERIAL_CUTOFF = _env_int("NBNET_SERIAL_CUTOFF", 1 << 17)
 
-#: The channels-last group kernels (GroupNorm, InstanceNorm NHWC) go parallel from this
+#: The group kernels (GroupNorm, InstanceNorm, both layouts) go parallel from this
 #: many elements when they have two tasks or more (blocks of groups, chunks of
 #: examples): they do more per value than a BatchNorm pass (a dozen short passes per
 #: example and block besides the data), so a parallel region pays for itself sooner.

@@ -103,7 +103,7 @@ def _group_sums(s1, s2, cg, out1, out2):
         a = 0.0
         b = 0.0
         for j in range(cg):
-            c = np.uint64(g * cg + j)  # (unsigned: see below)
+            c = np.uint64(g * cg + j)  # (unsigned: a signed index stops vectorisation)
             a += s1[c]
             b += s2[c]
         out1[g] = a
@@ -200,8 +200,6 @@ def _group_forward_cl_task(t, X, gamma, beta, n_groups, eps, code, alpha, rows_p
         Yn = Y[n]
         mn = mean[n, g0:g1]
         rn = invstd[n, g0:g1]
-        for g in range(g1 - g0):  # the shift: the group's first value
-            shift0[g] = Xn[0, j0 + g * cg]
         if P * _RUN_RATIO <= cg:  # each group's P runs of cg values, summed as they lie
             for g in range(g1 - g0):
                 o = n * P * C + j0 + g * cg
@@ -505,13 +503,14 @@ def _group_backward_cf_task(t, X, dY, mean, invstd, gamma, beta, n_groups, code,
                             rows_per_chunk, groups_per_task, dX, partial_dgamma,
                             partial_dbeta):
     """Task ``t`` of :func:`group_backward_cf` (the ``prange`` body; see ``task_body``):
-    group ``g`` of the chunk's examples, columns ``g*cg:(g+1)*cg`` of row ``k`` of the
-    partial buffers.
+    the groups ``g0:g1`` (channels ``j0:`` on) of chunk ``k`` of examples, and those
+    columns of row ``k`` of the partial buffers.
 
     Per channel run, in X's dtype with the forward's factors: ``sum(g)`` and ``sum(g * (x
-    - m0))`` (:func:`_block_grad_sums`), then ``sum(g * xhat) = (sum(g * (x - m0)) - (mean
-    - m0) * sum(g)) * invstd``; with ReLU / leaky ReLU ``g = dY * f'(z)`` formed first
-    into a run buffer. Then ``dx = (g * a + b) - ((x - m0) * r) * q`` as the channels-last
+    - m0))`` (:func:`_block_grad_sums`, one call per example and block), then ``sum(g *
+    xhat) = (sum(g * (x - m0)) - (mean - m0) * sum(g)) * invstd``; with ReLU / leaky ReLU
+    ``g = dY * f'(z)`` formed first into the block's buffer (``z`` as the forward forms
+    it), which the dx pass reads too. Then ``dx = (g * a + b) - ((x - m0) * r) * q`` as the channels-last
     kernel forms it."""
     N, C, L = X.shape
     cg = C // n_groups
