@@ -310,16 +310,17 @@ class FullyConnected(LayerBase):
                 db = self._empty(C, _F64)
                 self._kernel("merge_partial_sums")(n_chunks * C, partial, db)
                 if self._grads_are_zero:
-                    matmul(X.T, dZ, g["W"])  # gradients are zero: write, don't add
+                    # X.T @ dZ; the gradients are zero: write, don't add
+                    matmul(X, dZ, g["W"], True)
                     self._grads_are_zero = False
                 else:
                     dW = self._empty(g["W"].shape, g["W"].dtype)
-                    matmul(X.T, dZ, dW)
+                    matmul(X, dZ, dW, True)  # X.T @ dZ
                     add_into(g["W"], dW)
                 add_into(g["b"].reshape(-1), db)
             if compute_dX:
                 dX = self._empty((N, self.n_in), dy.dtype)
-                matmul(dZ, p["W"].T, dX)
+                matmul(dZ, p["W"], dX, False, True)  # dZ @ W.T
                 out.append(dX)
             else:
                 out.append(None)

@@ -331,15 +331,48 @@ def test_running_invstd_and_sum_of_squares():
     assert_outputs(cpu, dev, np.float64, [2, 3])
 
 
-def test_matmul_twin():
-    a, b = data((5, 4), np.float64), data((4, 3), np.float64)
+@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, False), (False, True),
+                                             (True, True)])
+def test_matmul_twin(trans_a, trans_b):
+    """out = op(a) @ op(b) on both devices, the transposes given as flags."""
+    a = data((4, 5) if trans_a else (5, 4), np.float64)
+    b = data((3, 4) if trans_b else (4, 3), np.float64, seed=1)
+    want = (a.T if trans_a else a) @ (b.T if trans_b else b)
+    out_cpu = np.empty((5, 3))
+    get_kernel("matmul", "cpu")(a, b, out_cpu, trans_a, trans_b)
     out = devices.empty((5, 3), np.float64, "cuda")
     try:
-        get_kernel("matmul", "cuda")(devices.to_device(a, "cuda"), devices.to_device(b, "cuda"), out)
+        get_kernel("matmul", "cuda")(devices.to_device(a, "cuda"), devices.to_device(b, "cuda"), out,
+                                     trans_a, trans_b)
     except RuntimeError as exc:  # no CuPy on a real GPU: the error names what to install
         assert "cupy" in str(exc).lower()
         pytest.skip("CuPy not installed")
-    close(out, a @ b, np.float64)
+    close(out_cpu, want, np.float64)
+    close(out, want, np.float64)
+
+
+def test_dense_layer_never_transposes_a_device_array(monkeypatch):
+    """numba-cuda's ``DeviceNDArray.T`` copies through a transpose kernel it compiles anew
+    on every call (0.28 s on an H200): a dense layer's backward must pass transpose flags
+    to ``matmul`` instead. The device array class's transpose is made to fail here."""
+    from nbnet.layers.dense import FullyConnected
+
+    cls = type(devices.empty((2, 2), np.float32, "cuda"))
+
+    def no_transpose(self, axes=None):
+        raise AssertionError("a device array was transposed")
+
+    monkeypatch.setattr(cls, "transpose", no_transpose)
+    X, dY = data((7, 5), np.float64), data((7, 4), np.float64, seed=1)
+    res = {}
+    for dev in ("cpu", "cuda"):
+        layer = FullyConnected(4, act_fn="relu", device=dev, seed=0)
+        Y = layer.forward(X)
+        dX = layer.backward(dY)
+        layer.backward(dY)  # accumulating into non-zero gradients takes the other product
+        res[dev] = (Y, dX, layer.gradients["W"], layer.gradients["b"])
+    for got, want in zip(res["cuda"], res["cpu"]):
+        close(got, want, np.float64)
 
 
 @pytest.mark.skipif(not hasattr(nbnet, "Dense") and not _have("matmul"), reason="no dense layer")

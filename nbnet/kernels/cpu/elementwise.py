@@ -17,9 +17,10 @@ Softmax and the cross-entropy kernels work on rows: ``m = max(row)``,
 overflows for any finite logits (the textbook ``exp(z) / sum(exp(z))`` overflows float32
 at z ~ 88.7).
 
-Host-side ops (not compiled, not called with a leading ``size``): ``matmul(a, b, out)``
-is NumPy's BLAS (``out = a @ b``; ``a``/``b`` may be transposed views, which NumPy passes
-to BLAS as a transpose flag, without a copy), ``add_into(out, x)`` is ``out += x`` with
+Host-side ops (not compiled, not called with a leading ``size``):
+``matmul(a, b, out, trans_a=False, trans_b=False)`` is NumPy's BLAS (``out = op(a) @ op(b)``,
+``op`` a transpose when its flag is set; NumPy passes the transposed view to BLAS as a
+transpose flag, without a copy), ``add_into(out, x)`` is ``out += x`` with
 casting, and ``fill(arr1d, value)`` sets every element (used to zero device arrays). The
 CUDA package provides the same three names with the same arguments.
 """
@@ -399,9 +400,14 @@ def fill(arr1d, value):
         _fill_kernel(arr1d.shape[0], arr1d, float(value), 1 << 14)
 
 
-def matmul(a, b, out):
-    """out = a @ b through NumPy's BLAS (a, b may be transposed views)."""
-    np.matmul(a, b, out=out)
+def matmul(a, b, out, trans_a=False, trans_b=False):
+    """``out = op(a) @ op(b)`` through NumPy's BLAS; ``op(m)`` is ``m.T`` when its flag is set.
+
+    Layers pass the flags rather than transposed arrays because the CUDA twin cannot take
+    a transposed numba device array for free (see its docstring). Here ``a.T`` is a view
+    that NumPy hands to BLAS as a transpose flag: no copy either way.
+    """
+    np.matmul(a.T if trans_a else a, b.T if trans_b else b, out=out)
 
 
 def add_into(out, x):
