@@ -6,7 +6,10 @@ float32) prints the nbnet time, PyTorch's time and the device-to-device copy flo
 warm-up, plus the kernel launches per forward/backward; then one MLP training epoch on the
 GPU vs the same model in PyTorch, when nbnet's Model and CuPy are available.
 
-Usage: PYTHONPATH=. python benchmarks/gpu.py [--quick]
+``--kernels`` also times the four kernels of the fused BatchNorm1D step at (262144, 512)
+one by one, next to a copy of X (which pass is furthest from the memory's speed).
+
+Usage: PYTHONPATH=. python benchmarks/gpu.py [--quick] [--mlp] [--kernels] [--sweep]
 """
 import argparse
 import platform
@@ -150,6 +153,38 @@ def bench_norm(name, shape, cuda, torch, reps, counter):
     return row
 
 
+def bench_kernels(cuda, reps, shape=(262144, 512)):
+    """ms per launch of each fused BatchNorm kernel (identity activation, float32), and of
+    one device-to-device copy of X, with CUDA events."""
+    from nbnet.kernels.cuda import _common, column_stats as cs
+    R, C = shape
+    rng = np.random.default_rng(0)
+    X = cuda.to_device(rng.standard_normal(shape, dtype=np.float32))
+    dY = cuda.to_device(rng.standard_normal(shape, dtype=np.float32))
+    Y, dX = cuda.device_array(shape, np.float32), cuda.device_array(shape, np.float32)
+    gamma, beta = cuda.to_device(np.ones(C, np.float32)), cuda.to_device(np.zeros(C, np.float32))
+    gg, gb = cuda.to_device(np.zeros(C, np.float32)), cuda.to_device(np.zeros(C, np.float32))
+    rm, rv = cuda.to_device(np.zeros(C)), cuda.to_device(np.ones(C))
+    mean, invstd = cuda.device_array(C), cuda.device_array(C)
+    rpc, n_chunks, TX, TY = _common.column_plan(R, C)
+    pa, pb = cuda.device_array((n_chunks, C)), cuda.device_array((n_chunks, C))
+    grid, block, L = (n_chunks, _common.n_blocks(C, TX)), (TX, TY), _common.launch
+    steps = {
+        "statistics (read X)": lambda: L(cs._fused_stats, grid, block, X, rpc, pa, pb),
+        "merge + normalize (read X, write Y)": lambda: L(
+            cs._fused_merge_normalize, grid, block, X, pa, pb, rpc, 1e-5, 0.9, False, rm, rv,
+            gamma, beta, 0, 0.0, mean, invstd, Y),
+        "backward reduce (read X, dY)": lambda: L(
+            cs._fused_backward_reduce, grid, block, X, dY, mean, invstd, gamma, beta, 0, 0.0,
+            rpc, pa, pb),
+        "merge + dX (read X, dY, write dX)": lambda: L(
+            cs._fused_merge_backward_dx, grid, block, X, dY, mean, invstd, gamma, beta, 0, 0.0,
+            pa, pb, rpc, gg, gb, True, dX),
+        "one copy of X (read, write)": lambda: Y.copy_to_device(X),
+    }
+    return {name: cuda_time(fn, cuda, reps) for name, fn in steps.items()}
+
+
 def bench_mlp(cuda, torch):
     """One epoch of a 784-512-512-10 ReLU MLP (batch 256, SGD) on 8192 random examples."""
     n, d, h, k, bs = 8192, 784, 512, 10, 256
@@ -203,6 +238,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--mlp", action="store_true", help="also time one MLP epoch (nbnet.Model)")
+    ap.add_argument("--kernels", action="store_true",
+                    help="time the fused BatchNorm1D kernels at (262144, 512) one by one")
     ap.add_argument("--sweep", action="store_true",
                     help="BatchNorm1D (262144, 512) under a few CUDA_BLOCK / TARGET_BLOCKS settings")
     ap.add_argument("--only", default="", help="comma-separated layer names to run")
@@ -263,6 +300,11 @@ def main(argv=None):
                 print(f"  CUDA_BLOCK {block:4d}  TARGET_BLOCKS {target:5d}  ERROR {type(exc).__name__}: {exc}"[:200])
             sys.stdout.flush()
         nbnet.config.CUDA_BLOCK, _common.TARGET_BLOCKS = saved
+    if args.kernels:
+        print()
+        print("fused BatchNorm1D (262144, 512) float32, ms per launch:")
+        for name, ms in bench_kernels(cuda, reps).items():
+            print(f"  {name:<38} {ms:8.3f}")
     if args.mlp:
         print()
         print("MLP epoch (784-512-512-10 ReLU, 8192 examples, batch 256, SGD):", bench_mlp(cuda, torch))
