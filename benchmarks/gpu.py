@@ -170,7 +170,10 @@ def bench_kernels(cuda, reps, shape=(262144, 512)):
     pa, pb = cuda.device_array((n_chunks, C)), cuda.device_array((n_chunks, C))
     grid, block, L = (n_chunks, _common.n_blocks(C, TX)), (TX, TY), _common.launch
     steps = {
-        "statistics (read X)": lambda: L(cs._fused_stats, grid, block, X, rpc, pa, pb),
+        "statistics, Welford (float64 input)": lambda: L(cs._fused_stats, grid, block, X, rpc,
+                                                          pa, pb),
+        "statistics, shifted sums (float32 input)": lambda: L(cs._fused_stats_shifted, grid,
+                                                               block, X, rpc, pa, pb),
         "merge + normalize (read X, write Y)": lambda: L(
             cs._fused_merge_normalize, grid, block, X, pa, pb, rpc, 1e-5, 0.9, False, rm, rv,
             gamma, beta, 0, 0.0, mean, invstd, Y),
@@ -304,7 +307,7 @@ def main(argv=None):
         print()
         print("fused BatchNorm1D (262144, 512) float32, ms per launch:")
         for name, ms in bench_kernels(cuda, reps).items():
-            print(f"  {name:<38} {ms:8.3f}")
+            print(f"  {name:<42} {ms:8.3f}")
     if args.mlp:
         print()
         print("MLP epoch (784-512-512-10 ReLU, 8192 examples, batch 256, SGD):", bench_mlp(cuda, torch))

@@ -427,6 +427,38 @@ def test_launch_counts(make, shape, fwd, bwd):
     assert _launches() - n0 == fwd + 2 * bwd  # bwd per retained forward call
 
 
+@pytest.mark.parametrize("target_blocks", [1024, 8])
+@pytest.mark.parametrize("first_row_off", [0.0, 40.0])
+def test_fused_float32_statistics_are_shifted(monkeypatch, target_blocks, first_row_off):
+    """Float32 BatchNorm statistics on cuda are float64 sums of ``x - K``, ``K`` the chunk's
+    first value of each column. Data at 3e6 with a spread of 2 need the shift: with
+    ``K = 0`` the 50-row chunks fail (shorter sums of float32 squares are exact in
+    float64). A chunk whose first row lies 40 spreads off is the shift's worst case. Few
+    target blocks make 50-row chunks, so the 8-row loop runs (16-row chunks otherwise);
+    float64 reference, two steps."""
+    from nbnet.kernels.cuda import _common
+    monkeypatch.setattr(_common, "TARGET_BLOCKS", target_blocks)
+    R, C = 200, 7
+    X = data((R, C), np.float64, loc=3e6)
+    rpc = _common.column_plan(R, C)[0]
+    X[::rpc] += first_row_off * 2.0
+    X = X.astype(np.float32)
+    dY = data((R, C), np.float32, seed=2)
+    g, b = np.ones(C), np.zeros(C)
+    Yr, _, _ = batchnorm_ref(X, g, b, 1e-5)
+    dXr, _, _ = norm_backward_ref(X, dY, (0,), g, b, 1e-5)
+    layer = nbnet.BatchNorm1D(device="cuda")
+    for _ in range(2):
+        close(layer.forward(X), Yr, np.float32, {np.float32: 2e-5})
+        close(layer.backward(dY), dXr, np.float32, {np.float32: 2e-5})
+        layer.X.clear()
+        for v in layer.derived_variables.values():
+            v.clear()
+    Xf = X.astype(np.float64)
+    close(layer.parameters["running_var"], 0.9 ** 2 + (1 - 0.9 ** 2) * Xf.var(0), np.float32,
+          {np.float32: 2e-5})
+
+
 @pytest.mark.parametrize("shape,act,dtype,loc", [
     ((2, 3), "relu", np.float64, 1e3),
     ((37, 11), "relu", np.float64, 1e3),
