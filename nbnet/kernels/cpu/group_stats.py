@@ -83,6 +83,13 @@ from .column_stats import (cf_normalize_run, cf_slope_run, count_tiles, run_grad
 #: (32, 8, 1024) 166 us by runs against 123 us by channel sums (cg = 32); (1024, 1, 256)
 #: 712 against 820 us (cg = 8, one position).
 _RUN_RATIO = 8
+#: The channels-last backward writes dX by runs under the same rule, for groups of at least
+#: this many channels (the factor arrays it spares cost less than a loop per run of fewer).
+#: The kernel (2 threads), float32, alternated with the per-channel path: (16, 4, 4096) 141-146 ->
+#: 125-130 us, with ReLU 184 -> 156-168 us; (64, 1, 4096) 298-318 -> 270-287 us; (128, 2,
+#: 1024) ReLU 225-248 -> 196-220 us (cg = 32); cg = 16 and 32 with one position: the same;
+#: (1024, 1, 256) (cg = 8): 517-531 -> 573-581 us, hence the floor.
+_RUN_MIN_CHANNELS = 16
 
 
 @subroutine
@@ -296,7 +303,9 @@ def _group_backward_cl_task(t, X, dY, mean, invstd, gamma, beta, n_groups, code,
     invstd once per channel. With ReLU / leaky ReLU, both passes form ``g = dY * f'(z)``
     as they go, ``z`` recomputed from the forward's per-channel scale and shift (one
     multiply-add and a select per value: cheaper than writing ``g`` into a buffer and
-    reading it twice, as round 9's kernel did).
+    reading it twice, as round 9's kernel did). With few positions and wide groups
+    (``P * _RUN_RATIO <= cg``, ``cg >= _RUN_MIN_CHANNELS``) dX is written by runs of a
+    group's channels (:func:`_dx_runs`), with the per-group factors as scalars.
     """
     N, P, C = X.shape
     cg = C // n_groups
@@ -324,6 +333,9 @@ def _group_backward_cl_task(t, X, dY, mean, invstd, gamma, beta, n_groups, code,
     fr = np.empty(w, X.dtype)
     acc = np.empty(w, X.dtype)
     acc2 = np.empty(w, X.dtype)
+    gb = np.empty(g1 - g0, X.dtype)   # per group: fb, fq, fr of the runs path
+    gq = np.empty(g1 - g0, X.dtype)
+    gr = np.empty(g1 - g0, X.dtype)
     reject_smooth(code)
     one, neg = piecewise_slopes(code, alpha, m0)
     for n in range(start, stop):
@@ -354,6 +366,21 @@ def _group_backward_cl_task(t, X, dY, mean, invstd, gamma, beta, n_groups, code,
         # q = rc * mhx, with x - mean = (x - m0) - (mean - m0) and the float64
         # remainder folded into b. (rc * q as one factor underflows float32 for
         # groups with a standard deviation past ~1e19.)
+        if P * _RUN_RATIO <= cg and cg >= _RUN_MIN_CHANNELS:
+            # few positions, wide groups: the three per-group factors as scalars of X's
+            # dtype (the same roundings as the per-channel arrays below, so the same
+            # bits), the output by runs of a group's cg channels
+            for g in range(g1 - g0):
+                r = rn[g]
+                q = r * (mhx[g] * inv_cnt)
+                gb[g] = (mn[g] - m0[g * cg]) * r * q - r * (mh[g] * inv_cnt)
+                gq[g] = q
+                gr[g] = r
+                for j in range(cg):
+                    c = np.uint64(g * cg + j)
+                    fa[c] = r * gm[c]
+            _dx_runs(Xn, Gn, Dn, j0, cg, m0, fa, gb, gq, gr, sc, sh, code, neg)
+            continue
         for g in range(g1 - g0):
             r = rn[g]
             q = r * (mhx[g] * inv_cnt)
@@ -376,6 +403,37 @@ def _group_backward_cl_task(t, X, dY, mean, invstd, gamma, beta, n_groups, code,
                     z = d * sc[j] + sh[j]
                     gv = Gn[p, c] if z > 0.0 else Gn[p, c] * (neg + (z - z))
                     Dn[p, c] = (gv * fa[j] + fb[j]) - (d * fr[j]) * fq[j]
+
+
+@helper
+def _dx_runs(Xn, Gn, Dn, j0, cg, m0, fa, gb, gq, gr, sc, sh, code, neg):
+    """The channels-last backward's output for one example by runs: for each position and
+    group, ``dx = (g * fa + b) - ((x - m0) * r) * q`` over the group's ``cg`` contiguous
+    channels, with ``b, q, r`` the group's scalars (``gb, gq, gr``, X's dtype) and ``fa``,
+    ``m0``, ``sc``, ``sh`` the block's per-channel arrays. The per-channel path reads six
+    arrays per value; with a few positions their fills and reads cost more than the
+    data."""
+    P = Xn.shape[0]
+    for p in range(P):
+        for g in range(gb.shape[0]):
+            a = g * cg
+            mg = m0[a]
+            b = gb[g]
+            q = gq[g]
+            r = gr[g]
+            if code == 0:
+                for j in range(cg):
+                    i = np.uint64(a + j)
+                    c = np.uint64(j0 + a + j)
+                    Dn[p, c] = (Gn[p, c] * fa[i] + b) - ((Xn[p, c] - mg) * r) * q
+            else:
+                for j in range(cg):
+                    i = np.uint64(a + j)
+                    c = np.uint64(j0 + a + j)
+                    d = Xn[p, c] - mg
+                    z = d * sc[i] + sh[i]
+                    gv = Gn[p, c] if z > 0.0 else Gn[p, c] * (neg + (z - z))
+                    Dn[p, c] = (gv * fa[i] + b) - (d * r) * q
 
 
 @kernel(ordered=True)
