@@ -476,6 +476,30 @@ def _slope(code, alpha, z):
     return act_slope(code, alpha, z)
 
 
+@cuda.jit(device=True)
+def _store_chan_partials(n_a, m_a, q_a, k, j, C, partial_mean, partial_m2):
+    """The statistics passes' end: every thread's ``(count, mean, M2)`` of its row lane,
+    merged over the ``TY`` lanes of each column by :func:`~._common.chan_tree` (fixed
+    order), then ``partial_mean[k, j]``, ``partial_m2[k, j]`` for chunk ``k``. Every thread
+    of the block must call it (it holds barriers)."""
+    tx = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    TX = cuda.blockDim.x
+    TY = cuda.blockDim.y
+    lane = ty * TX + tx
+    cnt = cuda.shared.array(MAX_THREADS, F64)
+    mu = cuda.shared.array(MAX_THREADS, F64)
+    q = cuda.shared.array(MAX_THREADS, F64)
+    cnt[lane] = n_a
+    mu[lane] = m_a
+    q[lane] = q_a
+    cuda.syncthreads()
+    chan_tree(cnt, mu, q, tx, ty, TX, TY)
+    if ty == 0 and j < C:
+        partial_mean[k, j] = mu[tx]
+        partial_m2[k, j] = q[tx]
+
+
 @cuda.jit
 def _fused_stats(X, rows_per_chunk, partial_mean, partial_m2):
     R, C = X.shape
@@ -485,10 +509,6 @@ def _fused_stats(X, rows_per_chunk, partial_mean, partial_m2):
     TY = cuda.blockDim.y
     k = cuda.blockIdx.x
     j = cuda.blockIdx.y * TX + tx
-    lane = ty * TX + tx
-    cnt = cuda.shared.array(MAX_THREADS, F64)
-    mu = cuda.shared.array(MAX_THREADS, F64)
-    q = cuda.shared.array(MAX_THREADS, F64)
     start = k * rows_per_chunk
     stop = min(start + rows_per_chunk, R)
     n_a = 0.0
@@ -522,14 +542,7 @@ def _fused_stats(X, rows_per_chunk, partial_mean, partial_m2):
             q_a += delta * (x0 - m_a)
             n_a = n
             i += TY
-    cnt[lane] = n_a
-    mu[lane] = m_a
-    q[lane] = q_a
-    cuda.syncthreads()
-    chan_tree(cnt, mu, q, tx, ty, TX, TY)
-    if ty == 0 and j < C:
-        partial_mean[k, j] = mu[tx]
-        partial_m2[k, j] = q[tx]
+    _store_chan_partials(n_a, m_a, q_a, k, j, C, partial_mean, partial_m2)
 
 
 @cuda.jit
@@ -559,10 +572,6 @@ def _fused_stats_shifted(X, rows_per_chunk, partial_mean, partial_m2):
     TY = cuda.blockDim.y
     k = cuda.blockIdx.x
     j = cuda.blockIdx.y * TX + tx
-    lane = ty * TX + tx
-    cnt = cuda.shared.array(MAX_THREADS, F64)
-    mu = cuda.shared.array(MAX_THREADS, F64)
-    q = cuda.shared.array(MAX_THREADS, F64)
     start = k * rows_per_chunk
     stop = min(start + rows_per_chunk, R)
     n_a = 0.0
@@ -598,14 +607,7 @@ def _fused_stats_shifted(X, rows_per_chunk, partial_mean, partial_m2):
         dm = s / n_a
         m_a = K + dm
         q_a = max(ss - s * dm, 0.0)  # equal values: rounding must not make M2 negative
-    cnt[lane] = n_a
-    mu[lane] = m_a
-    q[lane] = q_a
-    cuda.syncthreads()
-    chan_tree(cnt, mu, q, tx, ty, TX, TY)
-    if ty == 0 and j < C:
-        partial_mean[k, j] = mu[tx]
-        partial_m2[k, j] = q[tx]
+    _store_chan_partials(n_a, m_a, q_a, k, j, C, partial_mean, partial_m2)
 
 
 @cuda.jit
