@@ -338,6 +338,7 @@ def _group_backward_cl_task(t, X, dY, mean, invstd, gamma, beta, n_groups, code,
     gr = np.empty(g1 - g0, X.dtype)
     reject_smooth(code)
     one, neg = piecewise_slopes(code, alpha, m0)
+    runs = P * _RUN_RATIO <= cg and cg >= _RUN_MIN_CHANNELS
     for n in range(start, stop):
         Xn = X[n]
         Gn = dY[n]
@@ -366,21 +367,6 @@ def _group_backward_cl_task(t, X, dY, mean, invstd, gamma, beta, n_groups, code,
         # q = rc * mhx, with x - mean = (x - m0) - (mean - m0) and the float64
         # remainder folded into b. (rc * q as one factor underflows float32 for
         # groups with a standard deviation past ~1e19.)
-        if P * _RUN_RATIO <= cg and cg >= _RUN_MIN_CHANNELS:
-            # few positions, wide groups: the three per-group factors as scalars of X's
-            # dtype (the same roundings as the per-channel arrays below, so the same
-            # bits), the output by runs of a group's cg channels
-            for g in range(g1 - g0):
-                r = rn[g]
-                q = r * (mhx[g] * inv_cnt)
-                gb[g] = (mn[g] - m0[g * cg]) * r * q - r * (mh[g] * inv_cnt)
-                gq[g] = q
-                gr[g] = r
-                for j in range(cg):
-                    c = np.uint64(g * cg + j)
-                    fa[c] = r * gm[c]
-            _dx_runs(Xn, Gn, Dn, j0, cg, m0, fa, gb, gq, gr, sc, sh, code, neg)
-            continue
         for g in range(g1 - g0):
             r = rn[g]
             q = r * (mhx[g] * inv_cnt)
@@ -388,9 +374,19 @@ def _group_backward_cl_task(t, X, dY, mean, invstd, gamma, beta, n_groups, code,
             for j in range(cg):
                 c = np.uint64(g * cg + j)
                 fa[c] = r * gm[c]
-                fb[c] = b
-                fq[c] = q
-                fr[c] = r
+            if runs:  # the group's factors as scalars of X's dtype: the same roundings
+                gb[g] = b
+                gq[g] = q
+                gr[g] = r
+            else:
+                for j in range(cg):
+                    c = np.uint64(g * cg + j)
+                    fb[c] = b
+                    fq[c] = q
+                    fr[c] = r
+        if runs:  # few positions, wide groups: the output by runs of a group's channels
+            _dx_runs(Xn, Gn, Dn, j0, cg, m0, fa, gb, gq, gr, sc, sh, code, neg)
+            continue
         for p in range(P):
             if code == 0:
                 for j in range(w):
