@@ -326,10 +326,11 @@ def normalization_rows(nbnet, torch, npml, quick, dtypes_1d=("float32", "float64
     specs.append(("GroupNorm(32) NCHW", nb("GroupNorm", n_groups=32, data_format="NCHW"),
                   nn and (lambda C=gn_cf[1]: nn.GroupNorm(32, C, eps=1e-5)), None, gn_cf, f32,
                   "rows"))
-    gn_flat = (16, 256) if quick else (64, 4096)
-    specs.append(("GroupNorm(32)", nb("GroupNorm", n_groups=32),
-                  nn and (lambda C=gn_flat[1]: nn.GroupNorm(32, C, eps=1e-5)), None, gn_flat,
-                  f32, "rows"))
+    # GroupNorm on features, wide groups and groups of 8 channels (the one-position kernels)
+    for gn_flat in ([(16, 256), (64, 256)] if quick else [(64, 4096), (1024, 256)]):
+        specs.append(("GroupNorm(32)", nb("GroupNorm", n_groups=32),
+                      nn and (lambda C=gn_flat[1]: nn.GroupNorm(32, C, eps=1e-5)), None,
+                      gn_flat, f32, "rows"))
     if nn is not None and not hasattr(nn, "RMSNorm"):
         rms_torch = None
     else:

@@ -163,6 +163,25 @@ def examples_per_chunk(n_values, itemsize):
     return 1 if rows < 1 else (MAX_CHUNK_ROWS if rows > MAX_CHUNK_ROWS else rows)
 
 
+#: What one group of an example costs the one-position group kernels (GroupNorm on
+#: ``(N, C)`` features, ``group_stats._group_forward_rows``) besides its values, counted in
+#: values: its sums, a square root and a division, loops of ``cg`` values set up three
+#: times. Serial kernels on the 2-core reference machine, float32, two channels a group:
+#: ~14 ns a group, about what 50 values cost in a wide group.
+GROUP_ROW_COST = 48
+
+
+def group_examples_per_chunk(n_positions, n_channels, n_groups, itemsize):
+    """Examples per task of the channels-last group kernels (both passes; the layer sizes
+    the backward's partial buffers with it): :func:`examples_per_chunk` of an example's
+    values, plus ``GROUP_ROW_COST`` values a group with one position, where a group is a
+    row of ``cg`` values and its fixed cost can exceed its data (GroupNorm(32) on (1024,
+    64) features: one chunk of all 1024 examples, serial, without it). Shape-only."""
+    n = n_positions * n_channels
+    return examples_per_chunk(n + GROUP_ROW_COST * n_groups if n_positions == 1 else n,
+                              itemsize)
+
+
 #: The column kernels (BatchNorm's row layout) cut rows wider than TILE_BYTES into
 #: tiles of that many bytes: a task is a chunk of rows times a block of columns, and the
 #: chunk's height comes from the tile's width (``column_tiling``). With whole rows, a

@@ -511,16 +511,16 @@ def test_groupnorm_channels_last_group_blocks_match_reference(monkeypatch, G,
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("act", [None, "relu", "leaky_relu"])
-@pytest.mark.parametrize("shape,G", [((6, 64), 2), ((5, 2, 2, 128), 4), ((3, 2, 4, 512), 8)])
+@pytest.mark.parametrize("shape,G", [((6, 1, 2, 128), 2), ((5, 2, 2, 128), 4),
+                                     ((3, 2, 4, 512), 8)])
 def test_groupnorm_channels_last_runs_match_reference(monkeypatch, shape, G, act, dtype):
-    """With few positions and wide groups (``P * 8 <= cg``: one position and 32 channels
+    """With few positions and wide groups (``P * 8 <= cg``: two positions and 64 channels
     per group, 4 and 32, 8 and 64) the channels-last forward sums each group's P runs of
     ``cg`` contiguous values as they lie instead of per-channel sums. Blocks of 1 and 3
     groups (the last ragged). The first value of example 1's first group is 80 off data of
     standard deviation 2: the 128- and 512-value groups take the second pass around their
-    mean (the 32-value group stays within SHIFT_LIMIT: one value is at most sqrt(31) of
-    its group's deviations off). Against the float64 reference, and inference bit-equal
-    to training."""
+    mean (the 128-value group of (5, 2, 2, 128) only just: 80 is 15 of its deviations).
+    Against the float64 reference, and inference bit-equal to training."""
     from nbnet import config
     rng = np.random.default_rng(13)
     Cc = shape[-1]
@@ -534,6 +534,49 @@ def test_groupnorm_channels_last_runs_match_reference(monkeypatch, shape, G, act
         monkeypatch.setattr(config, "TILE_BYTES", per_task * cg * np.dtype(dtype).itemsize)
         _groupnorm_against_reference(nbnet.GroupNorm(G, act_fn=act), act, X, dY, rng, canon,
                                      (1, 3), (0, 1))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("act", [None, "relu", "leaky_relu"])
+@pytest.mark.parametrize("shape,G", [((19, 64), 32), ((19, 1, 1, 128), 32), ((19, 256), 32),
+                                     ((19, 96), 32), ((19, 1200), 2), ((19, 24), 24)])
+def test_groupnorm_one_position_rows_match_reference(monkeypatch, shape, G, act, dtype):
+    """With one position (``(N, C)`` features, 1x1 images) each example is a row of
+    groups and the channels-last op runs the one-position kernels: groups of 2, 4 and 8
+    channels (the copies with a constant group width), 3 (run-time width), 600 (two
+    ``SUM_BLOCK`` blocks) and 1 (InstanceNorm-like: every output is beta). 19 examples in
+    one chunk (the parameter-gradient accumulators flushed after 8, 16 and 19 examples)
+    and in chunks of 2. Example 1's first value is 80 off data of deviation 2: the
+    600-value group takes the second pass around its mean. Against the float64
+    reference; inference bit-equal to training; the forward bit-identical for both
+    chunkings; and the one-position kernels are the ones that ran."""
+    from nbnet import config
+    from nbnet.kernels.cpu import group_stats
+    calls = []
+    for name in ("_group_forward_rows", "_group_backward_rows"):
+        kern = getattr(group_stats, name)
+        spy = type("Spy", (), {
+            "parallel": (lambda k: lambda self, *a: (calls.append(k), k.parallel(*a))[1])(kern),
+            "serial": (lambda k: lambda self, *a: (calls.append(k), k.serial(*a))[1])(kern)})()
+        monkeypatch.setattr(group_stats, name, spy)
+    rng = np.random.default_rng(16)
+    X = rng.normal(-3.0, 2.0, shape)
+    X.reshape(shape[0], -1)[1, 0] += 80.0
+    X = X.astype(dtype)
+    dY = rng.normal(size=shape).astype(dtype)
+    n, cg = shape[0], shape[-1] // G
+    canon = (lambda a: np.asarray(a, np.float64).reshape(n, 1, G, cg))
+    outputs = []
+    for chunk_bytes in (1 << 22, 2 * X[0].nbytes + 2 * config.GROUP_ROW_COST * G * X.itemsize):
+        monkeypatch.setattr(config, "CHUNK_BYTES", chunk_bytes)
+        rpc = config.group_examples_per_chunk(1, shape[-1], G, X.itemsize)
+        assert min(rpc, n) == (n if chunk_bytes == 1 << 22 else 2)
+        layer = nbnet.GroupNorm(G, act_fn=act)  # the same parameters for both chunkings
+        _groupnorm_against_reference(layer, act, X, dY, np.random.default_rng(17), canon,
+                                     (1, 3), (0, 1))
+        outputs.append(layer.forward(X, retain_derived=False))
+    np.testing.assert_array_equal(*outputs)
+    assert {k.__name__ for k in calls} == {"_group_forward_rows", "_group_backward_rows"}
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -1025,7 +1025,7 @@ class GroupNorm(_NormBase):
                 self._kernel("group_forward_cf")(V.size, V, gamma, beta, G, self.epsilon, code,
                                                  alpha, Yv, mean, invstd)
             else:
-                rpc = config.examples_per_chunk(V.shape[1] * C, X.dtype.itemsize)
+                rpc = config.group_examples_per_chunk(V.shape[1], C, G, X.dtype.itemsize)
                 self._kernel("group_forward_cl")(V.size, V, gamma, beta, G, self.epsilon, code,
                                                  alpha, rpc, Yv, mean, invstd)
             if train:
@@ -1058,7 +1058,8 @@ class GroupNorm(_NormBase):
             gamma, beta = self._gamma_beta(C, X.dtype)
             dX = self._output("dX", X.shape, X.dtype)
             if V.size > 0:
-                rpc = config.examples_per_chunk(V.size // N, X.dtype.itemsize)
+                rpc = (config.examples_per_chunk(V.size // N, X.dtype.itemsize) if cf else
+                       config.group_examples_per_chunk(V.shape[1], C, G, X.dtype.itemsize))
                 n_chunks = -(-N // rpc)
                 pdg = self._empty((n_chunks, C), _F64)
                 pdb = self._empty((n_chunks, C), _F64)

@@ -494,13 +494,14 @@ def _task(fn, ordered):
     return disp
 
 
-def wraps_kernel(inner):
+def wraps_kernel(inner, *others):
     """Decorate a plain Python function that prepares arguments (chunking, reshapes) and
-    calls the :class:`Kernel` ``inner``: the op keeps its twin's argument list, and
-    ``fn.kernel`` / ``fn.dispatchers`` expose ``inner`` to the warm-up and the tests."""
+    calls the :class:`Kernel` ``inner`` (or, by the shape, one of ``others``): the op
+    keeps its twin's argument list, and ``fn.kernel`` / ``fn.dispatchers`` expose
+    ``inner`` (and the dispatchers of ``others``) to the warm-up and the tests."""
     def deco(fn):
         fn.kernel = inner
-        fn.dispatchers = inner.dispatchers
+        fn.dispatchers = lambda: tuple(d for k in (inner, *others) for d in k.dispatchers())
         return fn
     return deco
 

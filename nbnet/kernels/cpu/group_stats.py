@@ -12,6 +12,12 @@ shape ``(C,)``). Two views cover every layout without a transpose:
 * channels-first ``(N, C, L)`` (NCHW, ``L = H*W``): group ``g`` of example ``n`` is the
   contiguous block ``X[n, g*cg:(g+1)*cg, :]``.
 
+With one position (``P = 1``: GroupNorm on ``(N, C)`` features, 1x1 images) each example
+is a row of ``G`` contiguous groups, and the channels-last ops run the row pattern of
+:mod:`~nbnet.kernels.cpu.row_stats` group by group instead (``_group_forward_rows``,
+``_group_backward_rows``: tasks of a chunk of examples, per-group statistics vectorised
+across the groups).
+
 Parallel layout: ``prange`` over tasks of a chunk of examples times a block of whole
 groups, channels-last (``config.groups_per_task``: about ``config.TILE_BYTES`` of
 channels) and channels-first (``config.cf_group_tiling``: about ``config.CHUNK_BYTES`` a
@@ -51,9 +57,11 @@ from numba import prange
 from ... import config
 from ._jit import helper, kernel, subroutine, task_body, wraps_kernel
 from .activations import piecewise_slopes, reject_smooth
-from .block_sums import block_shifted_moments, rescue_columns, shifted_result
+from .block_sums import (ROW_BLOCK, SUM_BLOCK, block_shifted_moments, rescue_columns,
+                         shifted_result)
 from .column_stats import (cf_normalize_run, cf_slope_run, count_tiles, run_grad_sums,
                            segment_moments, tile_of)
+from .row_stats import row_shift
 
 
 # Channels-last kernels. A task is a chunk of ``rows_per_chunk`` examples times a block of
@@ -259,11 +267,261 @@ def _group_forward_cl_task(t, X, gamma, beta, n_groups, eps, code, alpha, rows_p
                     Yn[p, c] = z if z > 0.0 else z * neg  # z * neg keeps NaN a NaN
 
 
+# One position (GroupNorm on ``(N, C)`` features, or NHWC images of 1x1): each example is
+# a row of ``G`` contiguous groups of ``cg`` values, and the kernels are the row pattern
+# of :mod:`~nbnet.kernels.cpu.row_stats` applied group by group, with the affine
+# parameters of the group's channels. The per-channel machinery above (sums over
+# positions per channel, factor arrays filled per example, a call per group) is there to
+# make many positions cheap; with one position it was the whole cost: float32, 2 threads,
+# on the 2-core reference machine, GroupNorm(32) (64, 4096) forward kernel 91 us (copy of
+# X: 29 us), and (1024, 64) (two channels a group) 403 us, serial, for 256 KiB.
+
+
+@helper
+def _group_shifts(mn, rn, m0, rr, cc):
+    """Every group's ``m0`` (the mean rounded to X's dtype), ``r`` and ``c = (mean - m0) *
+    r`` in X's dtype (the arrays ``m0``, ``rr``, ``cc``), as
+    :func:`~nbnet.kernels.cpu.row_stats.row_shift` forms them for one row: one loop
+    across the groups instead of a round trip through memory per group."""
+    for g in range(mn.shape[0]):
+        m0[g] = mn[g]
+        rr[g] = rn[g]
+        cc[g] = (mn[g] - m0[g]) * rn[g]
+
+
+@helper
+def _group_rows_example(x, y, mn, rn, gamma, beta, cg, eps, code, neg, far, s1, s2, sh, rr,
+                        cc):
+    """One example of :func:`_group_rows_forward_task`: ``x``, ``y`` its ``C`` values,
+    ``mn``, ``rn`` its groups' statistics (written); the other arrays are the task's
+    per-group buffers."""
+    n_groups = mn.shape[0]
+    inv_cnt = 1.0 / cg
+    for g in range(n_groups):
+        o = g * cg
+        sh[g] = x[o]
+        s1[g], s2[g] = block_shifted_moments(x, o, cg, sh[g])
+    any_far = False
+    for g in range(n_groups):  # (no branch: vectorised across groups)
+        mn[g], m2, far[g] = shifted_result(np.float64(sh[g]), s1[g], s2[g], inv_cnt)
+        rn[g] = 1.0 / math.sqrt(m2 * inv_cnt + eps)
+        any_far = any_far | far[g]
+    if any_far:
+        for g in range(n_groups):
+            if far[g]:  # again, around the mean rounded to X's dtype
+                sh[g] = mn[g]
+                u1, u2 = block_shifted_moments(x, g * cg, cg, sh[g])
+                m, m2, _ = shifted_result(np.float64(sh[g]), u1, u2, inv_cnt)
+                mn[g] = m
+                rn[g] = 1.0 / math.sqrt(m2 * inv_cnt + eps)
+    _group_shifts(mn, rn, sh, rr, cc)
+    for g in range(n_groups):
+        m0 = sh[g]
+        r = rr[g]
+        c0 = cc[g]
+        o = g * cg
+        if code == 0:
+            for j in range(cg):
+                c = np.uint64(o + j)
+                y[c] = ((x[c] - m0) * r - c0) * gamma[c] + beta[c]
+        else:  # ReLU, leaky ReLU: a select in X's dtype
+            for j in range(cg):
+                c = np.uint64(o + j)
+                z = ((x[c] - m0) * r - c0) * gamma[c] + beta[c]
+                y[c] = z if z > 0.0 else z * neg  # z * neg keeps NaN a NaN
+
+
+@task_body
+def _group_rows_forward_task(k, X, gamma, beta, n_groups, eps, code, alpha, rows_per_chunk, Y,
+                             mean, invstd):
+    """Task ``k`` of :func:`group_forward_rows` (the ``prange`` body; see ``task_body``):
+    examples ``k * rows_per_chunk`` on. Per example (:func:`_group_rows_example`), loops
+    over its groups, as the row forward takes its blocks of rows: the one-pass shifted
+    moments of every group (around its first value, input-dtype blocks summed in
+    float64); every group's mean and invstd in one loop across the groups (vectorised:
+    square roots and divisions 4 to 8 at a time); the second pass of the (rare) groups
+    whose shift was more than ``SHIFT_LIMIT`` standard deviations off; then the outputs
+    ``((x - m0) * r - c) * gamma + beta`` while the example is in L1 (``m0`` the mean
+    rounded to X's dtype, ``c = (mean - m0) * r``, as the row kernels form it).
+
+    Groups of 2, 4 and 8 channels take copies of the example's code with ``cg`` a
+    constant, whose loops over a group's values LLVM unrolls: the loops of a run-time
+    count, set up for two values each, cost ~5 ns a group (serial, float32, (1024, 64) in
+    groups of 2 on the 2-core reference machine: forward 403 -> 238 us, backward 440 ->
+    175 us)."""
+    N, C = X.shape
+    cg = C // n_groups
+    start = k * rows_per_chunk
+    stop = min(start + rows_per_chunk, N)
+    far = np.empty(n_groups, np.bool_)
+    s1 = np.empty(n_groups, np.float64)  # per group: the moments around the shift
+    s2 = np.empty(n_groups, np.float64)
+    sh = np.empty(n_groups, X.dtype)    # the shift; then m0, r, c (_group_shifts)
+    rr = np.empty(n_groups, X.dtype)
+    cc = np.empty(n_groups, X.dtype)
+    reject_smooth(code)
+    _, neg = piecewise_slopes(code, alpha, sh)
+    for n in range(start, stop):
+        x, y, mn, rn = X[n], Y[n], mean[n], invstd[n]
+        if cg == 2:
+            _group_rows_example(x, y, mn, rn, gamma, beta, 2, eps, code, neg, far, s1, s2, sh,
+                                rr, cc)
+        elif cg == 4:
+            _group_rows_example(x, y, mn, rn, gamma, beta, 4, eps, code, neg, far, s1, s2, sh,
+                                rr, cc)
+        elif cg == 8:
+            _group_rows_example(x, y, mn, rn, gamma, beta, 8, eps, code, neg, far, s1, s2, sh,
+                                rr, cc)
+        else:
+            _group_rows_example(x, y, mn, rn, gamma, beta, cg, eps, code, neg, far, s1, s2, sh,
+                                rr, cc)
+
+
+@kernel
+def _group_forward_rows(X, gamma, beta, n_groups, eps, code, alpha, rows_per_chunk, Y, mean,
+                        invstd):
+    """:func:`group_forward_cl` for one position: X, Y : (N, C)."""
+    N, C = X.shape
+    for k in prange((N + rows_per_chunk - 1) // rows_per_chunk):
+        _group_rows_forward_task(np.int64(k), X, gamma, beta, n_groups, eps, code, alpha,
+                                 rows_per_chunk, Y, mean, invstd)
+
+
+@helper
+def _group_rows_grad_example(x, gy, dx, mn, rn, gamma, beta, cg, code, neg, gs, sh, rr, cc, k0,
+                             k1, acc_g, acc_gx):
+    """One example of :func:`_group_rows_backward_task`: ``x``, ``gy``, ``dx`` its ``C``
+    values, ``mn``, ``rn`` its groups' statistics; the other arrays are the task's
+    buffers (``gs``: the example's ``g`` with an activation; per group ``sh``, ``rr``,
+    ``cc``, ``s1``, ``s2``, ``k0``, ``k1``; per channel the accumulators)."""
+    n_groups = mn.shape[0]
+    inv_cnt = 1.0 / cg
+    _group_shifts(mn, rn, sh, rr, cc)
+    if code != 0:
+        for g in range(n_groups):
+            m0 = sh[g]
+            r = rr[g]
+            c0 = cc[g]
+            o = g * cg
+            for j in range(cg):
+                c = np.uint64(o + j)
+                z = ((x[c] - m0) * r - c0) * gamma[c] + beta[c]
+                gv = gy[c]
+                # g * (neg + (z - z)): NaN where z is NaN, as the slope is
+                gs[c] = gv if z > 0.0 else gv * (neg + (z - z))
+        gy = gs
+    for g in range(n_groups):
+        m0 = sh[g]
+        r = rr[g]
+        c0 = cc[g]
+        o = g * cg
+        t1 = 0.0
+        t2 = 0.0
+        for b in range(0, cg, SUM_BLOCK):
+            ob = o + b
+            h = m0 - m0
+            hx = m0 - m0
+            for j in range(min(SUM_BLOCK, cg - b)):
+                c = np.uint64(ob + j)
+                hh = gy[c] * gamma[c]
+                h += hh
+                hx += hh * ((x[c] - m0) * r - c0)
+            t1 += h
+            t2 += hx
+        # dx = r * (h - mean(h) - xhat * mean(h * xhat)) = (g * gamma) * r + k0 - k1 *
+        # xhat with k0 = -r * mean(h), k1 = r * mean(h * xhat). (Folding the xhat's r into
+        # k1, r * r * mean(h * xhat), underflows float32 for groups with a standard
+        # deviation past ~1e19.)
+        k0[g] = -rn[g] * (t1 * inv_cnt)
+        k1[g] = rn[g] * (t2 * inv_cnt)
+        a0 = k0[g]
+        a1 = k1[g]
+        for j in range(cg):
+            c = np.uint64(o + j)
+            gv = gy[c]
+            xh = (x[c] - m0) * r - c0
+            dx[c] = ((gv * gamma[c]) * r + a0) - a1 * xh
+            acc_g[c] += gv
+            acc_gx[c] += gv * xh
+
+
+@task_body
+def _group_rows_backward_task(k, X, dY, mean, invstd, gamma, beta, n_groups, code, alpha,
+                              rows_per_chunk, dX, partial_dgamma, partial_dbeta):
+    """Task ``k`` of :func:`group_backward_rows` (the ``prange`` body; see ``task_body``):
+    examples ``k * rows_per_chunk`` on, and row ``k`` of the partial buffers.
+
+    Per example (:func:`_group_rows_grad_example`), as the row backward takes a row, group
+    by group: with ReLU / leaky ReLU ``g = dY * f'(z)`` formed first into an example
+    buffer; each group's sums of ``h = g * gamma`` and ``h * xhat`` (``xhat = (x - m0) * r
+    - c``, blocks of ``SUM_BLOCK`` in X's dtype, float64 across them); then ``dx = (h * r +
+    k0) - k1 * xhat`` with ``k0 = -r * mean(h)``, ``k1 = r * mean(h * xhat)``, the loop
+    that also adds ``g`` and ``g * xhat`` into per-channel accumulators of X's dtype,
+    flushed into the float64 partials every ``ROW_BLOCK`` examples. Groups of 2, 4 and 8
+    channels take copies with ``cg`` a constant, as in the forward."""
+    N, C = X.shape
+    cg = C // n_groups
+    start = k * rows_per_chunk
+    stop = min(start + rows_per_chunk, N)
+    pdg = partial_dgamma[k]
+    pdb = partial_dbeta[k]
+    for j in range(C):
+        pdg[j] = 0.0
+        pdb[j] = 0.0
+    gs = np.empty(C if code != 0 else 0, X.dtype)
+    sh = np.empty(n_groups, X.dtype)  # per group: m0, r, c; k0, k1 (X's dtype)
+    rr = np.empty(n_groups, X.dtype)
+    cc = np.empty(n_groups, X.dtype)
+    k0 = np.empty(n_groups, X.dtype)
+    k1 = np.empty(n_groups, X.dtype)
+    acc_g = np.empty(C, X.dtype)
+    acc_gx = np.empty(C, X.dtype)
+    reject_smooth(code)
+    _, neg = piecewise_slopes(code, alpha, sh)
+    for n0 in range(start, stop, ROW_BLOCK):
+        for j in range(C):
+            acc_g[j] = 0.0
+            acc_gx[j] = 0.0
+        for n in range(n0, min(n0 + ROW_BLOCK, stop)):
+            x, gy, dx, mn, rn = X[n], dY[n], dX[n], mean[n], invstd[n]
+            if cg == 2:
+                _group_rows_grad_example(x, gy, dx, mn, rn, gamma, beta, 2, code, neg, gs, sh,
+                                         rr, cc, k0, k1, acc_g, acc_gx)
+            elif cg == 4:
+                _group_rows_grad_example(x, gy, dx, mn, rn, gamma, beta, 4, code, neg, gs, sh,
+                                         rr, cc, k0, k1, acc_g, acc_gx)
+            elif cg == 8:
+                _group_rows_grad_example(x, gy, dx, mn, rn, gamma, beta, 8, code, neg, gs, sh,
+                                         rr, cc, k0, k1, acc_g, acc_gx)
+            else:
+                _group_rows_grad_example(x, gy, dx, mn, rn, gamma, beta, cg, code, neg, gs, sh,
+                                         rr, cc, k0, k1, acc_g, acc_gx)
+        for j in range(C):
+            pdg[j] += acc_gx[j]
+            pdb[j] += acc_g[j]
+
+
+@kernel
+def _group_backward_rows(X, dY, mean, invstd, gamma, beta, n_groups, code, alpha,
+                         rows_per_chunk, dX, partial_dgamma, partial_dbeta):
+    """:func:`group_backward_cl` for one position: X, dY, dX : (N, C)."""
+    N, C = X.shape
+    for k in prange((N + rows_per_chunk - 1) // rows_per_chunk):
+        _group_rows_backward_task(np.int64(k), X, dY, mean, invstd, gamma, beta, n_groups, code,
+                                  alpha, rows_per_chunk, dX, partial_dgamma, partial_dbeta)
+
+
 def _loops(kern, size, N, n_groups, rows_per_chunk, groups_per_task):
     """``kern.parallel`` from ``config.GROUP_SERIAL_CUTOFF`` elements and two tasks on,
     else ``kern.serial``."""
     n_tasks = -(-N // rows_per_chunk) * -(-n_groups // groups_per_task)
     return kern.parallel if size >= config.GROUP_SERIAL_CUTOFF and n_tasks > 1 else kern.serial
+
+
+def _rows_loops(kern, size, N, rows_per_chunk):
+    """``kern.parallel`` from ``config.GROUP_SERIAL_CUTOFF`` elements and two chunks of
+    examples on, else ``kern.serial`` (the one-position kernels)."""
+    return kern.parallel if size >= config.GROUP_SERIAL_CUTOFF and N > rows_per_chunk else kern.serial
 
 
 @kernel(ordered=True)
@@ -276,7 +534,7 @@ def _group_forward_cl(X, gamma, beta, n_groups, eps, code, alpha, rows_per_chunk
                                rows_per_chunk, groups_per_task, Y, mean, invstd)
 
 
-@wraps_kernel(_group_forward_cl)
+@wraps_kernel(_group_forward_cl, _group_forward_rows)
 def group_forward_cl(size, X, gamma, beta, n_groups, eps, code, alpha, rows_per_chunk, Y, mean,
                      invstd):
     """Y = f((X - mean_ng) * invstd_ng * gamma_c + beta_c), channels-last.
@@ -285,8 +543,14 @@ def group_forward_cl(size, X, gamma, beta, n_groups, eps, code, alpha, rows_per_
     mean, invstd : (N, G) float64, written (biased variance). Tasks of ``rows_per_chunk``
     examples times ``config.groups_per_task`` groups.
     """
-    gpt = config.groups_per_task(X.shape[2], n_groups, X.dtype.itemsize)
-    _loops(_group_forward_cl, size, X.shape[0], n_groups, rows_per_chunk, gpt)(
+    N, P, C = X.shape
+    if P == 1:  # rows of groups (see _group_forward_rows)
+        _rows_loops(_group_forward_rows, size, N, rows_per_chunk)(
+            X.reshape(N, C), gamma, beta, n_groups, eps, code, alpha, rows_per_chunk,
+            Y.reshape(N, C), mean, invstd)
+        return
+    gpt = config.groups_per_task(C, n_groups, X.dtype.itemsize)
+    _loops(_group_forward_cl, size, N, n_groups, rows_per_chunk, gpt)(
         X, gamma, beta, n_groups, eps, code, alpha, rows_per_chunk, gpt, Y, mean, invstd)
 
 
@@ -443,7 +707,7 @@ def _group_backward_cl(X, dY, mean, invstd, gamma, beta, n_groups, code, alpha, 
                                 partial_dgamma, partial_dbeta)
 
 
-@wraps_kernel(_group_backward_cl)
+@wraps_kernel(_group_backward_cl, _group_backward_rows)
 def group_backward_cl(size, X, dY, mean, invstd, gamma, beta, n_groups, code, alpha,
                       rows_per_chunk, dX, partial_dgamma, partial_dbeta):
     """Input gradient per example; parameter-gradient partials per chunk (channels-last).
@@ -459,8 +723,14 @@ def group_backward_cl(size, X, dY, mean, invstd, gamma, beta, n_groups, code, al
     sum of g`` over the chunk's examples (``rows_per_chunk`` of them; the partials have
     one row per chunk).
     """
-    gpt = config.groups_per_task(X.shape[2], n_groups, X.dtype.itemsize)
-    _loops(_group_backward_cl, size, X.shape[0], n_groups, rows_per_chunk, gpt)(
+    N, P, C = X.shape
+    if P == 1:  # rows of groups (see _group_backward_rows)
+        _rows_loops(_group_backward_rows, size, N, rows_per_chunk)(
+            X.reshape(N, C), dY.reshape(N, C), mean, invstd, gamma, beta, n_groups, code, alpha,
+            rows_per_chunk, dX.reshape(N, C), partial_dgamma, partial_dbeta)
+        return
+    gpt = config.groups_per_task(C, n_groups, X.dtype.itemsize)
+    _loops(_group_backward_cl, size, N, n_groups, rows_per_chunk, gpt)(
         X, dY, mean, invstd, gamma, beta, n_groups, code, alpha, rows_per_chunk, gpt, dX,
         partial_dgamma, partial_dbeta)
 
