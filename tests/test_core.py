@@ -459,7 +459,10 @@ def test_nan_propagates_to_affected_features_only(rng):
     Y = bn.forward(X)
     assert np.isnan(Y[:, 2]).all() and np.isfinite(Y[:, [0, 1, 3]]).all()
     assert np.isfinite(bn.parameters["running_mean"][[0, 1, 3]]).all()
-    assert np.isnan(bn.parameters["running_mean"][2])
+    # features 2 (NaN) and 4 (Inf) keep their running statistics (the initial 0 and 1)
+    for k, initial in (("running_mean", 0.0), ("running_var", 1.0)):
+        assert (bn.parameters[k][[2, 4]] == initial).all()
+        assert (bn.parameters[k][[0, 1, 3]] != initial).all()
     ln = nbnet.LayerNorm1D()
     Yl = ln.forward(X)
     bad_rows = {3, 7}

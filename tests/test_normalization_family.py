@@ -778,7 +778,7 @@ def test_nan_is_contained_per_channel_and_group():
     Y = bn.forward(X)
     assert np.isnan(Y[..., 5]).all() and np.isfinite(np.delete(Y, 5, axis=-1)).all()
     rm = bn.parameters["running_mean"]
-    assert np.isnan(rm[5]) and np.isfinite(np.delete(rm, 5)).all()
+    assert np.isfinite(rm).all() and rm[5] == 0.0 and (np.delete(rm, 5) != 0.0).all()
     gn = nbnet.GroupNorm(4)  # channel 5 is in group 2 (channels 4, 5) of example 1
     Y = gn.forward(X)
     assert np.isnan(Y[1, ..., 4:6]).all()
@@ -803,6 +803,42 @@ def test_summary_roundtrip_and_hyperparameters():
         for k, v in layer.parameters.items():
             assert np.array_equal(clone.parameters[k], v) and clone.parameters[k].dtype == np.float32
         assert np.array_equal(clone.forward(X, retain_derived=False), layer.forward(X, retain_derived=False))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+@pytest.mark.parametrize("make,shape,axes", [
+    (lambda: nbnet.BatchNorm1D(momentum=0.5), (6, 5), (0,)),
+    (lambda: nbnet.BatchNorm2D(momentum=0.5), (3, 2, 2, 5), (0, 1, 2)),
+    (lambda: nbnet.BatchNorm2D(momentum=0.5, data_format="NCHW"), (3, 5, 2, 2), (0, 2, 3)),
+    (lambda: nbnet.InstanceNorm2D(track_running_stats=True, momentum=0.5), (3, 2, 2, 5),
+     (1, 2))])
+def test_nonfinite_batch_keeps_running_statistics(make, shape, axes, bad):
+    """A batch with NaN or Inf in feature 3 leaves that feature's running statistics as
+    they were (PyTorch folds the NaN in, and inference with them is NaN from then on);
+    the other features take the batch as usual, against NumPy; a clean batch after it
+    updates feature 3 again. (The fused and the separate column kernels, and the NCHW
+    path, share the merge; the CUDA twins are checked in tests/cuda_sim.)"""
+    rng = np.random.default_rng(18)
+    layer = make()
+    ch = 1 if len(axes) == 3 and axes[1] == 2 else -1  # the channel axis
+    X = rng.normal(2.0, 3.0, shape)
+    layer.forward(X)
+    before = {k: layer.parameters[k].copy() for k in ("running_mean", "running_var")}
+    Xb = rng.normal(-1.0, 0.5, shape)
+    np.moveaxis(Xb, ch, -1)[(0,) * (len(shape) - 1) + (3,)] = bad
+    Y = layer.forward(Xb)
+    after = layer.parameters
+    assert np.isfinite(after["running_mean"]).all() and np.isfinite(after["running_var"]).all()
+    assert after["running_mean"][3] == before["running_mean"][3]
+    assert after["running_var"][3] == before["running_var"][3]
+    if len(axes) > 2 or axes == (0,):  # BatchNorm: the batch statistics over ``axes``
+        mean = Xb.mean(axis=axes)
+        expect = 0.5 * before["running_mean"] + 0.5 * mean
+        others = np.arange(5) != 3
+        np.testing.assert_allclose(after["running_mean"][others], expect[others], rtol=1e-12)
+    assert np.isnan(np.moveaxis(Y, ch, -1)[..., 3]).any()
+    layer.forward(X)  # a clean batch updates feature 3 again
+    assert layer.parameters["running_mean"][3] != before["running_mean"][3]
 
 
 def test_instancenorm_running_stats_used_in_eval():

@@ -21,8 +21,9 @@ their output, ``derived_variables["Y"]``, and differentiate from it (as PyTorch 
 the input, a retained output must not be modified in place before ``backward``).
 
 NaN and Inf propagate, but only to what they touch: a NaN in feature ``j`` of a
-BatchNorm input makes output column ``j``, ``running_mean[j]`` and ``running_var[j]``
-NaN and leaves every other feature finite; a NaN in example ``i`` of a LayerNorm/RMSNorm
+BatchNorm input makes output column ``j`` NaN and leaves every other feature finite, and
+``running_mean[j]`` and ``running_var[j]`` keep their values (PyTorch would fold the NaN
+into them for good: one bad batch would spoil inference); a NaN in example ``i`` of a LayerNorm/RMSNorm
 input makes output row ``i`` NaN (and, in backward, the parameter gradients, which sum
 over rows), leaving the other rows finite; a NaN in group ``g`` of example ``n`` of a
 GroupNorm/InstanceNorm input makes only that group's outputs NaN.
@@ -676,7 +677,8 @@ class BatchNorm2D(_BatchNormBase):
     Statistics accumulate in float64 (per-chunk two-pass, Chan merge). Training with a
     single value per channel (``N*H*W == 1``) raises ValueError; an empty batch gives an
     empty output and leaves the running statistics unchanged. A NaN in channel ``c``
-    makes only output channel ``c``, ``running_mean[c]`` and ``running_var[c]`` NaN.
+    makes only output channel ``c`` NaN; ``running_mean[c]`` and ``running_var[c]`` keep
+    their values.
     """
 
     _ndim = 4
@@ -1107,8 +1109,8 @@ class InstanceNorm2D(GroupNorm):
     -----
     Input ``(N, H, W, C)`` (or ``(N, C, H, W)`` with ``data_format="NCHW"``). Computing
     instance statistics of a single position (``H * W == 1``) raises ValueError, as in
-    PyTorch. A NaN in channel ``c`` of example ``n`` makes only output ``(n, c)`` NaN (and,
-    when tracked, ``running_mean[c]``/``running_var[c]``).
+    PyTorch. A NaN in channel ``c`` of example ``n`` makes only output ``(n, c)`` NaN;
+    tracked ``running_mean[c]``/``running_var[c]`` keep their values through that batch.
     """
 
     _ndim = 4
@@ -1176,11 +1178,13 @@ class InstanceNorm2D(GroupNorm):
             var = var * (count / (count - 1))
         m = self.momentum
         p = self.parameters
-        for key, batch in (("running_mean", mean.mean(axis=0)), ("running_var", var.mean(axis=0))):
+        batches = (("running_mean", mean.mean(axis=0)), ("running_var", var.mean(axis=0)))
+        # a channel with NaN or Inf in any example keeps its running statistics (as BatchNorm)
+        ok = np.isfinite(batches[0][1]) & np.isfinite(batches[1][1])
+        for key, batch in batches:
+            old = devices.to_host(p[key]) if self.device != "cpu" else p[key]
+            new = np.where(ok, m * old.astype(_F64) + (1.0 - m) * batch, old)
             if self.device != "cpu":
-                old = devices.to_host(p[key])
-                p[key] = devices.to_device((m * old.astype(_F64) + (1.0 - m) * batch).astype(old.dtype),
-                                           self.device)
+                p[key] = devices.to_device(new.astype(old.dtype), self.device)
                 continue
-            new = m * p[key].astype(_F64) + (1.0 - m) * batch
             p[key][...] = new

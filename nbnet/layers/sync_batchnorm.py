@@ -78,8 +78,11 @@ class _SyncMixin:
         p = self.parameters
         batch_var = var * (n / (n - 1)) if self.unbiased_running_var else var
         m = self.momentum
-        p["running_mean"][...] = m * p["running_mean"] + (1.0 - m) * mean
-        p["running_var"][...] = m * p["running_var"] + (1.0 - m) * batch_var
+        ok = np.isfinite(mean) & np.isfinite(var)  # NaN / Inf: the running stats are kept
+        p["running_mean"][...] = np.where(ok, m * p["running_mean"] + (1.0 - m) * mean,
+                                          p["running_mean"])
+        p["running_var"][...] = np.where(ok, m * p["running_var"] + (1.0 - m) * batch_var,
+                                         p["running_var"])
         return mean, invstd
 
     def _sums_for_dx(self, sum_g, sum_gx, R):

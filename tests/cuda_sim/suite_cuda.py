@@ -106,6 +106,31 @@ def test_layer_matches_cpu(name, make, shape, act, dtype):
     close(lg.forward(X), lc.forward(X), dtype)
 
 
+@pytest.mark.parametrize("name,make,shape", [LAYERS[0], LAYERS[2], LAYERS[-1]],
+                         ids=["bn1d", "bn2d_nchw", "in_track"])
+def test_nonfinite_batch_keeps_running_statistics(name, make, shape):
+    """A batch with NaN in one channel and Inf in another: on cuda (the fused and the
+    separate merge kernels, and InstanceNorm's host update) those channels keep their
+    running statistics, as on cpu, and the others update as on cpu."""
+    X = data(shape, np.float64)
+    Xb = data(shape, np.float64, seed=3, loc=-1.0)
+    ch = 1 if name == "bn2d_nchw" else -1
+    np.moveaxis(Xb, ch, -1)[(0,) * (len(shape) - 1) + (1,)] = np.nan
+    np.moveaxis(Xb, ch, -1)[(-1,) * (len(shape) - 1) + (2,)] = np.inf
+    result = {}
+    for dev in ("cpu", "cuda"):
+        layer = make(device=dev)
+        layer.forward(X)
+        before = {k: host(layer.parameters[k]).copy() for k in ("running_mean", "running_var")}
+        layer.forward(Xb)
+        result[dev] = {k: host(layer.parameters[k]) for k in before}
+        for k, v in result[dev].items():
+            assert np.isfinite(v).all(), (dev, k, v)
+            assert (v[1:3] == before[k][1:3]).all(), (dev, k)
+    for k in result["cpu"]:
+        close(result["cuda"][k], result["cpu"][k], np.float64)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_batchnorm_against_reference(dtype):
     X = data((37, 11), dtype, loc=1e3 if dtype == np.float64 else 3.0)

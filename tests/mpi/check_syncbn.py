@@ -61,6 +61,18 @@ layer.forward(split(Xbig, (1500, 2500)))
 true_var = ((Xbig - Xbig.mean(0)) ** 2).mean(0)
 assert np.max(np.abs(layer.parameters["running_var"] - true_var) / true_var) <= 1e-8
 
+# a NaN in feature 2 (in rank 1's rows): on every rank that feature keeps its running
+# statistics, as BatchNorm1D does in one process, and the others update
+Xn = X.copy()
+Xn[6, 2] = np.nan
+sync, ref = nbnet.SyncBatchNorm1D(), nbnet.BatchNorm1D()
+sync.forward(split(Xn, (3, 5)))
+ref.forward(Xn)
+for k, initial in (("running_mean", 0.0), ("running_var", 1.0)):
+    assert np.isfinite(sync.parameters[k]).all() and sync.parameters[k][2] == initial
+    assert (np.delete(sync.parameters[k], 2) != initial).all()
+    np.testing.assert_allclose(sync.parameters[k], ref.parameters[k], atol=1e-10, rtol=0)
+
 # one value per feature across all ranks is still an error, on every rank alike
 try:
     nbnet.SyncBatchNorm1D().forward(split(X[:1], (1, 0)))

@@ -355,7 +355,9 @@ def _column_merge_stats_task(b, partial_mean, partial_m2, n_rows, rows_per_chunk
     for j in range(j0, j1):
         var = invstd[j] / n_rows
         invstd[j] = 1.0 / math.sqrt(var + eps)
-        if momentum >= 0.0:
+        # a column whose batch holds NaN or Inf keeps its running statistics (one bad batch
+        # would otherwise leave them NaN for good; its outputs are NaN either way)
+        if momentum >= 0.0 and math.isfinite(mean[j]) and math.isfinite(var):
             batch_var = var * n_rows / (n_rows - 1) if unbiased else var
             running_mean[j] = momentum * running_mean[j] + (1.0 - momentum) * mean[j]
             running_var[j] = momentum * running_var[j] + (1.0 - momentum) * batch_var
@@ -370,7 +372,8 @@ def column_merge_stats(partial_mean, partial_m2, n_rows, rows_per_chunk, eps,
     ``running = momentum * running + (1 - momentum) * batch``, where the batch variance is
     the biased one, or the unbiased ``var * n / (n - 1)`` when ``unbiased`` is true.
     Skips the running update when ``momentum`` is negative (used by callers that keep no
-    running statistics).
+    running statistics), and for columns whose batch mean or variance is not finite (a
+    NaN or Inf in the batch): those keep their running statistics.
     """
     C = partial_mean.shape[1]
     n_blocks = (C + _MERGE_BLOCK - 1) // _MERGE_BLOCK

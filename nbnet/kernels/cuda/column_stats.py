@@ -110,7 +110,7 @@ def _merge_stats(partial_mean, partial_m2, n_rows, rows_per_chunk, eps, momentum
         var = q[tx] / n_rows
         mean[j] = m
         invstd[j] = 1.0 / math.sqrt(var + eps)
-        if momentum >= 0.0:
+        if momentum >= 0.0 and math.isfinite(m) and math.isfinite(var):  # (see the CPU twin)
             batch_var = var * n_rows / (n_rows - 1) if unbiased else var
             running_mean[j] = momentum * running_mean[j] + (1.0 - momentum) * m
             running_var[j] = momentum * running_var[j] + (1.0 - momentum) * batch_var
@@ -655,7 +655,7 @@ def _fused_merge_normalize(X, partial_mean, partial_m2, rows_per_chunk, eps, mom
         if k == 0:
             mean[j] = m
             invstd[j] = r
-            if momentum >= 0.0:
+            if momentum >= 0.0 and math.isfinite(m) and math.isfinite(var):  # (CPU twin)
                 batch_var = var * R / (R - 1) if unbiased else var
                 running_mean[j] = momentum * running_mean[j] + (1.0 - momentum) * m
                 running_var[j] = momentum * running_var[j] + (1.0 - momentum) * batch_var
