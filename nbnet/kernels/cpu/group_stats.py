@@ -278,43 +278,49 @@ def _group_forward_cl_task(t, X, gamma, beta, n_groups, eps, code, alpha, rows_p
 
 
 @helper
-def _group_shifts(mn, rn, m0, rr, cc):
+def _group_shifts(mf, rf, mo, m0, rr, cc):
     """Every group's ``m0`` (the mean rounded to X's dtype), ``r`` and ``c = (mean - m0) *
-    r`` in X's dtype (the arrays ``m0``, ``rr``, ``cc``), as
-    :func:`~nbnet.kernels.cpu.row_stats.row_shift` forms them for one row: one loop
-    across the groups instead of a round trip through memory per group."""
-    for g in range(mn.shape[0]):
-        m0[g] = mn[g]
-        rr[g] = rn[g]
-        cc[g] = (mn[g] - m0[g]) * rn[g]
+    r`` in X's dtype (the arrays ``m0``, ``rr``, ``cc``) from the example's statistics
+    ``mf[mo:]``, ``rf[mo:]``, as :func:`~nbnet.kernels.cpu.row_stats.row_shift` forms them
+    for one row: one loop across the groups instead of a round trip through memory per
+    group."""
+    for g in range(m0.shape[0]):
+        i = np.uint64(mo + g)
+        m0[g] = mf[i]
+        rr[g] = rf[i]
+        cc[g] = (mf[i] - m0[g]) * rf[i]
 
 
 @helper
-def _group_rows_example(x, y, mn, rn, gamma, beta, cg, eps, code, neg, far, s1, s2, sh, rr,
-                        cc):
-    """One example of :func:`_group_rows_forward_task`: ``x``, ``y`` its ``C`` values,
-    ``mn``, ``rn`` its groups' statistics (written); the other arrays are the task's
-    per-group buffers."""
-    n_groups = mn.shape[0]
+def _group_rows_example(xf, yf, xo, mf, rf, mo, gamma, beta, cg, eps, code, neg, far, s1, s2,
+                        sh, rr, cc):
+    """One example of :func:`_group_rows_forward_task`: its ``C`` values at flat offset
+    ``xo`` of ``xf``, ``yf``, its groups' statistics at ``mo`` of ``mf``, ``rf`` (written);
+    the other arrays are the task's per-group buffers. Flat arrays and offsets rather than
+    views of the example: a view per example cost numba a reference-count call pair (eight
+    calls an example in the assembly)."""
+    n_groups = sh.shape[0]
     inv_cnt = 1.0 / cg
     for g in range(n_groups):
-        o = g * cg
-        sh[g] = x[o]
-        s1[g], s2[g] = block_shifted_moments(x, o, cg, sh[g])
+        o = xo + g * cg
+        sh[g] = xf[np.uint64(o)]
+        s1[g], s2[g] = block_shifted_moments(xf, o, cg, sh[g])
     any_far = False
     for g in range(n_groups):  # (no branch: vectorised across groups)
-        mn[g], m2, far[g] = shifted_result(np.float64(sh[g]), s1[g], s2[g], inv_cnt)
-        rn[g] = 1.0 / math.sqrt(m2 * inv_cnt + eps)
+        i = np.uint64(mo + g)
+        mf[i], m2, far[g] = shifted_result(np.float64(sh[g]), s1[g], s2[g], inv_cnt)
+        rf[i] = 1.0 / math.sqrt(m2 * inv_cnt + eps)
         any_far = any_far | far[g]
     if any_far:
         for g in range(n_groups):
             if far[g]:  # again, around the mean rounded to X's dtype
-                sh[g] = mn[g]
-                u1, u2 = block_shifted_moments(x, g * cg, cg, sh[g])
+                i = np.uint64(mo + g)
+                sh[g] = mf[i]
+                u1, u2 = block_shifted_moments(xf, xo + g * cg, cg, sh[g])
                 m, m2, _ = shifted_result(np.float64(sh[g]), u1, u2, inv_cnt)
-                mn[g] = m
-                rn[g] = 1.0 / math.sqrt(m2 * inv_cnt + eps)
-    _group_shifts(mn, rn, sh, rr, cc)
+                mf[i] = m
+                rf[i] = 1.0 / math.sqrt(m2 * inv_cnt + eps)
+    _group_shifts(mf, rf, mo, sh, rr, cc)
     for g in range(n_groups):
         m0 = sh[g]
         r = rr[g]
@@ -323,12 +329,14 @@ def _group_rows_example(x, y, mn, rn, gamma, beta, cg, eps, code, neg, far, s1, 
         if code == 0:
             for j in range(cg):
                 c = np.uint64(o + j)
-                y[c] = ((x[c] - m0) * r - c0) * gamma[c] + beta[c]
+                v = np.uint64(xo + o + j)
+                yf[v] = ((xf[v] - m0) * r - c0) * gamma[c] + beta[c]
         else:  # ReLU, leaky ReLU: a select in X's dtype
             for j in range(cg):
                 c = np.uint64(o + j)
-                z = ((x[c] - m0) * r - c0) * gamma[c] + beta[c]
-                y[c] = z if z > 0.0 else z * neg  # z * neg keeps NaN a NaN
+                v = np.uint64(xo + o + j)
+                z = ((xf[v] - m0) * r - c0) * gamma[c] + beta[c]
+                yf[v] = z if z > 0.0 else z * neg  # z * neg keeps NaN a NaN
 
 
 @task_body
@@ -353,6 +361,10 @@ def _group_rows_forward_task(k, X, gamma, beta, n_groups, eps, code, alpha, rows
     cg = C // n_groups
     start = k * rows_per_chunk
     stop = min(start + rows_per_chunk, N)
+    xf = X.reshape(N * C)
+    yf = Y.reshape(N * C)
+    mf = mean.reshape(N * n_groups)
+    rf = invstd.reshape(N * n_groups)
     far = np.empty(n_groups, np.bool_)
     s1 = np.empty(n_groups, np.float64)  # per group: the moments around the shift
     s2 = np.empty(n_groups, np.float64)
@@ -362,19 +374,20 @@ def _group_rows_forward_task(k, X, gamma, beta, n_groups, eps, code, alpha, rows
     reject_smooth(code)
     _, neg = piecewise_slopes(code, alpha, sh)
     for n in range(start, stop):
-        x, y, mn, rn = X[n], Y[n], mean[n], invstd[n]
+        xo = n * C
+        mo = n * n_groups
         if cg == 2:
-            _group_rows_example(x, y, mn, rn, gamma, beta, 2, eps, code, neg, far, s1, s2, sh,
-                                rr, cc)
+            _group_rows_example(xf, yf, xo, mf, rf, mo, gamma, beta, 2, eps, code, neg, far, s1,
+                                s2, sh, rr, cc)
         elif cg == 4:
-            _group_rows_example(x, y, mn, rn, gamma, beta, 4, eps, code, neg, far, s1, s2, sh,
-                                rr, cc)
+            _group_rows_example(xf, yf, xo, mf, rf, mo, gamma, beta, 4, eps, code, neg, far, s1,
+                                s2, sh, rr, cc)
         elif cg == 8:
-            _group_rows_example(x, y, mn, rn, gamma, beta, 8, eps, code, neg, far, s1, s2, sh,
-                                rr, cc)
+            _group_rows_example(xf, yf, xo, mf, rf, mo, gamma, beta, 8, eps, code, neg, far, s1,
+                                s2, sh, rr, cc)
         else:
-            _group_rows_example(x, y, mn, rn, gamma, beta, cg, eps, code, neg, far, s1, s2, sh,
-                                rr, cc)
+            _group_rows_example(xf, yf, xo, mf, rf, mo, gamma, beta, cg, eps, code, neg, far, s1,
+                                s2, sh, rr, cc)
 
 
 @kernel
@@ -388,15 +401,16 @@ def _group_forward_rows(X, gamma, beta, n_groups, eps, code, alpha, rows_per_chu
 
 
 @helper
-def _group_rows_grad_example(x, gy, dx, mn, rn, gamma, beta, cg, code, neg, gs, sh, rr, cc, k0,
-                             k1, acc_g, acc_gx):
-    """One example of :func:`_group_rows_backward_task`: ``x``, ``gy``, ``dx`` its ``C``
-    values, ``mn``, ``rn`` its groups' statistics; the other arrays are the task's
-    buffers (``gs``: the example's ``g`` with an activation; per group ``sh``, ``rr``,
-    ``cc``, ``s1``, ``s2``, ``k0``, ``k1``; per channel the accumulators)."""
-    n_groups = mn.shape[0]
+def _group_rows_grad_example(xf, gf, df, xo, mf, rf, mo, gamma, beta, cg, code, neg, gs, sh, rr,
+                             cc, k0, k1, acc_g, acc_gx):
+    """One example of :func:`_group_rows_backward_task`: its ``C`` values at flat offset
+    ``xo`` of ``xf``, ``gf``, ``df``, its groups' statistics at ``mo`` of ``mf``, ``rf``; the
+    other arrays are the task's buffers (``gs``: the example's ``g`` with an activation;
+    per group ``sh``, ``rr``, ``cc``, ``k0``, ``k1``; per channel the accumulators)."""
+    n_groups = sh.shape[0]
     inv_cnt = 1.0 / cg
-    _group_shifts(mn, rn, sh, rr, cc)
+    _group_shifts(mf, rf, mo, sh, rr, cc)
+    go = xo  # where the example's g is: dY, or the buffer from 0 with an activation
     if code != 0:
         for g in range(n_groups):
             m0 = sh[g]
@@ -405,11 +419,13 @@ def _group_rows_grad_example(x, gy, dx, mn, rn, gamma, beta, cg, code, neg, gs, 
             o = g * cg
             for j in range(cg):
                 c = np.uint64(o + j)
-                z = ((x[c] - m0) * r - c0) * gamma[c] + beta[c]
-                gv = gy[c]
+                v = np.uint64(xo + o + j)
+                z = ((xf[v] - m0) * r - c0) * gamma[c] + beta[c]
+                gv = gf[v]
                 # g * (neg + (z - z)): NaN where z is NaN, as the slope is
                 gs[c] = gv if z > 0.0 else gv * (neg + (z - z))
-        gy = gs
+        gf = gs
+        go = 0
     for g in range(n_groups):
         m0 = sh[g]
         r = rr[g]
@@ -423,24 +439,26 @@ def _group_rows_grad_example(x, gy, dx, mn, rn, gamma, beta, cg, code, neg, gs, 
             hx = m0 - m0
             for j in range(min(SUM_BLOCK, cg - b)):
                 c = np.uint64(ob + j)
-                hh = gy[c] * gamma[c]
+                hh = gf[np.uint64(go + ob + j)] * gamma[c]
                 h += hh
-                hx += hh * ((x[c] - m0) * r - c0)
+                hx += hh * ((xf[np.uint64(xo + ob + j)] - m0) * r - c0)
             t1 += h
             t2 += hx
         # dx = r * (h - mean(h) - xhat * mean(h * xhat)) = (g * gamma) * r + k0 - k1 *
         # xhat with k0 = -r * mean(h), k1 = r * mean(h * xhat). (Folding the xhat's r into
         # k1, r * r * mean(h * xhat), underflows float32 for groups with a standard
         # deviation past ~1e19.)
-        k0[g] = -rn[g] * (t1 * inv_cnt)
-        k1[g] = rn[g] * (t2 * inv_cnt)
+        ri = rf[np.uint64(mo + g)]
+        k0[g] = -ri * (t1 * inv_cnt)
+        k1[g] = ri * (t2 * inv_cnt)
         a0 = k0[g]
         a1 = k1[g]
         for j in range(cg):
             c = np.uint64(o + j)
-            gv = gy[c]
-            xh = (x[c] - m0) * r - c0
-            dx[c] = ((gv * gamma[c]) * r + a0) - a1 * xh
+            v = np.uint64(xo + o + j)
+            gv = gf[np.uint64(go + o + j)]
+            xh = (xf[v] - m0) * r - c0
+            df[v] = ((gv * gamma[c]) * r + a0) - a1 * xh
             acc_g[c] += gv
             acc_gx[c] += gv * xh
 
@@ -468,6 +486,11 @@ def _group_rows_backward_task(k, X, dY, mean, invstd, gamma, beta, n_groups, cod
     for j in range(C):
         pdg[j] = 0.0
         pdb[j] = 0.0
+    xf = X.reshape(N * C)
+    gf = dY.reshape(N * C)
+    df = dX.reshape(N * C)
+    mf = mean.reshape(N * n_groups)
+    rf = invstd.reshape(N * n_groups)
     gs = np.empty(C if code != 0 else 0, X.dtype)
     sh = np.empty(n_groups, X.dtype)  # per group: m0, r, c; k0, k1 (X's dtype)
     rr = np.empty(n_groups, X.dtype)
@@ -483,19 +506,20 @@ def _group_rows_backward_task(k, X, dY, mean, invstd, gamma, beta, n_groups, cod
             acc_g[j] = 0.0
             acc_gx[j] = 0.0
         for n in range(n0, min(n0 + ROW_BLOCK, stop)):
-            x, gy, dx, mn, rn = X[n], dY[n], dX[n], mean[n], invstd[n]
+            xo = n * C
+            mo = n * n_groups
             if cg == 2:
-                _group_rows_grad_example(x, gy, dx, mn, rn, gamma, beta, 2, code, neg, gs, sh,
-                                         rr, cc, k0, k1, acc_g, acc_gx)
+                _group_rows_grad_example(xf, gf, df, xo, mf, rf, mo, gamma, beta, 2, code, neg,
+                                         gs, sh, rr, cc, k0, k1, acc_g, acc_gx)
             elif cg == 4:
-                _group_rows_grad_example(x, gy, dx, mn, rn, gamma, beta, 4, code, neg, gs, sh,
-                                         rr, cc, k0, k1, acc_g, acc_gx)
+                _group_rows_grad_example(xf, gf, df, xo, mf, rf, mo, gamma, beta, 4, code, neg,
+                                         gs, sh, rr, cc, k0, k1, acc_g, acc_gx)
             elif cg == 8:
-                _group_rows_grad_example(x, gy, dx, mn, rn, gamma, beta, 8, code, neg, gs, sh,
-                                         rr, cc, k0, k1, acc_g, acc_gx)
+                _group_rows_grad_example(xf, gf, df, xo, mf, rf, mo, gamma, beta, 8, code, neg,
+                                         gs, sh, rr, cc, k0, k1, acc_g, acc_gx)
             else:
-                _group_rows_grad_example(x, gy, dx, mn, rn, gamma, beta, cg, code, neg, gs, sh,
-                                         rr, cc, k0, k1, acc_g, acc_gx)
+                _group_rows_grad_example(xf, gf, df, xo, mf, rf, mo, gamma, beta, cg, code, neg,
+                                         gs, sh, rr, cc, k0, k1, acc_g, acc_gx)
         for j in range(C):
             pdg[j] += acc_gx[j]
             pdb[j] += acc_g[j]
