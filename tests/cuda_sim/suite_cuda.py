@@ -81,6 +81,7 @@ LAYERS = [
     ("rms", lambda **kw: nbnet.RMSNorm(**kw), (9, 37)),
     ("gn_nhwc", lambda **kw: nbnet.GroupNorm(3, **kw), (3, 3, 4, 6)),
     ("gn_nchw", lambda **kw: nbnet.GroupNorm(2, data_format="NCHW", **kw), (3, 6, 3, 4)),
+    ("gn_rows", lambda **kw: nbnet.GroupNorm(4, **kw), (9, 16)),  # one position (features)
     ("in_track", lambda **kw: nbnet.InstanceNorm2D(track_running_stats=True, affine=True, **kw),
      (3, 3, 4, 6)),
 ]
