@@ -134,6 +134,14 @@ class GroupNorm32NHWC(_NormSuite):
     params = [SHAPES_NHWC[:1], DTYPES, THREADS]
 
 
+class GroupNorm32Features(_NormSuite):
+    """GroupNorm on (N, C) features: one position, the one-position row kernels (wide
+    groups, and groups of 8 channels)."""
+    layer = "GroupNorm"
+    kwargs = {"n_groups": 32}
+    params = [[(64, 4096), (1024, 256)], DTYPES, THREADS]
+
+
 class RMSNorm(_NormSuite):
     layer = "RMSNorm"
     params = [[(4096, 1024)], DTYPES, THREADS]
