@@ -50,6 +50,11 @@ SPECS = {
     "gn_2d": dict(build=lambda act: nbnet.GroupNorm(3, act_fn=act), shape=(5, C),
                   canon=lambda a: np.asarray(a).reshape(5, 3, C // 3), axes=(2,),
                   pshape=(3, C // 3), paxes=(0,)),
+    # groups of 3 on features: the one-position kernels' run-time group width (gn_2d's
+    # groups of 2 take the constant-width copies)
+    "gn_2d_cg3": dict(build=lambda act: nbnet.GroupNorm(2, act_fn=act), shape=(5, C),
+                      canon=lambda a: np.asarray(a).reshape(5, 2, C // 2), axes=(2,),
+                      pshape=(2, C // 2), paxes=(0,)),
     "in_nhwc": dict(build=lambda act: nbnet.InstanceNorm2D(affine=True, act_fn=act),
                     shape=(N, H, W, C), canon=lambda a: np.asarray(a), axes=(1, 2), pshape=(C,),
                     paxes=(0, 1, 2)),

@@ -57,8 +57,8 @@ from numba import prange
 from ... import config
 from ._jit import helper, kernel, subroutine, task_body, wraps_kernel
 from .activations import piecewise_slopes, reject_smooth
-from .block_sums import (ROW_BLOCK, SUM_BLOCK, block_shifted_moments, rescue_columns,
-                         shifted_result)
+from .block_sums import (ROW_BLOCK, SUM_BLOCK, block_shifted_moments, moments64,
+                         rescue_columns, shifted_result)
 from .column_stats import (cf_normalize_run, cf_slope_run, count_tiles, run_grad_sums,
                            segment_moments, tile_of)
 from .row_stats import row_shift
@@ -292,6 +292,37 @@ def _group_shifts(mf, rf, mo, m0, rr, cc):
 
 
 @helper
+def _short_group_moments(xf, xo, cg, sh, s1, s2):
+    """Every group's moments around its first value for groups of at most ``SUM_BLOCK``
+    values (an example at flat offset ``xo`` of ``xf``): ``sh[g]`` the shift, ``s1[g]``,
+    ``s2[g]`` the sums of ``x - sh[g]`` and its squares, each one block in X's dtype, as
+    :func:`~nbnet.kernels.cpu.block_sums.block_shifted_moments` forms them (the same
+    bits), with its overflow check once for the example, across the groups (vectorised),
+    instead of per group with its block loop: serial (1024, 256) float32 forward in groups
+    of 8, 439 -> 337 us on the 2-core reference machine (groups of 2: 211 -> 177 us)."""
+    for g in range(sh.shape[0]):
+        o = xo + g * cg
+        m0 = xf[np.uint64(o)]
+        sh[g] = m0
+        p1 = m0 - m0
+        p2 = m0 - m0
+        for j in range(cg):
+            d = xf[np.uint64(o + j)] - m0
+            p1 += d
+            p2 += d * d
+        s1[g] = p1
+        s2[g] = p2
+    finite = True
+    for g in range(sh.shape[0]):  # (no branch: vectorised)
+        finite = finite & math.isfinite(s1[g]) & math.isfinite(s2[g])
+    if not finite:  # float32 squares that overflowed (block_sums notes): again in float64
+        for g in range(sh.shape[0]):
+            if not (math.isfinite(s1[g]) and math.isfinite(s2[g])):
+                o = xo + g * cg
+                s1[g], s2[g] = moments64(xf[o:o + cg], sh[g])
+
+
+@helper
 def _group_rows_example(xf, yf, xo, mf, rf, mo, gamma, beta, cg, eps, code, neg, far, s1, s2,
                         sh, rr, cc):
     """One example of :func:`_group_rows_forward_task`: its ``C`` values at flat offset
@@ -301,10 +332,13 @@ def _group_rows_example(xf, yf, xo, mf, rf, mo, gamma, beta, cg, eps, code, neg,
     calls an example in the assembly)."""
     n_groups = sh.shape[0]
     inv_cnt = 1.0 / cg
-    for g in range(n_groups):
-        o = xo + g * cg
-        sh[g] = xf[np.uint64(o)]
-        s1[g], s2[g] = block_shifted_moments(xf, o, cg, sh[g])
+    if cg <= SUM_BLOCK:
+        _short_group_moments(xf, xo, cg, sh, s1, s2)
+    else:
+        for g in range(n_groups):
+            o = xo + g * cg
+            sh[g] = xf[np.uint64(o)]
+            s1[g], s2[g] = block_shifted_moments(xf, o, cg, sh[g])
     any_far = False
     for g in range(n_groups):  # (no branch: vectorised across groups)
         i = np.uint64(mo + g)
