@@ -166,8 +166,9 @@ def examples_per_chunk(n_values, itemsize):
 #: What one group of an example costs the one-position group kernels (GroupNorm on
 #: ``(N, C)`` features, ``group_stats._group_forward_rows``) besides its values, counted in
 #: values: its sums, a square root and a division, loops of ``cg`` values set up three
-#: times. Serial kernels on the 2-core reference machine, float32, two channels a group:
-#: ~14 ns a group, about what 50 values cost in a wide group.
+#: times. Serial kernels on the 2-core reference machine, float32: 5-16 ns a group
+#: forward (groups of 2 the least) and more backward, against ~0.3 ns a value in a wide
+#: group. Only the chunking depends on it (tasks of ~CHUNK_BYTES of such work).
 GROUP_ROW_COST = 48
 
 

@@ -23,10 +23,11 @@ the input, a retained output must not be modified in place before ``backward``).
 NaN and Inf propagate, but only to what they touch: a NaN in feature ``j`` of a
 BatchNorm input makes output column ``j`` NaN and leaves every other feature finite, and
 ``running_mean[j]`` and ``running_var[j]`` keep their values (PyTorch would fold the NaN
-into them for good: one bad batch would spoil inference); a NaN in example ``i`` of a LayerNorm/RMSNorm
-input makes output row ``i`` NaN (and, in backward, the parameter gradients, which sum
-over rows), leaving the other rows finite; a NaN in group ``g`` of example ``n`` of a
-GroupNorm/InstanceNorm input makes only that group's outputs NaN.
+into them for good: one bad batch would spoil inference); a NaN in example ``i`` of a
+LayerNorm/RMSNorm input makes output row ``i`` NaN (and, in backward, the parameter
+gradients, which sum over rows), leaving the other rows finite; a NaN in group ``g`` of
+example ``n`` of a GroupNorm/InstanceNorm input makes only that group's outputs NaN
+(tracked InstanceNorm running statistics keep their values for that channel).
 """
 import math
 

@@ -61,7 +61,6 @@ from .block_sums import (ROW_BLOCK, SUM_BLOCK, block_shifted_moments, moments64,
                          rescue_columns, shifted_result)
 from .column_stats import (cf_normalize_run, cf_slope_run, count_tiles, run_grad_sums,
                            segment_moments, tile_of)
-from .row_stats import row_shift
 
 
 # Channels-last kernels. A task is a chunk of ``rows_per_chunk`` examples times a block of
@@ -281,7 +280,7 @@ def _group_forward_cl_task(t, X, gamma, beta, n_groups, eps, code, alpha, rows_p
 def _group_shifts(mf, rf, mo, m0, rr, cc):
     """Every group's ``m0`` (the mean rounded to X's dtype), ``r`` and ``c = (mean - m0) *
     r`` in X's dtype (the arrays ``m0``, ``rr``, ``cc``) from the example's statistics
-    ``mf[mo:]``, ``rf[mo:]``, as :func:`~nbnet.kernels.cpu.row_stats.row_shift` forms them
+    ``mf[mo:]``, ``rf[mo:]``, as :func:`~nbnet.kernels.cpu.row_stats._row_shift` forms them
     for one row: one loop across the groups instead of a round trip through memory per
     group."""
     for g in range(m0.shape[0]):

@@ -61,7 +61,7 @@ _SEGMENT_COLUMNS = 1024
 
 
 @helper
-def row_shift(m, r, buf):
+def _row_shift(m, r, buf):
     """``(m0, r, c)`` of one row in the dtype of ``buf`` (written to ``buf[0:3]``): the
     shift ``m0 = mean`` rounded, ``invstd``, and ``c = (mean - m0) * invstd``, so that
     ``xhat = (x - m0) * r - c`` (see the module notes)."""
@@ -118,7 +118,7 @@ def _row_forward_task(k, X, gamma, beta, eps, center, code, alpha, rows_per_chun
     stop = min(start + rows_per_chunk, R)
     nb = max(1, min(ROW_BLOCK, _STATS_BLOCK_BYTES // max(1, D * X.itemsize)))
     far = np.empty(nb, np.bool_)
-    kc = np.empty(3, X.dtype)  # m0, invstd and c in X's dtype (row_shift)
+    kc = np.empty(3, X.dtype)  # m0, invstd and c in X's dtype (_row_shift)
     reject_smooth(code)
     _, neg = piecewise_slopes(code, alpha, kc)
     for i0 in range(start, stop, nb):
@@ -132,7 +132,7 @@ def _row_forward_task(k, X, gamma, beta, eps, center, code, alpha, rows_per_chun
                 kc[0] = mean[i]
                 mean[i], invstd[i], _ = _row_stats(X[i], kc[0], True, eps, inv_d)
         for i in range(i0, i1):
-            m0, rr, cc = row_shift(mean[i], invstd[i], kc)
+            m0, rr, cc = _row_shift(mean[i], invstd[i], kc)
             x = X[i]
             y = Y[i]
             if code == 0:
@@ -192,7 +192,7 @@ def _row_backward_task(k, X, dY, mean, invstd, gamma, beta, center, code, alpha,
             acc_gx[j] = 0.0
         for i in range(i0, min(i0 + ROW_BLOCK, stop)):
             ri = invstd[i]
-            m0, rr, cc = row_shift(mean[i], ri, kc)
+            m0, rr, cc = _row_shift(mean[i], ri, kc)
             x, gy, dx = X[i], dY[i], dX[i]
             if code != 0:
                 for j in range(D):
@@ -276,10 +276,10 @@ def _row_param_sums(X, dY, mean, invstd, i, q, j0, j1, gm, bt, code, neg, k, acc
     two accumulators per value and was bound by those stores). ``g = dY * f'(z)``, ``z``
     formed as row_forward forms it (see :func:`_row_backward_task`)."""
     w = j1 - j0
-    a0, r0, c0 = row_shift(mean[i], invstd[i], k)
-    a1, r1, c1 = row_shift(mean[i + q], invstd[i + q], k)
-    a2, r2, c2 = row_shift(mean[i + 2 * q], invstd[i + 2 * q], k)
-    a3, r3, c3 = row_shift(mean[i + 3 * q], invstd[i + 3 * q], k)
+    a0, r0, c0 = _row_shift(mean[i], invstd[i], k)
+    a1, r1, c1 = _row_shift(mean[i + q], invstd[i + q], k)
+    a2, r2, c2 = _row_shift(mean[i + 2 * q], invstd[i + 2 * q], k)
+    a3, r3, c3 = _row_shift(mean[i + 3 * q], invstd[i + 3 * q], k)
     # Row views (2-D indexing, X[i + q, j0 + j], did not vectorise: 5x slower). With
     # the views and the four row constants a pass costs some 50 ns more than its loop
     # ((128, 64) float32: 32 passes, 1.7 us): why narrow blocks take the rows one at a
@@ -359,7 +359,7 @@ def _row_param_grads_task(t, X, dY, mean, invstd, gamma, beta, code, alpha, cols
             acc_g[j] = 0.0
             acc_gx[j] = 0.0
         for i in range(i0, min(i0 + ROW_BLOCK, R)):
-            m0, rr, cc = row_shift(mean[i], invstd[i], k)
+            m0, rr, cc = _row_shift(mean[i], invstd[i], k)
             x = X[i, j0:j1]
             g = dY[i, j0:j1]
             if code == 0:
